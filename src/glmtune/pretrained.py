@@ -1,0 +1,93 @@
+"""Open a model folder in its original layout: config, weights, tokenizer and the generation's template."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from glmtune.models import build_model
+from glmtune.models.checkpoint import load_weights
+from glmtune.models.config import GENERATIONS, GLMConfig
+from glmtune.templates import Template, get_template
+from glmtune.tokenizers import Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto': bf16 on a GPU that supports it, fp16 on an older GPU, fp32 on the CPU."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class Pretrained:
+    path: Path
+    config: GLMConfig
+    generation: str
+    model: nn.Module
+    tokenizer: Tokenizer
+    template: Template
+
+
+def load_pretrained(
+    model_dir: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = "auto",
+    generation: str | None = None,
+) -> Pretrained:
+    """Load config.json, the weight shards (streamed into ``dtype`` on ``device``), the tokenizer and template.
+
+    ``generation`` (chatglm, chatglm2, chatglm3, glm4) overrides detection; v2 and v3 share one architecture and
+    are told apart by their tokenizer files.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{model_dir}: not a folder (expected a model folder with config.json)")
+    if generation is not None and generation not in GENERATIONS:
+        raise ValueError(f"unknown generation {generation!r}; choose one of {', '.join(GENERATIONS)}")
+    config = GLMConfig.from_json(model_dir / "config.json")
+    tokenizer = load_tokenizer(model_dir, generation)
+    generation = generation or tokenizer.generation
+    if (config.arch == "glm") != (generation == "chatglm"):
+        raise ValueError(
+            f"{model_dir}: config.json describes a {'ChatGLM-6B (v1)' if config.arch == 'glm' else 'ChatGLM2+'} "
+            f"model but the tokenizer/generation is {generation!r}"
+        )
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    start = time.perf_counter()
+    model = load_model(model_dir, config, dtype=dt, device=dev)
+    log.info("loaded %s (%s) in %.1fs as %s on %s", model_dir, generation, time.perf_counter() - start, dt, dev)
+    return Pretrained(model_dir, config, generation, model, tokenizer, get_template(generation))
+
+
+def load_model(model_dir: str | Path, config: GLMConfig, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """Build the model on the meta device and stream the original shards into it (no fp32 copy of the whole)."""
+    model = build_model(config, device="meta")
+    report = load_weights(model, model_dir, dtype=dtype, device=device, **model.checkpoint_rules())
+    model.init_missing(report.missing_optional, device=device, dtype=dtype)
+    model.eval()
+    return model
