@@ -246,8 +246,8 @@ def preset(name: str) -> GLMConfig:
         ),
         "tiny-chatglm": lambda: _glm_v1(
             num_layers=2, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4, padded_vocab_size=512,
-            seq_length=256, torch_dtype="float32", bos_token_id=None, eos_token_id=None, mask_token_id=None,
-            gmask_token_id=None, pad_token_id=None,
+            seq_length=256, torch_dtype="float32", mask_token_id=500, gmask_token_id=501, bos_token_id=504,
+            eos_token_id=505, pad_token_id=3,
         ),
         "tiny-chatglm2": lambda: _chatglm_base(
             num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, kv_channels=16,

@@ -1,0 +1,144 @@
+import pytest
+import torch
+
+from glmtune.generate import GenerationConfig, filter_top_k_top_p, generate, generate_stream, left_pad
+from glmtune.models import build_model
+from glmtune.models.config import preset
+
+
+@pytest.fixture(scope="module", params=["tiny-chatglm2", "tiny-glm4", "tiny-chatglm"])
+def model(request):
+    cfg = preset(request.param)
+    torch.manual_seed(0)
+    m = build_model(cfg)
+    m.init_weights(seed=1)
+    return m.eval()
+
+
+def _prompts(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.padded_vocab_size
+    prompts = [torch.randint(5, vocab - 20, (n,), generator=g).tolist() for n in (7, 3, 11)]
+    if model.config.arch == "glm":  # v1 prompts end with [gMASK] <sop>
+        gmask, sop = _v1_ids(model)
+        prompts = [p + [gmask, sop] for p in prompts]
+    return prompts
+
+
+def _v1_ids(model):
+    return model.config.gmask_token_id, model.config.bos_token_id
+
+
+def _stop_pad(model):
+    v = model.config.padded_vocab_size
+    return [v - 1], 0
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        left_pad([[1], []], 0)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_batch_equals_one_by_one(model, sample):
+    stop, pad = _stop_pad(model)
+    cfg = GenerationConfig(max_new_tokens=8, do_sample=sample, temperature=0.9, top_p=0.8, top_k=50, seed=123,
+                           repetition_penalty=1.1)  # fmt: skip
+    prompts = _prompts(model)
+    batched = generate(model, prompts, cfg, stop_ids=stop, pad_id=pad)
+    alone = [generate(model, [p], cfg, stop_ids=stop, pad_id=pad)[0] for p in prompts]
+    assert batched == alone
+    assert all(len(o) == 8 for o in batched)
+
+
+def test_greedy_matches_full_forward_argmax(model):
+    """Greedy decoding with the KV cache picks, at each step, the argmax of a full forward over the sequence."""
+    stop, pad = _stop_pad(model)
+    prompt = _prompts(model)[0]
+    out = generate(model, [prompt], GenerationConfig(max_new_tokens=6), stop_ids=stop, pad_id=pad)[0]
+    seq = list(prompt)
+    for t in out:
+        ids = torch.tensor([seq])
+        pos = model.prompt_position_ids(ids, torch.ones_like(ids)) if model.config.arch == "chatglm" else None
+        if model.config.arch == "glm":
+            # v1: generated tokens keep the mask position and advance the block position
+            pos = model.prompt_position_ids(torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long))
+            extra = pos[..., -1:].repeat(1, 1, len(seq) - len(prompt))
+            extra[:, 1] += torch.arange(1, len(seq) - len(prompt) + 1)
+            pos = torch.cat([pos, extra], dim=-1)
+        with torch.no_grad():
+            logits = model(ids, position_ids=pos)
+        assert int(logits[0, -1].argmax()) == t
+        seq.append(t)
+
+
+def test_stop_tokens_end_rows_independently(model):
+    _, pad = _stop_pad(model)
+    prompts = _prompts(model)
+    cfg = GenerationConfig(max_new_tokens=6)
+    free = generate(model, prompts, cfg, stop_ids=[model.config.padded_vocab_size - 1], pad_id=pad)
+    # make row 0's third token a stop token: row 0 ends with two tokens, the others are unchanged
+    stop_tok = free[0][2]
+    stopped = generate(model, prompts, cfg, stop_ids=[stop_tok], pad_id=pad)
+    assert stopped[0] == free[0][:2]
+    for i in (1, 2):
+        expected = free[i][: free[i].index(stop_tok)] if stop_tok in free[i] else free[i]
+        assert stopped[i] == expected
+
+
+def test_stream_yields_minus_one_after_stop(model):
+    _, pad = _stop_pad(model)
+    prompts = _prompts(model)[:1]
+    first = generate(model, prompts, GenerationConfig(max_new_tokens=3), stop_ids=[0], pad_id=pad)[0]
+    steps = list(generate_stream(model, prompts, GenerationConfig(max_new_tokens=3), stop_ids=[first[1]], pad_id=pad))
+    assert [int(s[0]) for s in steps] == [first[0], -1]
+
+
+def test_seeded_sampling_repeats_and_differs_by_seed(model):
+    stop, pad = _stop_pad(model)
+    p = _prompts(model)[:1]
+    a = generate(model, p, GenerationConfig(max_new_tokens=10, do_sample=True, seed=1), stop_ids=stop, pad_id=pad)
+    b = generate(model, p, GenerationConfig(max_new_tokens=10, do_sample=True, seed=1), stop_ids=stop, pad_id=pad)
+    c = generate(model, p, GenerationConfig(max_new_tokens=10, do_sample=True, seed=2), stop_ids=stop, pad_id=pad)
+    assert a == b
+    assert a != c
+
+
+def _naive_top_p(logits, top_p):
+    out = logits.clone()
+    for r in range(logits.shape[0]):
+        probs = logits[r].double().softmax(-1)
+        order = sorted(range(len(probs)), key=lambda i: -float(probs[i]))
+        total, keep = 0.0, []
+        for i in order:
+            keep.append(i)
+            total += float(probs[i])
+            if total >= top_p:
+                break
+        for i in range(len(probs)):
+            if i not in keep:
+                out[r, i] = float("-inf")
+    return out
+
+
+def test_top_p_matches_naive():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g, dtype=torch.float64) * 3
+    for top_p in (0.3, 0.7, 0.95):
+        assert torch.equal(filter_top_k_top_p(logits, 0, top_p).isinf(), _naive_top_p(logits, top_p).isinf())
+
+
+def test_top_k_keeps_k():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 2.0, 4.0]])
+    out = filter_top_k_top_p(logits, 2, 1.0)
+    assert out.isfinite().tolist() == [[False, True, False, False, True]]
+
+
+def test_invalid_config():
+    with pytest.raises(ValueError, match="top_p"):
+        GenerationConfig(top_p=0).validate()
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        GenerationConfig(max_new_tokens=0).validate()
