@@ -186,12 +186,16 @@ class GLMConfig:
 
 
 # v1 config.json key -> field name
-_V1_KEYS = {"vocab_size": "padded_vocab_size", "inner_hidden_size": "ffn_hidden_size", "max_sequence_length": "seq_length"}
+_V1_KEYS = {
+    "vocab_size": "padded_vocab_size",
+    "inner_hidden_size": "ffn_hidden_size",
+    "max_sequence_length": "seq_length",
+}
 _V1_ONLY = ("position_encoding_2d", "bos_token_id", "mask_token_id", "gmask_token_id", "quantization_bit")
 _V2_ONLY = {
-    "kv_channels", "multi_query_attention", "multi_query_group_num", "rmsnorm", "apply_residual_connection_post_layernorm",
-    "post_layer_norm", "add_bias_linear", "add_qkv_bias", "rope_ratio", "original_rope", "hidden_dropout",
-    "attention_dropout", "tie_word_embeddings",
+    "kv_channels", "multi_query_attention", "multi_query_group_num", "rmsnorm",
+    "apply_residual_connection_post_layernorm", "post_layer_norm", "add_bias_linear", "add_qkv_bias",
+    "rope_ratio", "original_rope", "hidden_dropout", "attention_dropout", "tie_word_embeddings",
 }  # fmt: skip
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "num_layers": int, "hidden_size": int, "ffn_hidden_size": int, "num_attention_heads": int,

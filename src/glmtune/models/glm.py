@@ -1,0 +1,475 @@
+"""ChatGLM-6B (v1, ``config.arch == "glm"``) in plain PyTorch, numerically the original ``modeling_chatglm.py``.
+
+What the original computes, and this file with it:
+
+- Embeddings, then ``num_layers`` GLM blocks, a final LayerNorm and ``lm_head`` (tied to the word embeddings).
+- A block: ``x = LN1(h)``; ``h = x * alpha + attention(x)``; ``y = LN2(h)``; ``out = y * alpha + mlp(y)`` with
+  ``alpha = sqrt(2 * num_layers)`` (the residual is the *normalised* input, scaled: DeepNorm style).
+- ``query_key_value`` is laid out per head: its output is viewed as (…, n_head, 3 * d) and each head's slice is
+  split into q, k, v (not three (n_head * d) blocks as in v2).
+- 2D rotary positions: each head is cut in two halves of d/2; the first half of q and k is rotated by the position
+  id, the second by the block position id, each with ``rotate_half`` over its d/2 (pairs (i, i + d/4)).
+  The original keeps ``inv_freq`` in float16 and builds the cos/sin table in the model's dtype from it (in float16
+  for the usual ``.half()`` model: positions, angles and cos/sin all rounded to float16). We do the same for
+  float16/float32/float64 models; a bfloat16 model gets the float16 table (the original would round positions above
+  256 to bfloat16, an accident of its code, not something the weights were trained with).
+- Attention: the prefix-LM mask (bidirectional over the tokens before ``<sop>``, causal from it on), softmax over
+  ``q k^T / sqrt(d)``. The original scales by ``1 / (sqrt(d) * (layer_id + 1))``, fills masked scores with -10000
+  and multiplies by ``layer_id + 1`` again in float32 before the softmax: the same probabilities (masked ones are
+  exp(-10000 * (layer_id + 1)) = 0), so we call SDPA with a boolean mask.
+- MLP: ``dense_h_to_4h`` -> GeLU (tanh form, as the original ``gelu_impl``) -> ``dense_4h_to_h``, all with biases.
+- P-Tuning v2: the prefix encoder's output (b, P, num_layers * 2 * hidden) is read as (b, P, num_layers * 2, n_head,
+  d); layer i takes entry 2i as keys and 2i + 1 as values. They are put before the keys/values of the tokens, with no
+  rotary, and every query may attend to them. In training a dropout of 0.1 is applied to them, as in the original.
+
+Positions (``prompt_position_ids``) follow the original ``get_position_ids`` / tokenizer ``_pad``: for a row whose
+real tokens are ``seq``, ``context = seq.index(<sop>)``, ``mask = seq.index([gMASK] if present else [MASK])``;
+position ids are ``0..context-1`` then ``mask`` repeated; block position ids are ``0`` over the context then
+``1, 2, ...``. Left padding gets position 0 (the tokenizer pads the positions with zeros). A generated token keeps
+the last position id and advances the block position by one (``next_position_ids``).
+
+Parameter names are the original ones (``transformer.word_embeddings.weight``, ``transformer.layers.{i}...``,
+``transformer.final_layernorm.*``, ``lm_head.weight``, ``transformer.prefix_encoder.*``), including the
+``transformer.layers.{i}.attention.rotary_emb.inv_freq`` buffers the checkpoints carry (float16; kept for the file
+format, not read: the original ignores them on load too).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from glmtune.models.attention import KVCache, attend
+from glmtune.models.config import GLMConfig
+
+log = logging.getLogger(__name__)
+
+ROPE_BASE = 10000.0
+PREFIX_DROPOUT = 0.1  # the original ChatGLMModel's dropout on the P-Tuning prefix keys/values
+
+
+# ---- rotary ---------------------------------------------------------------------------------------------------------
+def rope_inv_freq(rot_dim: int) -> torch.Tensor:
+    """The original's ``inv_freq``: computed in float32, stored in float16. (rot_dim / 2,)"""
+    return (1.0 / (ROPE_BASE ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))).half()
+
+
+def rope_table(n: int, rot_dim: int, dtype: torch.dtype, device: torch.device | str | None = None):
+    """cos, sin (n, rot_dim) in ``dtype`` for positions 0..n-1, as the original builds them in that dtype.
+
+    The original: ``t = arange(n, dtype=inv_freq.dtype)``, ``freqs = outer(t, inv_freq)``, ``emb = cat(freqs,
+    freqs)``, ``emb.cos()`` — all in the dtype the model (and so its ``inv_freq`` buffer) was cast to.
+    Computed on ``device``, so cos/sin are that device's own (CUDA's float32 cos can differ from the CPU's by 1 ulp).
+    """
+    work = torch.float16 if dtype in (torch.float16, torch.bfloat16) else dtype
+    opmath = torch.float32 if work == torch.float16 else work  # half cos/sin are computed in float32 and rounded
+    inv = rope_inv_freq(rot_dim).to(torch.float64)
+    t = torch.arange(n, dtype=torch.float64).to(work).to(torch.float64)
+    freqs = (t[:, None] * inv[None, :]).to(work)  # one rounding of the exact product, as the einsum (on any device)
+    emb = torch.cat([freqs, freqs], dim=-1).to(device=device, dtype=opmath)
+    return emb.cos().to(work).to(dtype), emb.sin().to(work).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope_2d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (b, s, h, d); cos/sin (2, b, s, 1, d/2): row 0 rotates the first half of each head, row 1 the second."""
+    x1, x2 = x.chunk(2, dim=-1)
+    x1 = x1 * cos[0] + rotate_half(x1) * sin[0]
+    x2 = x2 * cos[1] + rotate_half(x2) * sin[1]
+    return torch.cat([x1, x2], dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds the original's per-layer ``inv_freq`` buffer (float16) so the checkpoint names round-trip."""
+
+    def __init__(self, rot_dim: int, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.rot_dim = rot_dim
+        self.register_buffer("inv_freq", rope_inv_freq(rot_dim).to(device), persistent=True)
+
+
+# ---- layers ---------------------------------------------------------------------------------------------------------
+class SelfAttention(nn.Module):
+    def __init__(self, config: GLMConfig, layer_id: int, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.layer_id = layer_id
+        self.n_head = config.num_attention_heads
+        self.head_dim = config.head_dim
+        inner = self.n_head * self.head_dim
+        self.rotary_emb = RotaryEmbedding(self.head_dim // 2, device=device)
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * inner, bias=True, **kw)
+        self.dense = nn.Linear(inner, config.hidden_size, bias=True, **kw)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (b, s, H)
+        rope: torch.Tensor,  # (2, 2, b, s, 1, d/2): [cos, sin] x [position, block position]
+        mask: torch.Tensor | None,  # bool (b, 1, s, t)
+        cache: KVCache | None,
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None,  # (b, n_head, P, d) each, when there is no cache
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        qkv = self.query_key_value(x).view(b, s, self.n_head, 3 * self.head_dim)  # per-head [q | k | v]
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # (b, s, h, d)
+        q = apply_rope_2d(q, rope[0], rope[1])
+        k = apply_rope_2d(k, rope[0], rope[1])
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, h, s, d)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # (b, h, t, d), prefix included
+        elif prefix_kv is not None:
+            k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
+            v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
+        out = attend(q, k, v, mask)  # (b, h, s, d)
+        return self.dense(out.transpose(1, 2).reshape(b, s, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GLMConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=True, **kw)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=True, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The original gelu_impl: 0.5 x (1 + tanh(0.7978845608028654 x (1 + 0.044715 x^2))).
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: GLMConfig, layer_id: int, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.alpha = (2 * config.num_layers) ** 0.5
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, **kw)
+        self.attention = SelfAttention(config, layer_id, **kw)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, **kw)
+        self.mlp = MLP(config, **kw)
+
+    def forward(self, h, rope, mask, cache, prefix_kv):  # h (b, s, H)
+        x = self.input_layernorm(h)
+        h = x * self.alpha + self.attention(x, rope, mask, cache, prefix_kv)
+        y = self.post_attention_layernorm(h)
+        return y * self.alpha + self.mlp(y)
+
+
+class GLMTransformer(nn.Module):
+    """The original ``ChatGLMModel``: embeddings, blocks, final LayerNorm, optional P-Tuning prefix encoder."""
+
+    def __init__(self, config: GLMConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, **kw)
+        self.layers = nn.ModuleList(GLMBlock(config, i, **kw) for i in range(config.num_layers))
+        self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, **kw)
+        if config.pre_seq_len is not None:
+            from glmtune.models.prefix import PrefixEncoder
+
+            self.prefix_encoder = PrefixEncoder(
+                pre_seq_len=config.pre_seq_len,
+                num_layers=config.num_layers,
+                kv_dim=config.hidden_size,  # v1: n_head * d == hidden_size
+                hidden_size=config.hidden_size,
+                prefix_projection=config.prefix_projection,
+                **kw,
+            )
+            self.prefix_dropout = nn.Dropout(PREFIX_DROPOUT)
+        else:
+            self.prefix_encoder = None
+        self.gradient_checkpointing = False
+
+
+# ---- the model ------------------------------------------------------------------------------------------------------
+class GLMForCausalLM(nn.Module):
+    """ChatGLM-6B v1. ``forward`` returns logits; see the module docstring for the semantics."""
+
+    def __init__(
+        self, config: GLMConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__()
+        if config.arch != "glm":
+            raise ValueError(f"GLMForCausalLM is the ChatGLM-6B (v1) model; config.arch is {config.arch!r}")
+        if not config.position_encoding_2d:
+            raise ValueError(
+                "config field 'position_encoding_2d' is false: only 2D positions (ChatGLM-6B) are supported"
+            )
+        if config.head_dim % 4:
+            raise ValueError(f"config: head size {config.head_dim} must be a multiple of 4 (2D rotary on half heads)")
+        if config.head_dim * config.num_attention_heads != config.hidden_size:
+            raise ValueError("config: hidden_size must equal num_attention_heads * head size for ChatGLM-6B")
+        for name in ("bos_token_id", "mask_token_id", "gmask_token_id"):
+            if not isinstance(getattr(config, name), int):
+                raise ValueError(f"config field '{name}' must be an integer token id for ChatGLM-6B")
+        self.config = config
+        self.transformer = GLMTransformer(config, device=device, dtype=dtype)
+        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.tie_weights()
+        self._rope: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---- weights --------------------------------------------------------------------------------------------------
+    def tie_weights(self) -> None:
+        """Share ``lm_head.weight`` with ``transformer.word_embeddings.weight``, as the original loads them."""
+        self.lm_head.weight = self.transformer.word_embeddings.weight
+
+    def checkpoint_rules(self) -> dict[str, Any]:
+        """Keyword arguments for ``checkpoint.load_weights``: what an original checkpoint may lack."""
+        return {
+            "optional": [r"\.rotary_emb\.inv_freq$", r"^transformer\.prefix_encoder\."],
+            "keep_dtype": [r"\.rotary_emb\.inv_freq$"],
+        }
+
+    @torch.no_grad()
+    def init_weights(
+        self, seed: int | None = None, *, std: float = 0.02, device: torch.device | str | None = None
+    ) -> None:
+        """Random weights (N(0, std) matrices, zero biases, unit LayerNorms; the prefix encoder as PyTorch's defaults).
+
+        A model built on "meta" is first materialised on ``device`` (CPU by default). Values are drawn on the CPU from
+        ``seed``, so they do not depend on the device.
+        """
+        if any(t.is_meta for t in self._tensors()):
+            self.to_empty(device=device or "cpu")
+            if self.config.tie_word_embeddings:
+                self.tie_weights()
+            self._rope.clear()
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, t in self._named_tensors():
+            t.copy_(self._initial_value(name, t, std, gen))
+
+    @torch.no_grad()
+    def init_missing(
+        self,
+        names: list[str],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Initialise the tensors a checkpoint did not hold (``LoadReport.missing_optional``), still on meta."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name in names:
+            module_name, _, attr = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            old = getattr(module, attr)
+            if not old.is_meta:
+                continue
+            keep = old.dtype if (not old.is_floating_point() or attr == "inv_freq") else (dtype or old.dtype)
+            value = self._initial_value(name, old, 0.02, gen).to(device=device, dtype=keep)
+            if isinstance(old, nn.Parameter):
+                setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+            else:
+                module._buffers[attr] = value
+        if self.config.tie_word_embeddings and self.lm_head.weight is not self.transformer.word_embeddings.weight:
+            self.tie_weights()
+
+    def _tensors(self):
+        yield from self.parameters()
+        yield from self.buffers()
+
+    def _named_tensors(self):
+        yield from self.named_parameters()
+        yield from self.named_buffers()
+
+    def _initial_value(self, name: str, t: torch.Tensor, std: float, gen: torch.Generator | None) -> torch.Tensor:
+        shape = tuple(t.shape)
+        if name.endswith("rotary_emb.inv_freq"):
+            return rope_inv_freq(2 * shape[0])
+        if name.startswith("transformer.prefix_encoder."):
+            if name.endswith(".bias") or (name.endswith(".weight") and len(shape) == 2 and "embedding" not in name):
+                fan_in = shape[-1] if len(shape) == 2 else self._fan_in_of_bias(name)
+                bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default (kaiming_uniform with a=sqrt(5))
+                return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+            return torch.empty(shape).normal_(0.0, 1.0, generator=gen)  # nn.Embedding's default
+        if re.search(r"layernorm\.weight$", name):
+            return torch.ones(shape)
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+    def _fan_in_of_bias(self, name: str) -> int:
+        return self.get_parameter(name[: -len("bias")] + "weight").shape[1]
+
+    # ---- positions and cache --------------------------------------------------------------------------------------
+    def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, s) prompt ids (left-padded where ``attention_mask`` is 0) -> (b, 2, s) position / block position ids."""
+        cfg = self.config
+        b, s = input_ids.shape
+        pos = torch.zeros((b, 2, s), dtype=torch.long)
+        rows = input_ids.tolist()
+        keep = attention_mask.bool().tolist() if attention_mask is not None else [[True] * s] * b
+        for i in range(b):
+            idx = [j for j in range(s) if keep[i][j]]
+            seq = [rows[i][j] for j in idx]
+            n = len(seq)
+            context = seq.index(cfg.bos_token_id) if cfg.bos_token_id in seq else n
+            mask_token = cfg.gmask_token_id if cfg.gmask_token_id in seq else cfg.mask_token_id
+            p = list(range(n))
+            if mask_token in seq:
+                p[context:] = [seq.index(mask_token)] * (n - context)
+            block = [0] * context + list(range(1, n - context + 1))
+            if idx:
+                cols = torch.tensor(idx)
+                pos[i, 0, cols] = torch.tensor(p)
+                pos[i, 1, cols] = torch.tensor(block)
+        return pos.to(input_ids.device)
+
+    def next_position_ids(self, last: torch.Tensor) -> torch.Tensor:
+        """(b, 2, 1) position ids of the last token -> those of the next: same position, block position + 1."""
+        nxt = last.clone()
+        nxt[:, 1] += 1
+        return nxt
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """A KV cache for ``max_len`` tokens; with P-Tuning it also holds (and starts with) the prefix keys/values."""
+        ref = self.lm_head.weight
+        device = device if device is not None else ref.device
+        dtype = dtype if dtype is not None else ref.dtype
+        cfg = self.config
+        n_prefix = cfg.pre_seq_len or 0
+        cache = KVCache(
+            cfg.num_layers, batch_size, cfg.num_attention_heads, max_len + n_prefix, cfg.head_dim,
+            dtype=dtype, device=device,
+        )  # fmt: skip
+        if n_prefix:
+            for i, (k, v) in enumerate(self.prefix_key_values(batch_size, dtype=dtype, device=device)):
+                cache.update(i, k, v)
+            cache.advance(n_prefix)
+        return cache
+
+    def prefix_key_values(
+        self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """P-Tuning v2 keys/values per layer, each (b, n_head, P, d), as the original ``get_prompt``."""
+        cfg, tr = self.config, self.transformer
+        if tr.prefix_encoder is None:
+            raise RuntimeError("this model has no prefix encoder (config.pre_seq_len is not set)")
+        flat = tr.prefix_encoder(batch_size).to(device=device, dtype=dtype)  # (b, P, L * 2 * H)
+        kv = flat.view(batch_size, cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, cfg.head_dim)
+        kv = tr.prefix_dropout(kv).permute(2, 0, 3, 1, 4)  # (L * 2, b, h, P, d)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
+
+    def _rope_table(self, n: int, dtype: torch.dtype, device: torch.device):
+        key = (dtype, device)
+        table = self._rope.get(key)
+        if table is None or table[0].shape[0] < n:
+            size = max(n, self.config.seq_length, 2 * (table[0].shape[0] if table is not None else 0))
+            table = rope_table(size, self.config.head_dim // 2, dtype, device)
+            self._rope[key] = table
+        return table
+
+    # ---- masks ----------------------------------------------------------------------------------------------------
+    def _attention_mask(
+        self,
+        input_ids: torch.Tensor,  # (b, s)
+        attention_mask: torch.Tensor | None,  # (b, past + s)
+        past: int,
+        n_prefix: int,
+    ) -> torch.Tensor:
+        """bool (b, 1, s, P + past + s): True where a query may attend (prefix-LM over the tokens, prefix always)."""
+        b, s = input_ids.shape
+        t = past + s
+        device = input_ids.device
+        is_bos = input_ids == self.config.bos_token_id
+        first_bos = torch.where(is_bos.any(1), is_bos.int().argmax(1) + past, t if past == 0 else 0)  # (b,)
+        q_pos = torch.arange(past, t, device=device)[:, None]  # (s, 1)
+        k_pos = torch.arange(t, device=device)[None, :]  # (1, t)
+        allowed = (k_pos <= q_pos)[None] | (k_pos[None] < first_bos[:, None, None])  # (b, s, t)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()[:, None, :]
+        if n_prefix:
+            allowed = torch.cat([torch.ones((b, s, n_prefix), dtype=torch.bool, device=device), allowed], dim=2)
+        # A padding query that may see nothing would give NaN; let it see everything (it is never read).
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        return allowed[:, None]
+
+    # ---- forward --------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+        logits_to_keep: int | None = None,
+    ) -> torch.Tensor:
+        """input_ids (b, s) -> logits (b, s', vocab) in the model's dtype.
+
+        attention_mask: (b, past + s), 1 for real tokens, 0 for padding (``past`` = tokens already in ``cache``,
+            the P-Tuning prefix not counted). position_ids: (b, 2, s); computed with ``prompt_position_ids`` when
+            None and nothing is cached yet. attn_mask: bool (b, 1, s, past + s) or (b, 1, s, P + past + s),
+            True = may attend, replacing the prefix-LM mask (the prefix columns are added when absent).
+            logits_to_keep: compute logits for the last n positions only.
+        """
+        cfg, tr = self.config, self.transformer
+        b, s = input_ids.shape
+        n_prefix = cfg.pre_seq_len or 0
+        past = 0
+        if cache is not None:
+            past = cache.length - n_prefix
+            if past < 0:
+                raise ValueError(
+                    f"the KV cache holds {cache.length} tokens, fewer than the {n_prefix} P-Tuning prefix tokens; "
+                    "create it with model.new_cache()"
+                )
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
+                f"{(b, past + s)}"
+            )
+        if position_ids is None:
+            if past:
+                raise ValueError("position_ids are required once the cache holds tokens (use next_position_ids)")
+            position_ids = self.prompt_position_ids(input_ids, attention_mask)
+        if tuple(position_ids.shape) != (b, 2, s):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected (b, 2, s) = {(b, 2, s)}")
+
+        h = tr.word_embeddings(input_ids)  # (b, s, H)
+        cos, sin = self._rope_table(int(position_ids.max()) + 1, h.dtype, h.device)
+        rope = torch.stack(
+            [F.embedding(position_ids.transpose(0, 1), cos), F.embedding(position_ids.transpose(0, 1), sin)]
+        )
+        rope = rope.unsqueeze(-2)  # (2 [cos, sin], 2 [pos, block], b, s, 1, d/2)
+
+        if attn_mask is None:
+            mask = self._attention_mask(input_ids, attention_mask, past, n_prefix)
+        else:
+            mask = attn_mask.bool()
+            if mask.shape[-1] == past + s and n_prefix:
+                ones = torch.ones((*mask.shape[:-1], n_prefix), dtype=torch.bool, device=mask.device)
+                mask = torch.cat([ones, mask], dim=-1)
+            if mask.shape[-1] != n_prefix + past + s:
+                raise ValueError(f"attn_mask has {mask.shape[-1]} key columns, expected {past + s} (+ prefix)")
+            mask = mask | ~mask.any(-1, keepdim=True)
+
+        prefix = None
+        if n_prefix and cache is None:
+            prefix = self.prefix_key_values(b, dtype=h.dtype, device=h.device)
+        for i, layer in enumerate(tr.layers):
+            layer_prefix = prefix[i] if prefix is not None else None
+            if tr.gradient_checkpointing and self.training and cache is None:
+                h = checkpoint(layer, h, rope, mask, None, layer_prefix, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask, cache, layer_prefix)
+        if cache is not None:
+            cache.advance(s)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(tr.final_layernorm(h))
