@@ -219,6 +219,9 @@ class GLMForCausalLM(nn.Module):
         self._rope: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- weights --------------------------------------------------------------------------------------------------
+    def output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
     def tie_weights(self) -> None:
         """Share ``lm_head.weight`` with ``transformer.word_embeddings.weight``, as the original loads them."""
         self.lm_head.weight = self.transformer.word_embeddings.weight
@@ -410,13 +413,29 @@ class GLMForCausalLM(nn.Module):
         attn_mask: torch.Tensor | None = None,
         logits_to_keep: int | None = None,
     ) -> torch.Tensor:
-        """input_ids (b, s) -> logits (b, s', vocab) in the model's dtype.
+        """input_ids (b, s) -> logits (b, s', vocab) in the model's dtype (s' = logits_to_keep or s).
+
+        The arguments are those of :meth:`hidden_states`.
+        """
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, attn_mask)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(h)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (b, s) -> final hidden states (b, s, H), after the final LayerNorm, in the model's dtype.
 
         attention_mask: (b, past + s), 1 for real tokens, 0 for padding (``past`` = tokens already in ``cache``,
             the P-Tuning prefix not counted). position_ids: (b, 2, s); computed with ``prompt_position_ids`` when
             None and nothing is cached yet. attn_mask: bool (b, 1, s, past + s) or (b, 1, s, P + past + s),
             True = may attend, replacing the prefix-LM mask (the prefix columns are added when absent).
-            logits_to_keep: compute logits for the last n positions only.
         """
         cfg, tr = self.config, self.transformer
         b, s = input_ids.shape
@@ -470,6 +489,4 @@ class GLMForCausalLM(nn.Module):
                 h = layer(h, rope, mask, cache, layer_prefix)
         if cache is not None:
             cache.advance(s)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        return self.lm_head(tr.final_layernorm(h))
+        return tr.final_layernorm(h)

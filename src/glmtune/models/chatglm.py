@@ -1,0 +1,510 @@
+"""ChatGLM2-6B, ChatGLM3-6B and GLM-4-9B-chat (``config.arch == "chatglm"``) in plain PyTorch.
+
+Numerically what the original ``modeling_chatglm.py`` of these generations computes:
+
+- Embeddings, ``num_layers`` blocks, a final RMSNorm (``post_layer_norm``) and an untied ``output_layer``.
+- A block (pre-norm): ``x = norm1(h)``; ``h2 = attention(x) + (x if apply_residual_connection_post_layernorm else
+  h)``; ``y = norm2(h2)``; ``out = mlp(y) + (y if ... else h2)``. RMSNorm is computed in float32 and cast back.
+- ``query_key_value`` with grouped KV heads (``multi_query_attention``): its output is [q (n_head * d) | k (n_kv * d)
+  | v (n_kv * d)]; query head h uses KV group h // (n_head / n_kv). Without grouped KV the original lays the output
+  out per head ((n_head, 3 * d), each head's slice split into q, k, v), and so do we.
+- Rotary embedding on the first half of each head (d / 2 dims), rotating adjacent pairs (2i, 2i + 1) by
+  ``position * theta_i``, ``theta_i = base ** (-2i / (d / 2))``. The table is built in float32 and rounded to the
+  compute dtype when that is float16/bfloat16 ("to mimic complex32"), and applied in the compute dtype.
+  ChatGLM3 and GLM-4 use ``base = 10000 * rope_ratio``. ChatGLM2's original builds the table in the compute dtype
+  itself (angles and positions rounded to fp16/bf16) and, for its -32k model, interpolates positions
+  (``position / rope_ratio``, base 10000); ``rope_style="chatglm2"`` reproduces that.
+- Attention through SDPA with the default 1/sqrt(d) scale; SwiGLU MLP (``dense_h_to_4h`` -> silu(a) * b ->
+  ``dense_4h_to_h``).
+- Masks as the original ``get_masks``: causal; padded keys hidden; with nothing cached (no prefix either) a padding
+  query row sees every key (its output is never used). With no padding and nothing cached, SDPA's causal path.
+- P-Tuning v2: the prefix encoder output (b, P, num_layers * 2 * n_kv * d) read as (b, P, num_layers * 2, n_kv, d),
+  layer i taking entry 2i as keys and 2i + 1 as values, placed before the tokens' keys/values with no rotary,
+  visible to every query; dropout 0.1 in training, as the original.
+
+Positions: a prompt's real tokens get 0, 1, …; left padding gets 0 (the original tokenizer pads positions with
+zeros); every generated token the next position. Parameter names are the original ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from glmtune.models.attention import KVCache, attend
+from glmtune.models.config import GLMConfig
+
+log = logging.getLogger(__name__)
+
+ROPE_BASE = 10000.0
+PREFIX_DROPOUT = 0.1  # the original ChatGLMModel's dropout on the P-Tuning prefix keys/values
+RopeStyle = Literal["chatglm2", "chatglm3"]
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# ---- rotary ---------------------------------------------------------------------------------------------------------
+def rope_inv_freq(rot_dim: int) -> torch.Tensor:
+    """The ``inv_freq`` buffer the original checkpoints carry (not read: the table is rebuilt). (rot_dim / 2,)"""
+    return 1.0 / (ROPE_BASE ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
+
+
+def rope_table(
+    n: int, rot_dim: int, dtype: torch.dtype, device: torch.device | str | None, *, rope_ratio: float, style: RopeStyle
+) -> torch.Tensor:
+    """(n, rot_dim / 2, 2) [cos, sin] for positions 0..n-1, in ``dtype`` when it is half precision, else float32."""
+    if style == "chatglm2":
+        # The original computes in the buffer's dtype: fp16/bf16 positions and angles for half-precision models.
+        work = dtype if dtype in _HALF else torch.float32
+        theta = 1.0 / (ROPE_BASE ** (torch.arange(0, rot_dim, 2, dtype=work, device=device) / rot_dim))
+        pos = torch.arange(n, dtype=work, device=device) / rope_ratio
+    else:
+        base = ROPE_BASE * rope_ratio
+        theta = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
+        pos = torch.arange(n, dtype=torch.float32, device=device)
+    angles = torch.outer(pos, theta).float()
+    table = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
+    return table.to(dtype) if dtype in _HALF else table
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x (b, s, h, d); rope (b, s, 1, r/2, 2) with r = rot_dim <= d: rotate pairs (2i, 2i+1) of the first r dims."""
+    b, s, h, d = x.shape
+    r = rope.shape[-2] * 2
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    xs = x_rot.reshape(b, s, h, r // 2, 2)
+    c, sn = rope[..., 0], rope[..., 1]  # (b, s, 1, r/2)
+    out = torch.stack([xs[..., 0] * c - xs[..., 1] * sn, xs[..., 1] * c + xs[..., 0] * sn], dim=-1)
+    return torch.cat([out.flatten(3), x_pass], dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, device=None, dtype=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, device=device, dtype=dtype))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.float().pow(2).mean(-1, keepdim=True)
+        return (self.weight * (x * torch.rsqrt(var + self.eps))).to(x.dtype)
+
+
+def _norm(config: GLMConfig, kw: dict[str, Any]) -> nn.Module:
+    if config.rmsnorm:
+        return RMSNorm(config.hidden_size, config.layernorm_epsilon, **kw)
+    return nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, **kw)
+
+
+class RotaryEmbedding(nn.Module):
+    """Holds only the original ``inv_freq`` buffer, so checkpoints keep their layout."""
+
+    def __init__(self, rot_dim: int, device=None) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(rot_dim).to(device), persistent=True)
+
+
+class Embedding(nn.Module):
+    def __init__(self, config: GLMConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.word_embeddings(input_ids)
+
+
+# ---- layers ---------------------------------------------------------------------------------------------------------
+class SelfAttention(nn.Module):
+    def __init__(self, config: GLMConfig, layer_id: int, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.layer_id = layer_id
+        self.n_head = config.num_attention_heads
+        self.n_kv = config.num_kv_heads
+        self.grouped = config.multi_query_attention
+        self.head_dim = config.head_dim
+        self.query_key_value = nn.Linear(
+            config.hidden_size, config.qkv_size, bias=config.add_bias_linear or config.add_qkv_bias, **kw
+        )
+        self.dense = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.add_bias_linear, **kw)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (b, s, H)
+        rope: torch.Tensor,  # (b, s, 1, r/2, 2)
+        mask: torch.Tensor | None,  # bool (b, 1, s, t), or None = causal over s == t
+        cache: KVCache | None,
+        prefix_kv: tuple[torch.Tensor, torch.Tensor] | None,  # (b, n_kv, P, d) each, when there is no cache
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        d = self.head_dim
+        qkv = self.query_key_value(x)
+        if self.grouped:
+            q, k, v = qkv.split([self.n_head * d, self.n_kv * d, self.n_kv * d], dim=-1)
+            q = q.view(b, s, self.n_head, d)
+            k, v = k.view(b, s, self.n_kv, d), v.view(b, s, self.n_kv, d)
+        else:
+            q, k, v = qkv.view(b, s, self.n_head, 3 * d).split(d, dim=-1)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, h, s, d)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)  # (b, n_kv, t, d), prefix included
+        elif prefix_kv is not None:
+            k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
+            v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
+        causal = mask is None and k.shape[2] == s
+        out = attend(q, k, v, mask, is_causal=causal)  # (b, h, s, d)
+        return self.dense(out.transpose(1, 2).reshape(b, s, self.n_head * d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GLMConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        bias = config.add_bias_linear
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=bias, **kw)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=bias, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, g = self.dense_h_to_4h(x).chunk(2, dim=-1)
+        return self.dense_4h_to_h(F.silu(a) * g)
+
+
+class GLMBlock(nn.Module):
+    def __init__(self, config: GLMConfig, layer_id: int, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.post_ln_residual = config.apply_residual_connection_post_layernorm
+        self.input_layernorm = _norm(config, kw)
+        self.self_attention = SelfAttention(config, layer_id, **kw)
+        self.post_attention_layernorm = _norm(config, kw)
+        self.mlp = MLP(config, **kw)
+
+    def forward(self, h, rope, mask, cache, prefix_kv):  # h (b, s, H)
+        x = self.input_layernorm(h)
+        h = self.self_attention(x, rope, mask, cache, prefix_kv) + (x if self.post_ln_residual else h)
+        y = self.post_attention_layernorm(h)
+        return self.mlp(y) + (y if self.post_ln_residual else h)
+
+
+class GLMTransformer(nn.Module):
+    """The original ``GLMTransformer`` (``transformer.encoder``): the blocks and the final norm."""
+
+    def __init__(self, config: GLMConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.layers = nn.ModuleList(GLMBlock(config, i, **kw) for i in range(config.num_layers))
+        self.final_layernorm = _norm(config, kw) if config.post_layer_norm else None
+
+
+class ChatGLMModel(nn.Module):
+    """The original ``ChatGLMModel`` (``transformer``)."""
+
+    def __init__(self, config: GLMConfig, device=None, dtype=None) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.embedding = Embedding(config, **kw)
+        self.rotary_pos_emb = RotaryEmbedding(config.head_dim // 2, device=device)
+        self.encoder = GLMTransformer(config, **kw)
+        self.output_layer = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, **kw)
+        self.prefix_encoder: nn.Module | None = None
+        self.prefix_dropout = nn.Dropout(PREFIX_DROPOUT)
+        if config.pre_seq_len is not None:
+            self.prefix_encoder = make_prefix_encoder(config, **kw)
+        self.gradient_checkpointing = False
+
+
+def make_prefix_encoder(config: GLMConfig, device=None, dtype=None) -> nn.Module:
+    """The P-Tuning v2 prefix encoder of this family (projection input = the full key/value width, as the original)."""
+    from glmtune.models.prefix import PrefixEncoder
+
+    kv_dim = config.num_kv_heads * config.head_dim
+    return PrefixEncoder(
+        pre_seq_len=config.pre_seq_len,
+        num_layers=config.num_layers,
+        kv_dim=kv_dim,
+        hidden_size=config.hidden_size,
+        prefix_projection=config.prefix_projection,
+        embedding_dim=config.num_layers * 2 * kv_dim,
+        device=device,
+        dtype=dtype,
+    )
+
+
+# ---- the model ------------------------------------------------------------------------------------------------------
+class ChatGLMForCausalLM(nn.Module):
+    """ChatGLM2/3 and GLM-4. ``forward`` returns logits; see the module docstring for the semantics."""
+
+    def __init__(
+        self,
+        config: GLMConfig,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        rope_style: RopeStyle = "chatglm3",
+    ) -> None:
+        super().__init__()
+        if config.arch != "chatglm":
+            raise ValueError(f"ChatGLMForCausalLM is the ChatGLM2+ model; config.arch is {config.arch!r}")
+        if rope_style not in ("chatglm2", "chatglm3"):
+            raise ValueError(f"rope_style must be 'chatglm2' or 'chatglm3', got {rope_style!r}")
+        self.config = config
+        self.rope_style = rope_style
+        self.transformer = ChatGLMModel(config, device=device, dtype=dtype)
+        self._rope: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    # ---- weights --------------------------------------------------------------------------------------------------
+    def output_embeddings(self) -> nn.Linear:
+        return self.transformer.output_layer
+
+    def checkpoint_rules(self) -> dict[str, Any]:
+        """Keyword arguments for ``checkpoint.load_weights``: what an original checkpoint may lack."""
+        return {
+            "optional": [r"^transformer\.rotary_pos_emb\.inv_freq$", r"^transformer\.prefix_encoder\."],
+            "keep_dtype": [r"^transformer\.rotary_pos_emb\.inv_freq$"],
+        }
+
+    @torch.no_grad()
+    def init_weights(
+        self, seed: int | None = None, *, std: float = 0.02, device: torch.device | str | None = None
+    ) -> None:
+        """Random weights (N(0, std) matrices, zero biases, unit norms; the prefix encoder as PyTorch's defaults).
+
+        A model built on "meta" is first materialised on ``device`` (CPU by default). Values are drawn on the CPU
+        from ``seed``, so they do not depend on the device.
+        """
+        if any(t.is_meta for t in self._tensors()):
+            self.to_empty(device=device or "cpu")
+            self._rope.clear()
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, t in self._named_tensors():
+            t.copy_(self._initial_value(name, t, std, gen))
+
+    @torch.no_grad()
+    def init_missing(
+        self,
+        names: list[str],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Initialise the tensors a checkpoint did not hold (``LoadReport.missing_optional``), still on meta."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name in names:
+            module_name, _, attr = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            old = getattr(module, attr)
+            if not old.is_meta:
+                continue
+            keep = old.dtype if (not old.is_floating_point() or attr == "inv_freq") else (dtype or old.dtype)
+            value = self._initial_value(name, old, 0.02, gen).to(device=device, dtype=keep)
+            if isinstance(old, nn.Parameter):
+                setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+            else:
+                module._buffers[attr] = value
+
+    def _tensors(self):
+        yield from self.parameters()
+        yield from self.buffers()
+
+    def _named_tensors(self):
+        yield from self.named_parameters()
+        yield from self.named_buffers()
+
+    def _initial_value(self, name: str, t: torch.Tensor, std: float, gen: torch.Generator | None) -> torch.Tensor:
+        shape = tuple(t.shape)
+        if name.endswith("rotary_pos_emb.inv_freq"):
+            return rope_inv_freq(2 * shape[0])
+        if name.startswith("transformer.prefix_encoder."):
+            if "embedding" in name:
+                return torch.empty(shape).normal_(0.0, 1.0, generator=gen)  # nn.Embedding's default
+            fan_in = shape[-1] if len(shape) == 2 else self.get_parameter(name[: -len("bias")] + "weight").shape[1]
+            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default (kaiming_uniform with a=sqrt(5))
+            return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+        if name.endswith("layernorm.weight"):
+            return torch.ones(shape)
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+    # ---- positions and cache --------------------------------------------------------------------------------------
+    def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(b, s) -> (b, s) positions: 0, 1, … over the real tokens, 0 on left padding."""
+        if attention_mask is None:
+            return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def next_position_ids(self, last: torch.Tensor) -> torch.Tensor:
+        """(b, 1) position of the last token -> that of the next."""
+        return last + 1
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """A KV cache for ``max_len`` tokens; with P-Tuning it also holds (and starts with) the prefix keys/values."""
+        ref = self.transformer.output_layer.weight
+        device = device if device is not None else ref.device
+        dtype = dtype if dtype is not None else ref.dtype
+        cfg = self.config
+        n_prefix = self._n_prefix()
+        cache = KVCache(
+            cfg.num_layers, batch_size, cfg.num_kv_heads, max_len + n_prefix, cfg.head_dim, dtype=dtype, device=device
+        )
+        if n_prefix:
+            for i, (k, v) in enumerate(self.prefix_key_values(batch_size, dtype=dtype, device=device)):
+                cache.update(i, k, v)
+            cache.advance(n_prefix)
+        return cache
+
+    def _n_prefix(self) -> int:
+        if self.transformer.prefix_encoder is None:
+            return 0
+        return self.config.pre_seq_len or 0
+
+    def prefix_key_values(
+        self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """P-Tuning v2 keys/values per layer, each (b, n_kv, P, d), as the original ``get_prompt``."""
+        cfg, tr = self.config, self.transformer
+        if tr.prefix_encoder is None:
+            raise RuntimeError("this model has no prefix encoder (config.pre_seq_len is not set)")
+        flat = tr.prefix_encoder(batch_size).to(device=device, dtype=dtype)  # (b, P, L * 2 * n_kv * d)
+        kv = flat.view(batch_size, cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_kv_heads, cfg.head_dim)
+        kv = tr.prefix_dropout(kv).permute(2, 0, 3, 1, 4)  # (L * 2, b, n_kv, P, d)
+        return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
+
+    def _rope_table(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (dtype, device)
+        table = self._rope.get(key)
+        if table is None or table.shape[0] < n:
+            size = max(n, self.config.seq_length, 2 * (table.shape[0] if table is not None else 0))
+            table = rope_table(
+                size, self.config.head_dim // 2, dtype, device, rope_ratio=self.config.rope_ratio, style=self.rope_style
+            )
+            self._rope[key] = table
+        return table
+
+    # ---- masks ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _attention_mask(
+        attention_mask: torch.Tensor | None,  # (b, past + s) or None
+        b: int,
+        s: int,
+        past: int,
+        n_prefix: int,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """bool (b, 1, s, P + past + s), True = may attend; None when plain causal attention is exact."""
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if not padded and past == 0 and n_prefix == 0:
+            return None  # causal fast path
+        if not padded and s == 1:
+            return None  # one new token sees everything cached
+        t = past + s
+        q_pos = torch.arange(past, t, device=device)[:, None]
+        k_pos = torch.arange(t, device=device)[None, :]
+        allowed = (k_pos <= q_pos)[None].expand(b, s, t)  # (b, s, t)
+        if padded:
+            allowed = allowed & attention_mask.bool()[:, None, :]
+            if past == 0 and n_prefix == 0:
+                # The original lets a padding query see every key; its output is never read.
+                allowed = allowed | ~attention_mask.bool()[:, past:, None]
+        if n_prefix:
+            allowed = torch.cat([torch.ones((b, s, n_prefix), dtype=torch.bool, device=device), allowed], dim=2)
+        return allowed[:, None]
+
+    # ---- forward --------------------------------------------------------------------------------------------------
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (b, s) -> final hidden states (b, s, H) (after the final norm), in the model's dtype.
+
+        attention_mask: (b, past + s), 1 for real tokens, 0 for padding (``past`` = tokens already in ``cache``, the
+            P-Tuning prefix not counted). position_ids: (b, s); computed with ``prompt_position_ids`` when None and
+            nothing is cached. attn_mask: bool (b, 1, s, past + s) or (b, 1, s, P + past + s), True = may attend,
+            replacing the causal/padding mask (packed training); prefix columns are added when absent.
+        """
+        tr = self.transformer
+        b, s = input_ids.shape
+        n_prefix = self._n_prefix()
+        past = 0
+        if cache is not None:
+            past = cache.length - n_prefix
+            if past < 0:
+                raise ValueError(
+                    f"the KV cache holds {cache.length} tokens, fewer than the {n_prefix} P-Tuning prefix tokens; "
+                    "create it with model.new_cache()"
+                )
+        if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
+                f"{(b, past + s)}"
+            )
+        if position_ids is None:
+            if past:
+                raise ValueError("position_ids are required once the cache holds tokens (use next_position_ids)")
+            position_ids = self.prompt_position_ids(input_ids, attention_mask)
+        if tuple(position_ids.shape) != (b, s):
+            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected (b, s) = {(b, s)}")
+
+        h = tr.embedding(input_ids)  # (b, s, H)
+        table = self._rope_table(int(position_ids.max()) + 1, h.dtype, h.device)
+        rope = table[position_ids].unsqueeze(2)  # (b, s, 1, r/2, 2)
+
+        if attn_mask is None:
+            mask = self._attention_mask(attention_mask, b, s, past, n_prefix, h.device)
+        else:
+            mask = attn_mask.bool()
+            if mask.shape[-1] == past + s and n_prefix:
+                ones = torch.ones((*mask.shape[:-1], n_prefix), dtype=torch.bool, device=mask.device)
+                mask = torch.cat([ones, mask], dim=-1)
+            if mask.shape[-1] != n_prefix + past + s:
+                raise ValueError(f"attn_mask has {mask.shape[-1]} key columns, expected {past + s} (+ prefix)")
+            mask = mask | ~mask.any(-1, keepdim=True)
+
+        prefix = None
+        if n_prefix and cache is None:
+            prefix = self.prefix_key_values(b, dtype=h.dtype, device=h.device)
+        for i, layer in enumerate(tr.encoder.layers):
+            layer_prefix = prefix[i] if prefix is not None else None
+            if tr.gradient_checkpointing and self.training and cache is None:
+                h = checkpoint(layer, h, rope, mask, None, layer_prefix, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask, cache, layer_prefix)
+        if cache is not None:
+            cache.advance(s)
+        if tr.encoder.final_layernorm is not None:
+            h = tr.encoder.final_layernorm(h)
+        return h
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+        logits_to_keep: int | None = None,
+    ) -> torch.Tensor:
+        """input_ids (b, s) -> logits (b, s', vocab) in the model's dtype (s' = logits_to_keep or s).
+
+        The arguments are those of :meth:`hidden_states`.
+        """
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, attn_mask)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.transformer.output_layer(h)
