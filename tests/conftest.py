@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import base64
-import collections
 import io
 import json
 import random
-import re
 from pathlib import Path
 
 import pytest
+
+from glmtune.tiny import train_byte_bpe, write_ranks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The released GLM-4 ranks file, kept outside the repository; tests that need it skip when it is absent.
@@ -83,44 +82,6 @@ def chatglm3_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, sp_model_by
     config = {"chat_template": template, "tokenizer_class": "ChatGLMTokenizer", "padding_side": "left"}
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
-
-
-def train_byte_bpe(texts: list[str], n_merges: int, seed: int = 0) -> dict[bytes, int]:
-    """A tiny byte-level BPE: all 256 bytes (ranks in a shuffled order) then ``n_merges`` learned merges."""
-    byte_order = list(range(256))
-    random.Random(seed).shuffle(byte_order)
-    ranks = {bytes([b]): r for r, b in enumerate(byte_order)}
-    words = collections.Counter()
-    for text in texts:
-        for chunk in re.findall(r" ?\w+| ?[^\w\s]+|\s+", text):
-            words[tuple(bytes([b]) for b in chunk.encode("utf-8"))] += 1
-    for _ in range(n_merges):
-        pairs = collections.Counter()
-        for word, count in words.items():
-            for a, b in zip(word, word[1:], strict=False):
-                pairs[a, b] += count
-        if not pairs:
-            break
-        (a, b), _count = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
-        ranks[a + b] = len(ranks)
-        merged = collections.Counter()
-        for word, count in words.items():
-            out, i = [], 0
-            while i < len(word):
-                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(word[i])
-                    i += 1
-            merged[tuple(out)] += count
-        words = merged
-    return ranks
-
-
-def write_ranks(path: Path, ranks: dict[bytes, int]) -> None:
-    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in sorted(ranks.items(), key=lambda x: x[1])]
-    path.write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture(scope="session")

@@ -79,14 +79,21 @@ def load_pretrained(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     start = time.perf_counter()
-    model = load_model(model_dir, config, dtype=dt, device=dev)
+    model = load_model(model_dir, config, dtype=dt, device=dev, generation=generation)
     log.info("loaded %s (%s) in %.1fs as %s on %s", model_dir, generation, time.perf_counter() - start, dt, dev)
     return Pretrained(model_dir, config, generation, model, tokenizer, get_template(generation))
 
 
-def load_model(model_dir: str | Path, config: GLMConfig, *, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def load_model(
+    model_dir: str | Path,
+    config: GLMConfig,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    generation: str | None = None,
+) -> nn.Module:
     """Build the model on the meta device and stream the original shards into it (no fp32 copy of the whole)."""
-    model = build_model(config, device="meta")
+    model = build_model(config, device="meta", generation=generation)
     report = load_weights(model, model_dir, dtype=dtype, device=device, **model.checkpoint_rules())
     model.init_missing(report.missing_optional, device=device, dtype=dtype)
     model.eval()
