@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, max_new_tokens=1024)
     p.set_defaults(func=cmd_chat)
 
+    from glmtune.data.command import add_parser as add_data_parser
+    from glmtune.evaluate.command import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+    add_data_parser(sub)
+
     p = sub.add_parser("demo", help="the whole pipeline on a tiny built-in model, on the CPU")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's model and run (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0)

@@ -39,9 +39,21 @@ def render_example(tokenizer: Tokenizer, ex: Encoded, color: bool = False) -> st
 
 
 def _piece(tokenizer: Tokenizer, ids: list[int], trained: bool, opened: str, closed: str) -> str:
-    text = "".join(_token_text(tokenizer, t) for t in ids) if any(tokenizer.is_special(t) for t in ids) else None
-    if text is None:
-        text = tokenizer.decode(ids, skip_special_tokens=False)
+    # Special tokens by name; the ordinary tokens between them decoded together, so multi-byte characters that
+    # byte-fallback pieces split across tokens come out whole.
+    parts: list[str] = []
+    plain: list[int] = []
+    for t in ids:
+        if tokenizer.is_special(t):
+            if plain:
+                parts.append(tokenizer.decode(plain, skip_special_tokens=False))
+                plain = []
+            parts.append(_token_text(tokenizer, t))
+        else:
+            plain.append(t)
+    if plain:
+        parts.append(tokenizer.decode(plain, skip_special_tokens=False))
+    text = "".join(parts)
     return f"{opened}{text}{closed}" if trained else text
 
 
