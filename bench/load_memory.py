@@ -79,6 +79,21 @@ def numel(shape: tuple[int, ...]) -> int:
 
 
 # ---- writing the random checkpoint --------------------------------------------------------------------------------
+def random_tensor(
+    shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, block: int = 1 << 22
+) -> torch.Tensor:
+    """Random N(0, 1) values, fast: one block drawn and repeated with a random offset per tensor (the loader does not
+    care about the values, and drawing 6B normals on the CPU would dominate the benchmark's run time)."""
+    t = torch.empty(shape, dtype=dtype)
+    flat = t.view(-1)
+    base = torch.randn(2 * block, generator=gen).to(dtype)
+    offset = int(torch.randint(0, block, (1,), generator=gen))
+    for start in range(0, flat.numel(), block):
+        n = min(block, flat.numel() - start)
+        flat[start : start + n].copy_(base[offset : offset + n])
+    return t
+
+
 def write_checkpoint(
     folder: Path, shapes: dict[str, tuple[int, ...]], fmt: str, dtype: torch.dtype, shard_bytes: int, seed: int
 ) -> list[Path]:
@@ -100,7 +115,7 @@ def write_checkpoint(
     for i, names in enumerate(shards, 1):
         stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
         fname = f"{stem}-{i:05d}-of-{n:05d}.{ext}"
-        part = {name: torch.empty(shapes[name], dtype=dtype).normal_(generator=gen) for name in names}
+        part = {name: random_tensor(shapes[name], dtype, gen) for name in names}
         path = folder / fname
         if fmt == "safetensors":
             save_file(part, str(path), metadata={"format": "pt"})
