@@ -209,3 +209,18 @@ def test_user_files_are_not_modified(tmp_path):
 def test_example_files_read_cleanly(name):
     samples, rep = read_samples(EXAMPLES / name)
     assert not rep.skipped and len(samples) >= 12
+
+
+def test_parquet_reads_like_json(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    src = EXAMPLES / "adgen.json"
+    records = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    path = tmp_path / "adgen.parquet"
+    pq.write_table(pa.Table.from_pylist(records), path)
+    from_parquet, report = read_samples(path)
+    from_json, _ = read_samples(src)
+    assert report.format == "columns" and len(from_parquet) == len(from_json) == len(records)
+    assert [s.messages for s in from_parquet] == [s.messages for s in from_json]
+    assert from_parquet[3].origin.endswith("adgen.parquet:row 3")
