@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from glmtune.cli import main
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
@@ -30,3 +32,12 @@ def test_inspect_column_mapping_and_errors(chatglm3_tokenizer_dir, tmp_path, cap
     assert "1 samples" in out and "skipped" in out
     assert main(["data", "inspect", str(tmp_path / "missing.json"), "--model", str(chatglm3_tokenizer_dir)]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.iterdir() if p.suffix in (".json", ".jsonl", ".csv")))
+def test_inspect_every_example_file(name, chatglm3_tokenizer_dir, glm4_tokenizer_dir, capsys):
+    model = glm4_tokenizer_dir if "glm4" in name else chatglm3_tokenizer_dir
+    assert main(["data", "inspect", str(EXAMPLES / name), "--model", str(model), "--color", "never"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot encode" not in out and "skipped" not in out
+    assert out.count("--- sample") == 3 and "[[" in out
