@@ -6,7 +6,7 @@ greedily after a ``--prompt-len`` prompt for each batch size, and reports tokens
 transformers' own GLM port (``GlmForCausalLM``: the same architecture, partial rotary, grouped KV heads, SwiGLU)
 when transformers is installed, as the alternative a user would otherwise reach for. Nothing is downloaded.
 
-    python bench/decode_speed.py --preset chatglm3-6b --batch 1 8 --json bench/results/decode-h100.json
+    python bench/decode_speed.py --preset chatglm3-6b --batch 1 8 --decode dynamic graph --json decode.json
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def random_fill(model: torch.nn.Module, device: torch.device, dtype: torch.dtype
     model.to(dtype)
 
 
-def time_glmtune(model, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict:
+def time_glmtune(model, batch: int, prompt_len: int, new_tokens: int, vocab: int, decode: str) -> dict:
     g = torch.Generator().manual_seed(batch)
     prompts = [torch.randint(10, vocab - 10, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     cfg = GenerationConfig(max_new_tokens=new_tokens)
@@ -55,7 +55,7 @@ def time_glmtune(model, batch: int, prompt_len: int, new_tokens: int, vocab: int
     start = time.perf_counter()
     first = None
     steps = 0
-    for _ in generate_stream(model, prompts, cfg, stop_ids=[], pad_id=0):
+    for _ in generate_stream(model, prompts, cfg, stop_ids=[], pad_id=0, decode=decode):
         steps += 1
         if first is None:
             _sync()
@@ -64,7 +64,7 @@ def time_glmtune(model, batch: int, prompt_len: int, new_tokens: int, vocab: int
     end = time.perf_counter()
     decode_s = end - first
     return {
-        "impl": "glmtune", "batch": batch, "prompt_len": prompt_len, "new_tokens": steps,
+        "impl": f"glmtune decode={decode}", "batch": batch, "prompt_len": prompt_len, "new_tokens": steps,
         "first_token_s": first - start, "decode_s": decode_s,
         "tokens_per_s_per_seq": (steps - 1) / decode_s, "tokens_per_s_total": batch * (steps - 1) / decode_s,
     }  # fmt: skip
@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--decode", nargs="+", default=["dynamic", "graph"], help="glmtune decode modes to time")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -126,10 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     random_fill(model, device, dtype, seed=0)
     model.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    for b in args.batch:
-        time_glmtune(model, b, 16, 8, cfg.padded_vocab_size)  # warm-up
-        rows.append(time_glmtune(model, b, args.prompt_len, args.new_tokens, cfg.padded_vocab_size))
-        print(rows[-1], flush=True)
+    for decode in args.decode:
+        for b in args.batch:
+            time_glmtune(model, b, 16, 8, cfg.padded_vocab_size, decode)  # warm-up
+            rows.append(time_glmtune(model, b, args.prompt_len, args.new_tokens, cfg.padded_vocab_size, decode))
+            print(rows[-1], flush=True)
     del model
     torch.cuda.empty_cache() if device.type == "cuda" else None
     if not args.no_hf:

@@ -147,3 +147,47 @@ def test_invalid_config():
         GenerationConfig(top_p=0).validate()
     with pytest.raises(ValueError, match="max_new_tokens"):
         GenerationConfig(max_new_tokens=0).validate()
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_static_decode_equals_dynamic(model, sample):
+    """Fixed-shape steps (the CUDA-graph path without the graph) give exactly the dynamic path's tokens."""
+    _, pad = _stop_pad(model)
+    cfg = GenerationConfig(max_new_tokens=7, do_sample=sample, temperature=0.9, top_p=0.9, seed=5)
+    prompts = _prompts(model, seed=4)
+    dynamic = generate(model, prompts, cfg, stop_ids=[], pad_id=pad, decode="dynamic")
+    static = generate(model, prompts, cfg, stop_ids=[], pad_id=pad, decode="static")
+    assert static == dynamic
+
+
+def test_static_decode_with_prefix(monkeypatch):
+    from glmtune import generate as gen_module
+
+    calls = []
+    original = gen_module.StaticDecodeStep.__call__
+    monkeypatch.setattr(gen_module.StaticDecodeStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+    cfg = preset("tiny-chatglm2").replace(pre_seq_len=3, prefix_projection=True)
+    m = build_model(cfg)
+    m.init_weights(seed=2)
+    m.eval()
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    gen = GenerationConfig(max_new_tokens=6)
+    assert generate(m, prompts, gen, stop_ids=[], pad_id=0, decode="static") == generate(
+        m, prompts, gen, stop_ids=[], pad_id=0, decode="dynamic"
+    )
+    assert len(calls) == 5  # the static path really ran (6 tokens: the first comes from the prompt's forward)
+    with pytest.raises(ValueError, match="decode must be one of"):
+        generate(m, prompts, gen, stop_ids=[], pad_id=0, decode="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_equals_dynamic():
+    m = build_model(preset("tiny-chatglm2"))
+    m.init_weights(seed=1)
+    m = m.to("cuda").eval()
+    prompts = _prompts(m, seed=4)
+    gen = GenerationConfig(max_new_tokens=12)
+    assert generate(m, prompts, gen, stop_ids=[], pad_id=0, decode="graph") == generate(
+        m, prompts, gen, stop_ids=[], pad_id=0, decode="dynamic"
+    )

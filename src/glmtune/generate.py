@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+DECODE_MODES = ("auto", "dynamic", "static", "graph")
 
 
 @dataclass
@@ -108,11 +111,17 @@ def generate_stream(
     *,
     stop_ids: Sequence[int],
     pad_id: int,
+    decode: str = "auto",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (b,) long on CPU, until each row has stopped or max_new_tokens.
 
     A row that has stopped keeps yielding ``-1``; the stop token itself is not yielded.
+    decode: "dynamic" (attend over the filled part of the cache), "static" (fixed shapes: attend over the whole
+    preallocated cache with a key mask), "graph" (static, each step replayed as one CUDA graph: removes the kernel
+    launch cost that bounds small-batch decoding), "auto" (graph on CUDA, else dynamic). All give the same tokens.
     """
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     cfg.validate()
     device, dtype = _model_device_dtype(model)
     input_ids, attention_mask = left_pad(prompts, pad_id)
@@ -133,19 +142,96 @@ def generate_stream(
     done = torch.zeros(b, dtype=torch.bool, device=device)
 
     logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, logits_to_keep=1)
-    for _ in range(cfg.max_new_tokens):
+    if decode == "auto":
+        decode = "graph" if device.type == "cuda" else "dynamic"
+    stepper = None
+    if decode != "dynamic":
+        max_position = int(position_ids.max()) + cfg.max_new_tokens + 1
+        stepper = StaticDecodeStep(model, cache, attention_mask, max_position, use_graph=decode == "graph")
+    for step in range(cfg.max_new_tokens):
         next_ids = choose_next(logits[:, -1].float(), cfg, seen, generators)
         done = done | torch.isin(next_ids, stop)
         out = torch.where(done, torch.full_like(next_ids, -1), next_ids)
         yield out.cpu()
-        if bool(done.all()):
+        if bool(done.all()) or step == cfg.max_new_tokens - 1:
             return
         seen[torch.arange(b, device=device), next_ids] = True
-        attention_mask = torch.cat([attention_mask, torch.ones((b, 1), dtype=attention_mask.dtype, device=device)], 1)
         position_ids = model.next_position_ids(position_ids[..., -1:])
+        if stepper is not None:
+            logits = stepper(next_ids[:, None], position_ids)
+            continue
+        attention_mask = torch.cat([attention_mask, torch.ones((b, 1), dtype=attention_mask.dtype, device=device)], 1)
         logits = model(
             next_ids[:, None], attention_mask=attention_mask, position_ids=position_ids, cache=cache, logits_to_keep=1
         )
+
+
+class StaticDecodeStep:
+    """One decode step with fixed shapes, optionally replayed as a CUDA graph.
+
+    Keys/values go to the cache slot ``write_pos`` (a device tensor) and every step attends over the whole
+    preallocated cache through a key mask (b, 1, 1, max_len): the prefix, the prompt's real tokens and each token
+    written so far. Inputs are copied into static tensors, so a captured graph can be replayed step after step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: Any,
+        attention_mask: torch.Tensor,  # (b, s) of the prompt
+        max_position: int,
+        *,
+        use_graph: bool,
+    ) -> None:
+        device = attention_mask.device
+        b, s = attention_mask.shape
+        n_before = cache.length - s  # the P-Tuning prefix, if any
+        self.model, self.cache = model, cache
+        self.key_mask = torch.zeros((b, 1, 1, cache.max_len), dtype=torch.bool, device=device)
+        self.key_mask[:, 0, 0, :n_before] = True
+        self.key_mask[:, 0, 0, n_before : n_before + s] = attention_mask.bool()
+        self.write_pos = torch.tensor([cache.length], dtype=torch.long, device=device)
+        self.ids: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.logits: torch.Tensor | None = None
+        self.graph: Any = None
+        self.use_graph = use_graph and device.type == "cuda"
+        model.prepare_static_decode(max_position, next(model.parameters()).dtype, device)
+
+    def _forward(self) -> torch.Tensor:
+        self.cache.write_pos = self.write_pos
+        try:
+            return self.model(self.ids, position_ids=self.positions, cache=self.cache, attn_mask=self.key_mask,
+                              logits_to_keep=1)  # fmt: skip
+        finally:
+            self.cache.write_pos = None
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """ids (b, 1), positions (b, 1) or (b, 2, 1) -> logits (b, 1, vocab)."""
+        if self.ids is None:
+            self.ids, self.positions = ids.clone(), positions.clone()
+        else:
+            self.ids.copy_(ids)
+            self.positions.copy_(positions)
+        self.key_mask.index_fill_(3, self.write_pos, True)  # the new token sees itself
+        if not self.use_graph:
+            logits = self._forward()
+        elif self.graph is None:
+            # warm up on a side stream (this computes the real first step), then capture
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                logits = self._forward()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+            logits = logits.clone()
+        else:
+            self.graph.replay()
+            logits = self.logits.clone()
+        self.write_pos += 1
+        return logits
 
 
 def generate(
@@ -156,10 +242,11 @@ def generate(
     stop_ids: Sequence[int],
     pad_id: int,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    decode: str = "auto",
 ) -> list[list[int]]:
     """Generate for a batch of prompts; returns each row's new tokens (stop token excluded)."""
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, cfg, stop_ids=stop_ids, pad_id=pad_id):
+    for step in generate_stream(model, prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, decode=decode):
         if on_token is not None:
             on_token(step)
         for i, t in enumerate(step.tolist()):

@@ -32,12 +32,19 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.length = 0  # tokens stored so far, the same in every layer
         self.max_len = max_len
+        # Static mode (fixed-shape decode steps, CUDA-graph friendly): a (1,) long tensor on the cache's device,
+        # the slot the next token goes to; ``update`` then writes there and returns the whole buffers.
+        self.write_pos: torch.Tensor | None = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (b, n_kv, s, d) after the current ``length`` and return all keys/values so far.
 
         ``length`` is advanced by :meth:`advance` once every layer has been updated.
         """
+        if self.write_pos is not None:
+            self.keys[layer].index_copy_(2, self.write_pos, k)
+            self.values[layer].index_copy_(2, self.write_pos, v)
+            return self.keys[layer], self.values[layer]
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_len:
             raise RuntimeError(f"KV cache is full: {end} tokens > max_len {self.max_len}")
@@ -52,6 +59,35 @@ class KVCache:
         """Keep only the batch rows in ``index`` (e.g. to drop finished sequences)."""
         self.keys = [k.index_select(0, index) for k in self.keys]
         self.values = [v.index_select(0, index) for v in self.values]
+
+
+def cached_tokens(cache: KVCache | None, n_prefix: int) -> int:
+    """Tokens already in ``cache`` besides the P-Tuning prefix (0 without a cache, or in static mode)."""
+    if cache is None or cache.write_pos is not None:
+        return 0
+    past = cache.length - n_prefix
+    if past < 0:
+        raise ValueError(
+            f"the KV cache holds {cache.length} tokens, fewer than the {n_prefix} P-Tuning prefix tokens; "
+            "create it with model.new_cache()"
+        )
+    return past
+
+
+def explicit_mask(attn_mask: torch.Tensor, cache: KVCache | None, past: int, s: int, n_prefix: int) -> torch.Tensor:
+    """A caller's bool mask (b, 1, s, past + s) or (b, 1, s, P + past + s) -> with the prefix columns, and no empty
+    rows. In static mode it must cover the whole cache: (b, 1, s, cache.max_len)."""
+    mask = attn_mask.bool()
+    if cache is not None and cache.write_pos is not None:
+        if mask.shape[-1] != cache.max_len:
+            raise ValueError(f"attn_mask has {mask.shape[-1]} key columns, expected the cache's {cache.max_len}")
+        return mask
+    if mask.shape[-1] == past + s and n_prefix:
+        ones = torch.ones((*mask.shape[:-1], n_prefix), dtype=torch.bool, device=mask.device)
+        mask = torch.cat([ones, mask], dim=-1)
+    if mask.shape[-1] != n_prefix + past + s:
+        raise ValueError(f"attn_mask has {mask.shape[-1]} key columns, expected {past + s} (+ prefix)")
+    return mask | ~mask.any(-1, keepdim=True)
 
 
 def expand_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:

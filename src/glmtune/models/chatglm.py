@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from glmtune.models.attention import KVCache, attend
+from glmtune.models.attention import KVCache, attend, cached_tokens, explicit_mask
 from glmtune.models.config import GLMConfig
 
 log = logging.getLogger(__name__)
@@ -382,6 +382,10 @@ class ChatGLMForCausalLM(nn.Module):
         kv = tr.prefix_dropout(kv).permute(2, 0, 3, 1, 4)  # (L * 2, b, n_kv, P, d)
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
 
+    def prepare_static_decode(self, max_position: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Build the rotary table up to ``max_position`` now, so fixed-shape decode steps never resize it."""
+        self._rope_table(max_position + 1, dtype, device)
+
     def _rope_table(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         key = (dtype, device)
         table = self._rope.get(key)
@@ -441,14 +445,8 @@ class ChatGLMForCausalLM(nn.Module):
         tr = self.transformer
         b, s = input_ids.shape
         n_prefix = self._n_prefix()
-        past = 0
-        if cache is not None:
-            past = cache.length - n_prefix
-            if past < 0:
-                raise ValueError(
-                    f"the KV cache holds {cache.length} tokens, fewer than the {n_prefix} P-Tuning prefix tokens; "
-                    "create it with model.new_cache()"
-                )
+        static = cache is not None and cache.write_pos is not None  # fixed-shape decode step (see KVCache)
+        past = cached_tokens(cache, n_prefix)
         if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
@@ -462,19 +460,14 @@ class ChatGLMForCausalLM(nn.Module):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected (b, s) = {(b, s)}")
 
         h = tr.embedding(input_ids)  # (b, s, H)
-        table = self._rope_table(int(position_ids.max()) + 1, h.dtype, h.device)
+        # static steps must not sync with the host: the table was sized beforehand (prepare_static_decode)
+        table = self._rope_table(0 if static else int(position_ids.max()) + 1, h.dtype, h.device)
         rope = table[position_ids].unsqueeze(2)  # (b, s, 1, r/2, 2)
 
         if attn_mask is None:
             mask = self._attention_mask(attention_mask, b, s, past, n_prefix, h.device)
         else:
-            mask = attn_mask.bool()
-            if mask.shape[-1] == past + s and n_prefix:
-                ones = torch.ones((*mask.shape[:-1], n_prefix), dtype=torch.bool, device=mask.device)
-                mask = torch.cat([ones, mask], dim=-1)
-            if mask.shape[-1] != n_prefix + past + s:
-                raise ValueError(f"attn_mask has {mask.shape[-1]} key columns, expected {past + s} (+ prefix)")
-            mask = mask | ~mask.any(-1, keepdim=True)
+            mask = explicit_mask(attn_mask, cache, past, s, n_prefix)
 
         prefix = None
         if n_prefix and cache is None:
@@ -485,7 +478,7 @@ class ChatGLMForCausalLM(nn.Module):
                 h = checkpoint(layer, h, rope, mask, None, layer_prefix, use_reentrant=False)
             else:
                 h = layer(h, rope, mask, cache, layer_prefix)
-        if cache is not None:
+        if cache is not None and not static:
             cache.advance(s)
         if tr.encoder.final_layernorm is not None:
             h = tr.encoder.final_layernorm(h)

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from glmtune.models.attention import KVCache, attend
+from glmtune.models.attention import KVCache, attend, cached_tokens, explicit_mask
 from glmtune.models.config import GLMConfig
 
 log = logging.getLogger(__name__)
@@ -369,6 +369,10 @@ class GLMForCausalLM(nn.Module):
         kv = tr.prefix_dropout(kv).permute(2, 0, 3, 1, 4)  # (L * 2, b, h, P, d)
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
 
+    def prepare_static_decode(self, max_position: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Build the rotary table up to ``max_position`` now, so fixed-shape decode steps never resize it."""
+        self._rope_table(max_position + 1, dtype, device)
+
     def _rope_table(self, n: int, dtype: torch.dtype, device: torch.device):
         key = (dtype, device)
         table = self._rope.get(key)
@@ -440,14 +444,8 @@ class GLMForCausalLM(nn.Module):
         cfg, tr = self.config, self.transformer
         b, s = input_ids.shape
         n_prefix = cfg.pre_seq_len or 0
-        past = 0
-        if cache is not None:
-            past = cache.length - n_prefix
-            if past < 0:
-                raise ValueError(
-                    f"the KV cache holds {cache.length} tokens, fewer than the {n_prefix} P-Tuning prefix tokens; "
-                    "create it with model.new_cache()"
-                )
+        static = cache is not None and cache.write_pos is not None  # fixed-shape decode step (see KVCache)
+        past = cached_tokens(cache, n_prefix)
         if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
@@ -461,7 +459,8 @@ class GLMForCausalLM(nn.Module):
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected (b, 2, s) = {(b, 2, s)}")
 
         h = tr.word_embeddings(input_ids)  # (b, s, H)
-        cos, sin = self._rope_table(int(position_ids.max()) + 1, h.dtype, h.device)
+        # static steps must not sync with the host: the table was sized beforehand (prepare_static_decode)
+        cos, sin = self._rope_table(0 if static else int(position_ids.max()) + 1, h.dtype, h.device)
         rope = torch.stack(
             [F.embedding(position_ids.transpose(0, 1), cos), F.embedding(position_ids.transpose(0, 1), sin)]
         )
@@ -470,13 +469,7 @@ class GLMForCausalLM(nn.Module):
         if attn_mask is None:
             mask = self._attention_mask(input_ids, attention_mask, past, n_prefix)
         else:
-            mask = attn_mask.bool()
-            if mask.shape[-1] == past + s and n_prefix:
-                ones = torch.ones((*mask.shape[:-1], n_prefix), dtype=torch.bool, device=mask.device)
-                mask = torch.cat([ones, mask], dim=-1)
-            if mask.shape[-1] != n_prefix + past + s:
-                raise ValueError(f"attn_mask has {mask.shape[-1]} key columns, expected {past + s} (+ prefix)")
-            mask = mask | ~mask.any(-1, keepdim=True)
+            mask = explicit_mask(attn_mask, cache, past, s, n_prefix)
 
         prefix = None
         if n_prefix and cache is None:
@@ -487,6 +480,6 @@ class GLMForCausalLM(nn.Module):
                 h = checkpoint(layer, h, rope, mask, None, layer_prefix, use_reentrant=False)
             else:
                 h = layer(h, rope, mask, cache, layer_prefix)
-        if cache is not None:
+        if cache is not None and not static:
             cache.advance(s)
         return tr.final_layernorm(h)
