@@ -74,9 +74,3 @@ def _user(text):
 def test_missing_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["chat", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "nope" in capsys.readouterr().err
-
-
-def test_demo_runs(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    out = capsys.readouterr().out
-    assert "Assistant:" in out and (tmp_path / "demo" / "base-model" / "config.json").is_file()

@@ -43,9 +43,11 @@ def _generation_config(args: argparse.Namespace):
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from glmtune.chat import ChatSession, run_terminal_chat
-    from glmtune.pretrained import load_pretrained
+    from glmtune.runs import load_for_inference
 
-    pretrained = load_pretrained(args.model, dtype=args.dtype, device=args.device, generation=args.generation)
+    pretrained = load_for_inference(
+        args.model, dtype=args.dtype, device=args.device, generation=args.generation, base=args.base
+    )
     session = ChatSession(pretrained, _generation_config(args), system=args.system, postprocess=not args.raw)
 
     def write(text: str) -> None:
@@ -64,7 +66,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from glmtune.demo import run_demo
 
-    run_demo(args.out, seed=args.seed)
+    run_demo(args.out, seed=args.seed, steps=args.steps, pretrain_steps=args.pretrain_steps)
     return 0
 
 
@@ -78,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("chat", help="streaming chat in the terminal (or one answer with --prompt)")
-    p.add_argument("model", help="model folder in the original layout (config.json, shards, tokenizer)")
+    p.add_argument("model", help="a model folder in the original layout, a run folder, a checkpoint, a PEFT adapter or "
+                   "P-Tuning folder")
+    p.add_argument("--base", help="base model folder for an adapter or P-Tuning folder that does not name one")
     p.add_argument("--prompt", help="answer this one message, print the reply and exit")
     p.add_argument("--system", help="system prompt (ChatGLM3 and GLM-4)")
     p.add_argument("--raw", action="store_true", help="show replies without the generation's original clean-up")
@@ -86,15 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(p, max_new_tokens=1024)
     p.set_defaults(func=cmd_chat)
 
+    from glmtune.adapters.command import add_parser as add_adapter_parsers
     from glmtune.data.command import add_parser as add_data_parser
     from glmtune.evaluate.command import add_parser as add_eval_parser
+    from glmtune.train.command import add_parser as add_train_parser
 
+    add_train_parser(sub)
     add_eval_parser(sub)
+    add_adapter_parsers(sub)
     add_data_parser(sub)
 
     p = sub.add_parser("demo", help="the whole pipeline on a tiny built-in model, on the CPU")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's model and run (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=120, help="LoRA training steps (default 120)")
+    p.add_argument("--pretrain-steps", type=int, default=150, help="steps of the base model's pre-training (150)")
     p.set_defaults(func=cmd_demo)
     return parser
 

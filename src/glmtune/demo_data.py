@@ -64,3 +64,15 @@ def corpus_lines(n: int = 400, seed: int = 0) -> list[str]:
         "问：答：[Round 1]",
     ]
     return lines
+
+
+def make_continuation_dataset(n: int, seed: int = 0) -> list[dict[str, str]]:
+    """Alpaca-style "continue the text" records over generated advertising copy: the demo's stand-in for
+    pre-training, so its tiny base model knows the language before LoRA teaches it the tags -> copy task."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        text = make_record(rng)["summary"]
+        cut = rng.randint(2, len(text) // 2)
+        out.append({"instruction": "续写下面的广告文案", "input": text[:cut], "output": text[cut:]})
+    return out

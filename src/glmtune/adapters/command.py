@@ -1,0 +1,65 @@
+"""``glmtune merge RUN_OR_ADAPTER OUT_DIR`` and ``glmtune export RUN OUT_DIR``: ship a LoRA as a complete checkpoint,
+a P-Tuning prefix in the official layout."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add ``merge`` and ``export``."""
+    p = subparsers.add_parser(
+        "merge",
+        help="fold a LoRA adapter into its base model: a complete checkpoint in the original format",
+        description="Write OUT_DIR: the base model's weights with the LoRA updates folded in (safetensors shards and "
+        "index), its config.json, tokenizer and other files, loadable by glmtune and by the original code. Works "
+        "shard by shard, so the host needs little more memory than one shard.",
+    )
+    p.add_argument("source", metavar="RUN_OR_ADAPTER", help="a LoRA run folder, one of its checkpoints, or a PEFT "
+                   "adapter folder")  # fmt: skip
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist or be empty)")
+    p.add_argument("--base", help="base model folder (default: the run's base_model, or the adapter's "
+                   "base_model_name_or_path when that is a local folder)")  # fmt: skip
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="dtype of the merged weights (default: that of the base checkpoint)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
+    p.set_defaults(func=run_merge)
+
+    p = subparsers.add_parser(
+        "export",
+        help="write a P-Tuning v2 run's prefix in the layout the official demos load",
+        description="Write OUT_DIR with the base model's config.json carrying pre_seq_len/prefix_projection, "
+        "pytorch_model.bin holding only transformer.prefix_encoder.*, and the tokenizer files.",
+    )
+    p.add_argument("source", metavar="RUN", help="a P-Tuning run folder, one of its checkpoints, or a prefix folder")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist or be empty)")
+    p.add_argument("--base", help="base model folder (default: the run's base_model)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
+    p.set_defaults(func=run_export)
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from glmtune.adapters.merge import merge_lora_to_checkpoint
+    from glmtune.runs import resolve
+
+    r = resolve(args.source, base=args.base)
+    if r.kind != "lora":
+        what = "a P-Tuning prefix (ship it with `glmtune export`)" if r.kind == "ptuning" else (
+            "a complete model already (nothing to merge)")  # fmt: skip
+        raise ValueError(f"{args.source}: holds {what}")
+    assert r.base_dir is not None
+    out = merge_lora_to_checkpoint(r.base_dir, r.result_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    log.info("merged model written to %s", out)
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from glmtune.adapters.merge import export_ptuning
+
+    out = export_ptuning(args.source, args.out_dir, base=args.base, overwrite=args.overwrite)
+    log.info("P-Tuning checkpoint written to %s", out)
+    return 0

@@ -1,0 +1,237 @@
+"""Ship a fine-tune: LoRA folded into a complete original-format checkpoint, or a P-Tuning prefix in the layout the
+official demos load.
+
+``merge_lora_to_checkpoint`` streams the base checkpoint tensor by tensor (``checkpoint.iter_checkpoint``): a weight
+with a LoRA update becomes ``W + scale * B @ A`` (computed in float32, rounded once), every other tensor is copied,
+and output shards of at most ``max_shard_bytes`` are written as soon as they fill. The host holds one output shard,
+the reader's window of the input file and one float32 matrix, never the whole model. The folder gets
+``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``), the base's
+``config.json`` (``torch_dtype`` updated when converting) and every other file of the base folder (tokenizer, the
+original code files, generation_config.json), so it loads in glmtune and in the original code alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from glmtune.adapters.peft_format import AdapterError, LoraAdapter, read_lora_adapter
+from glmtune.adapters.ptuning import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_prefix_checkpoint
+from glmtune.io import atomic_write_dir
+from glmtune.models.checkpoint import (
+    DEFAULT_MAX_SHARD_BYTES,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    checkpoint_files,
+    iter_checkpoint,
+    read_tensor_infos,
+)
+
+log = logging.getLogger(__name__)
+
+# Weight files and indexes of a model folder: never copied from the base (the merge writes its own).
+_WEIGHT_FILE = re.compile(r"(model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin)(\.index\.json)?")
+_TRAINING_FILES = {"trainer_state.json", "training_args.bin", "all_results.json", "train_results.json"}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
+
+
+def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _check_out_dir(out_dir: Path, sources: list[Path], overwrite: bool) -> None:
+    for src in sources:
+        if out_dir.resolve() == src.resolve():
+            raise ValueError(f"the output folder {out_dir} is an input folder; choose another")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir}: folder exists and is not empty (use --overwrite to replace it)")
+
+
+def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
+    """Copy the files of a model folder that are not weights or training state (tokenizer, code, generation
+    config); an official checkpoint-N folder's optimizer.pt, rng_state.pth, trainer_state.json stay behind."""
+    for p in sorted(src.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or p.name in skip or p.name in _TRAINING_FILES:
+            continue
+        if _WEIGHT_FILE.fullmatch(p.name) or p.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+            continue
+        shutil.copy2(p, dst / p.name)
+
+
+def _check_adapter_fits(adapter: LoraAdapter, base_dir: Path) -> dict[str, Any]:
+    infos = read_tensor_infos(base_dir)
+    for module, w in adapter.modules.items():
+        info = infos.get(f"{module}.weight")
+        if info is None:
+            raise AdapterError(
+                f"{adapter.weights_file}: the adapter has weights for module '{module}' but {base_dir} has no tensor "
+                f"'{module}.weight'; was it trained on another model generation?"
+            )
+        expected = (w.b.shape[0], w.a.shape[1])
+        if tuple(info.shape) != expected:
+            raise AdapterError(
+                f"{adapter.weights_file}: module '{module}' implies a weight of shape {expected}, but "
+                f"'{module}.weight' in {info.file} has shape {tuple(info.shape)}"
+            )
+        if not info.dtype.startswith(("float", "bfloat")):
+            raise AdapterError(
+                f"{info.file}: '{module}.weight' is {info.dtype} (a quantized checkpoint?); merge into an unquantized "
+                "base model"
+            )
+    return infos
+
+
+def merge_lora_to_checkpoint(
+    base_dir: str | Path,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str | torch.dtype | None = None,
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``out_dir``: the base checkpoint with the PEFT LoRA adapter of ``adapter_dir`` folded in.
+
+    ``dtype`` converts the floating tensors (None / "auto": keep each tensor's dtype; rotary ``inv_freq`` buffers
+    always keep theirs). The folder is built aside and swapped in when complete."""
+    start = time.perf_counter()
+    base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
+    out_dtype = _dtype(dtype)
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    _check_out_dir(out_dir, [base_dir, adapter_dir], overwrite)
+    config_path = base_dir / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: no such file (the base model folder needs its config.json)")
+    raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    checkpoint_files(base_dir)  # a clear error for a folder without weights
+    adapter = read_lora_adapter(adapter_dir)
+    _check_adapter_fits(adapter, base_dir)
+
+    def fill(tmp: Path) -> None:
+        parts: list[tuple[Path, list[str], int]] = []  # (temporary file, names, bytes)
+        chunk: dict[str, torch.Tensor] = {}
+        size = 0
+        merged: set[str] = set()
+        seen: set[str] = set()
+
+        def flush() -> None:
+            nonlocal chunk, size
+            if not chunk:
+                return
+            part = tmp / f".part-{len(parts):05d}.safetensors"
+            save_file(chunk, str(part), metadata={"format": "pt"})
+            parts.append((part, list(chunk), size))
+            chunk, size = {}, 0
+
+        for name, t, file in iter_checkpoint(base_dir):
+            if name in seen:
+                raise AdapterError(f"{file}: tensor '{name}' appears twice in {base_dir}")
+            seen.add(name)
+            module = name[: -len(".weight")] if name.endswith(".weight") else None
+            target = out_dtype if (out_dtype is not None and t.is_floating_point() and
+                                   not name.endswith("inv_freq")) else t.dtype  # fmt: skip
+            if module is not None and module in adapter.modules:
+                w = adapter.modules[module]
+                out = (t.float() + w.delta()).to(target)  # (out, in)
+                merged.add(module)
+            else:
+                out = t.to(dtype=target, copy=True)
+            del t
+            nbytes = out.numel() * out.element_size()
+            if chunk and size + nbytes > max_shard_bytes:
+                flush()
+            chunk[name] = out.contiguous()
+            size += nbytes
+        flush()
+        if missing := sorted(set(adapter.modules) - merged):
+            raise AdapterError(f"{adapter.weights_file}: modules {missing[:5]} were not found in {base_dir}")
+
+        n = len(parts)
+        names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map: dict[str, str] = {}
+        for (part, tensor_names, _), final in zip(parts, names, strict=True):
+            os.replace(part, tmp / final)
+            weight_map.update(dict.fromkeys(tensor_names, final))
+        if n > 1:
+            total = sum(s for _, _, s in parts)
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        config = dict(raw_config)
+        if out_dtype is not None:
+            config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _copy_side_files(base_dir, tmp, skip={CONFIG_NAME})
+
+    atomic_write_dir(out_dir, fill)
+    log.info("merged LoRA %s (%d modules) into %s -> %s in %.1fs", adapter_dir, len(adapter.modules), base_dir,
+             out_dir, time.perf_counter() - start)  # fmt: skip
+    return out_dir
+
+
+def export_ptuning(
+    run_or_prefix_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the folder the official P-Tuning demos load as their checkpoint: the base model's config.json with
+    ``pre_seq_len`` / ``prefix_projection`` set, ``pytorch_model.bin`` with only ``transformer.prefix_encoder.*``, and
+    the base folder's other files (tokenizer, code) so it is complete on its own.
+
+    ``run_or_prefix_dir``: a P-Tuning run (base from run.json), one of its checkpoints, or a prefix folder (the base,
+    from ``base``, is optional then: without it the prefix folder's own config and tokenizer files are used)."""
+    from glmtune.runs import resolve
+
+    src = Path(run_or_prefix_dir)
+    out_dir = Path(out_dir)
+    r = resolve(src, base=base, require_base=False)
+    if r.kind != "ptuning":
+        raise ValueError(f"{src}: holds a {'LoRA adapter' if r.kind == 'lora' else 'complete model'}, not a P-Tuning "
+                         "prefix; `glmtune export` ships P-Tuning prefixes (`glmtune merge` folds LoRA)")  # fmt: skip
+    prefix_dir, base_dir = r.result_dir, r.base_dir  # no base: the prefix folder's own config.json is the base's
+    ckpt = read_prefix_checkpoint(prefix_dir)
+    _check_out_dir(out_dir, [prefix_dir] + ([base_dir] if base_dir else []), overwrite)
+    config_src = (base_dir or prefix_dir) / CONFIG_NAME
+    if not config_src.is_file():
+        raise FileNotFoundError(f"{config_src}: no such file; pass the base model folder with --base")
+    config = json.loads(config_src.read_text(encoding="utf-8"))
+    if base_dir is not None:
+        from glmtune.adapters.ptuning import check_prefix_base
+        from glmtune.models.config import GLMConfig
+
+        check_prefix_base(ckpt, GLMConfig.from_dict(config, source=str(config_src)))
+    config["pre_seq_len"] = ckpt.pre_seq_len
+    config["prefix_projection"] = ckpt.prefix_projection
+    tensors = {PREFIX + k: v.to(torch.float32).contiguous() for k, v in ckpt.tensors.items()}
+
+    def fill(tmp: Path) -> None:
+        torch.save(tensors, tmp / WEIGHTS_NAME)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        skip = {CONFIG_NAME, WEIGHTS_NAME}
+        if base_dir is not None:
+            _copy_side_files(base_dir, tmp, skip)
+        _copy_side_files(prefix_dir, tmp, skip | {p.name for p in tmp.iterdir()})
+
+    atomic_write_dir(out_dir, fill)
+    log.info("exported P-Tuning prefix (pre_seq_len %d) from %s to %s", ckpt.pre_seq_len, prefix_dir, out_dir)
+    return out_dir

@@ -1,0 +1,68 @@
+"""``glmtune train CONFIG.yaml [key=value ...]`` and ``glmtune train --resume RUN_DIR [key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+EPILOG = """\
+examples:
+  glmtune train examples/adgen-lora-chatglm3.yaml model=/models/chatglm3-6b
+  glmtune train examples/ptuning-chatglm2.yaml model=/models/chatglm2-6b train.max_steps=500 output_dir=runs/pt
+  glmtune train --resume runs/adgen-lora train.max_steps=6000
+  torchrun --nproc-per-node 4 -m glmtune train examples/adgen-lora-chatglm3.yaml model=/models/chatglm3-6b
+
+Overrides are key=value with dotted keys (data.max_source_length=128, method.rank=16); values are read as YAML.
+"""
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a model (LoRA, P-Tuning v2, freeze, full) from a YAML config",
+        description="Fine-tune a ChatGLM model folder as a YAML config says; key=value arguments override it.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("config", nargs="?", help="the training config (YAML); not with --resume")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.learning_rate=2e-2")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--check", action="store_true", help="check the config (keys, types, files) and exit")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from glmtune.train.config import ConfigError, load_config, resume_config
+
+    overrides = list(args.overrides or [])
+    if args.resume:
+        if args.config is not None:
+            if "=" not in args.config:
+                raise ConfigError(f"--resume takes the run folder; do not pass a config file too ({args.config})")
+            overrides.insert(0, args.config)  # the first override landed in the CONFIG slot
+        cfg = resume_config(args.resume, overrides)
+    else:
+        if args.config is None:
+            raise ConfigError("glmtune train needs a config file (CONFIG.yaml) or --resume RUN_DIR")
+        cfg = load_config(args.config, overrides)
+    if args.check:
+        print(cfg.to_yaml(), end="")
+        return 0
+    if os.environ.get("RANK", "0") != "0":  # rank 0 alone speaks
+        logging.getLogger("glmtune").setLevel(logging.WARNING)
+
+    from glmtune.train.loop import TrainError, train
+
+    try:
+        result = train(cfg, resume=bool(args.resume))
+    except TrainError as e:
+        log.error("%s", e)
+        return 1
+    if os.environ.get("RANK", "0") == "0":
+        print(
+            f"run folder: {result.run_dir}\nfinal model: {result.model_dir}\nloss curve: {result.run_dir / 'loss.png'}"
+        )
+    return 0

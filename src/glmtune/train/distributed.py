@@ -1,0 +1,129 @@
+"""Several processes under torchrun: DDP with NCCL on GPUs or gloo on the CPU; one process otherwise.
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; with ``WORLD_SIZE > 1``
+the process group is started here. Rank 0 alone logs, shows progress and writes files; every decision that
+changes the course of the run (skip a step, stop early) is taken from values all ranks share (all-reduced), so
+the ranks never disagree.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    started_group: bool = False  # this code started the process group (and so ends it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+
+
+def setup(device: str = "auto") -> DistInfo:
+    """Read the torchrun environment, pick this process's device and start the process group when needed."""
+    world = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if device in ("auto", None):
+        dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device(f"cuda:{local_rank}")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    started = False
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        started = True
+        log.info("process group started: rank %d of %d, backend %s, device %s", rank, world, backend, dev)
+    elif dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, started_group=started)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.started_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_sum(info: DistInfo, values: list[float]) -> list[float]:
+    """Sum a few numbers over all ranks (float64, on the process group's device)."""
+    if not info.enabled:
+        return list(values)
+    dev = info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_object(info: DistInfo, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(info: DistInfo, obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP around ``module`` when several processes run (gradients of its trainable parameters averaged)."""
+    if not info.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(module, device_ids=ids, broadcast_buffers=False)
+
+
+@contextmanager
+def no_sync(module: nn.Module, sync: bool) -> Iterator[None]:
+    """Skip DDP's gradient all-reduce for micro-batches that are not the last of an accumulation."""
+    ctx = module.no_sync() if (not sync and hasattr(module, "no_sync")) else nullcontext()
+    with ctx:
+        yield

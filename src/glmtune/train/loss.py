@@ -1,0 +1,58 @@
+"""Causal LM loss over a large vocabulary without float32 logits for the whole batch.
+
+Labels come unshifted (aligned with ``input_ids``, ``IGNORE_INDEX`` where untrained): the hidden state at position
+``i`` predicts ``labels[i + 1]``. Only the positions that have a target go through the output layer, in chunks of
+``chunk_tokens``; each chunk's logits are upcast to float32 for the log-softmax and recomputed in the backward pass
+(activation checkpointing), so at most one chunk's logits (chunk x vocab) exist at any time.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from glmtune.templates import IGNORE_INDEX
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Number of tokens that take loss in a batch of unshifted labels (b, s)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def _chunk_loss(h: torch.Tensor, targets: torch.Tensor, output_layer: nn.Module) -> torch.Tensor:
+    logits = output_layer(h)  # (n, vocab): one chunk only
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> float32 for the softmax
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def chunked_lm_loss(
+    hidden: torch.Tensor,  # (b, s, H) final hidden states
+    labels: torch.Tensor,  # (b, s) unshifted, IGNORE_INDEX where untrained
+    output_layer: nn.Module,  # hidden -> logits (the model's output_embeddings())
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, int]:
+    """(sum of the token losses as a scalar, number of target tokens). Mean = sum / count.
+
+    The sum is float32 for bf16/fp16/float32 hidden states (float64 for float64 ones, as in the tests).
+    """
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not line up")
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    targets = labels[:, 1:]  # (b, s-1): the token each position predicts
+    keep = targets != IGNORE_INDEX
+    h = hidden[:, :-1][keep]  # (n, H)
+    t = targets[keep]  # (n,)
+    n = t.numel()
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    total = hidden[:, :0].sum().to(acc)  # 0, but on the graph, so backward works for a batch without targets
+    grad = torch.is_grad_enabled()
+    for start in range(0, n, chunk_tokens):
+        hs, ts = h[start : start + chunk_tokens], t[start : start + chunk_tokens]
+        if grad:
+            total = total + checkpoint(_chunk_loss, hs, ts, output_layer, use_reentrant=False).to(acc)
+        else:
+            total = total + _chunk_loss(hs, ts, output_layer).to(acc)
+    return total, n

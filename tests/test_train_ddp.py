@@ -1,0 +1,58 @@
+"""Two processes (torchrun, gloo on the CPU) give the loss curve of one process with the same global batch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from glmtune.train.metrics import read_metrics
+from train_support import ADGEN_DEV, run, small_config, tiny_model, train_losses
+
+TESTS = Path(__file__).resolve().parent
+SETTINGS = ("train.max_steps=4", "train.batch_size=2", "method.dropout=0.0", "train.learning_rate=5e-2",
+            f"data.dev={ADGEN_DEV}", "data.max_dev_samples=7", "eval.every_steps=2", "save.every_steps=2")  # fmt: skip
+
+WORKER = """
+import sys
+sys.path.insert(0, {tests!r})
+from train_support import run, small_config
+run(small_config({model!r}, {out!r}, *{settings!r}))
+"""
+
+
+def _eval_losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "eval"]
+
+
+@pytest.mark.skipif(not __import__("torch").distributed.is_available(), reason="no torch.distributed")
+def test_two_gloo_processes_match_one(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path)
+    single = tmp_path / "single"
+    run(small_config(model, single, *SETTINGS, "train.grad_accum=2"))  # 2 x 2 x 1 process = 2 x 1 x 2 processes
+
+    out = tmp_path / "ddp"
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER).format(tests=str(TESTS), model=str(model), out=str(out),
+                                                     settings=SETTINGS))  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    one, two = train_losses(single), train_losses(out)
+    assert [s for s, _ in two] == [1, 2, 3, 4]
+    assert [loss for _, loss in two] == pytest.approx([loss for _, loss in one], rel=1e-5)
+    assert one[-1][1] < one[0][1]
+    assert [loss for _, loss in _eval_losses(out)] == pytest.approx([loss for _, loss in _eval_losses(single)],
+                                                                    rel=1e-5)  # fmt: skip
+    # rank 0 alone wrote the run folder, with both ranks' RNG states in each checkpoint
+    from glmtune.train.state import list_checkpoints, read_checkpoint
+
+    ckpt = read_checkpoint(list_checkpoints(out)[-1][1])
+    assert len(ckpt.trainer["rng"]) == 2 and ckpt.trainer["data"]["world_size"] == 2
+    assert (out / "model").is_dir() and len(list(out.glob("run.json"))) == 1

@@ -1,0 +1,110 @@
+"""Chunked causal LM loss against a naive float64 full-logits loss: values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from glmtune.templates import IGNORE_INDEX
+from glmtune.train.loss import chunked_lm_loss, count_targets
+
+
+def _inputs(seed: int, b: int = 3, s: int = 11, h: int = 16, vocab: int = 97, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, s, h, generator=g, dtype=dtype)
+    layer = nn.Linear(h, vocab, bias=False, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(vocab, h, generator=g, dtype=dtype))
+    labels = torch.randint(0, vocab, (b, s), generator=g)
+    labels[torch.rand(b, s, generator=g) < 0.4] = IGNORE_INDEX
+    labels[1] = IGNORE_INDEX  # a row with nothing to learn
+    labels[2, 3:7] = torch.randint(0, vocab, (4,), generator=g)
+    return hidden, labels, layer
+
+
+def _naive(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Full float64 logits, explicit shift, mean over the targets (the textbook way)."""
+    logits = hidden.double() @ weight.double().T  # (b, s, V)
+    total, n = torch.zeros((), dtype=torch.float64), 0
+    b, s = labels.shape
+    for i in range(b):
+        for j in range(s - 1):
+            target = int(labels[i, j + 1])
+            if target == IGNORE_INDEX:
+                continue
+            total = total - torch.log_softmax(logits[i, j], dim=-1)[target]
+            n += 1
+    return total, n
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 10_000])
+def test_value_and_gradients_match_naive_float64(chunk: int) -> None:
+    hidden, labels, layer = _inputs(seed=chunk)
+    hidden.requires_grad_(True)
+    loss_sum, n = chunked_lm_loss(hidden, labels, layer, chunk_tokens=chunk)
+    (loss_sum / n).backward()
+    got_h, got_w = hidden.grad.clone(), layer.weight.grad.clone()
+
+    h_ref = hidden.detach().clone().requires_grad_(True)
+    w_ref = layer.weight.detach().clone().requires_grad_(True)
+    ref_sum, ref_n = _naive(h_ref, labels, w_ref)
+    (ref_sum / ref_n).backward()
+
+    assert n == ref_n == count_targets(labels)
+    assert loss_sum.dtype == torch.float64
+    torch.testing.assert_close(loss_sum.detach(), ref_sum.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_h, h_ref.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got_w, w_ref.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_and_bf16_autocast_close_to_reference() -> None:
+    hidden, labels, layer = _inputs(seed=5, dtype=torch.float32)
+    ref_sum, ref_n = _naive(hidden, labels, layer.weight.detach())
+    loss_sum, n = chunked_lm_loss(hidden, labels, layer, chunk_tokens=4)
+    torch.testing.assert_close(loss_sum.double() / n, ref_sum / ref_n, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_sum, _ = chunked_lm_loss(hidden.bfloat16(), labels, layer, chunk_tokens=4)
+    assert low_sum.dtype == torch.float32  # the log-softmax runs in float32 even under bf16 autocast
+    torch.testing.assert_close(low_sum.double() / n, ref_sum / ref_n, rtol=3e-2, atol=3e-2)
+
+
+class _Recorder(nn.Module):
+    """An output layer that records how many rows it is asked for at once."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        self.layer = layer
+        self.rows: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.rows.append(x.shape[0])
+        return self.layer(x)
+
+
+def test_logits_exist_one_chunk_at_a_time_forward_and_backward() -> None:
+    hidden, labels, layer = _inputs(seed=9, b=4, s=20, dtype=torch.float32)
+    rec = _Recorder(layer)
+    hidden.requires_grad_(True)
+    loss_sum, n = chunked_lm_loss(hidden, labels, rec, chunk_tokens=5)
+    forward_calls = len(rec.rows)
+    loss_sum.backward()
+    assert forward_calls == -(-n // 5)
+    assert max(rec.rows) <= 5 and len(rec.rows) == 2 * forward_calls  # recomputed chunk by chunk in backward
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+def test_no_targets_gives_zero_with_a_graph() -> None:
+    hidden, labels, layer = _inputs(seed=2)
+    labels[:] = IGNORE_INDEX
+    hidden.requires_grad_(True)
+    loss_sum, n = chunked_lm_loss(hidden, labels, layer)
+    assert n == 0 and float(loss_sum.detach()) == 0.0
+    loss_sum.backward()  # no error: a micro-batch without targets still takes part in backward (DDP)
+    assert float(hidden.grad.abs().sum()) == 0.0
+
+
+def test_shape_mismatch_is_named() -> None:
+    hidden, labels, layer = _inputs(seed=3)
+    with pytest.raises(ValueError, match="do not line up"):
+        chunked_lm_loss(hidden[:, :-1], labels, layer)
