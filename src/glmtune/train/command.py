@@ -10,10 +10,10 @@ log = logging.getLogger(__name__)
 
 EPILOG = """\
 examples:
-  glmtune train examples/adgen-lora-chatglm3.yaml model=/models/chatglm3-6b
-  glmtune train examples/ptuning-chatglm2.yaml model=/models/chatglm2-6b train.max_steps=500 output_dir=runs/pt
+  glmtune train examples/lora-chatglm3-adgen.yaml model=/models/chatglm3-6b
+  glmtune train examples/ptuning-chatglm2-adgen.yaml model=/models/chatglm2-6b train.max_steps=500 output_dir=runs/pt
   glmtune train --resume runs/adgen-lora train.max_steps=6000
-  torchrun --nproc-per-node 4 -m glmtune train examples/adgen-lora-chatglm3.yaml model=/models/chatglm3-6b
+  torchrun --nproc-per-node 4 -m glmtune train examples/lora-chatglm3-adgen.yaml model=/models/chatglm3-6b
 
 Overrides are key=value with dotted keys (data.max_source_length=128, method.rank=16); values are read as YAML.
 """
