@@ -27,7 +27,7 @@ from torch import nn
 
 from glmtune.io import atomic_write_dir
 from glmtune.models.config import ConfigError, GLMConfig
-from glmtune.models.prefix import PrefixEncoder
+from glmtune.models.prefix import make_prefix_encoder
 
 if TYPE_CHECKING:
     from glmtune.adapters import PTuningOptions
@@ -43,27 +43,6 @@ PREFIX_DROPOUT = 0.1  # the original models' dropout on the prefix keys/values (
 
 class PrefixError(ValueError):
     """A prefix checkpoint that does not fit the model or the method; the message names the file and field."""
-
-
-def make_prefix_encoder(
-    config: GLMConfig, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-) -> PrefixEncoder:
-    """The prefix encoder the original model of ``config``'s generation builds (``config.pre_seq_len`` set).
-
-    ChatGLM-6B embeds the prefix in ``hidden_size``; ChatGLM2+ in the full key/value width of all layers."""
-    if config.pre_seq_len is None:
-        raise ValueError("config.pre_seq_len is not set")
-    kv_dim = config.num_kv_heads * config.head_dim
-    return PrefixEncoder(
-        pre_seq_len=config.pre_seq_len,
-        num_layers=config.num_layers,
-        kv_dim=kv_dim,
-        hidden_size=config.hidden_size,
-        prefix_projection=config.prefix_projection,
-        embedding_dim=None if config.arch == "glm" else config.num_layers * 2 * kv_dim,
-        device=device,
-        dtype=dtype,
-    )
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -37,8 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from glmtune.models.attention import KVCache, attend, cached_tokens, explicit_mask
+from glmtune.models.attention import KVCache, attend, explicit_mask
+from glmtune.models.base import CausalLMBase
 from glmtune.models.config import GLMConfig
+from glmtune.models.prefix import make_prefix_encoder
 
 log = logging.getLogger(__name__)
 
@@ -218,25 +220,8 @@ class ChatGLMModel(nn.Module):
         self.gradient_checkpointing = False
 
 
-def make_prefix_encoder(config: GLMConfig, device=None, dtype=None) -> nn.Module:
-    """The P-Tuning v2 prefix encoder of this family (projection input = the full key/value width, as the original)."""
-    from glmtune.models.prefix import PrefixEncoder
-
-    kv_dim = config.num_kv_heads * config.head_dim
-    return PrefixEncoder(
-        pre_seq_len=config.pre_seq_len,
-        num_layers=config.num_layers,
-        kv_dim=kv_dim,
-        hidden_size=config.hidden_size,
-        prefix_projection=config.prefix_projection,
-        embedding_dim=config.num_layers * 2 * kv_dim,
-        device=device,
-        dtype=dtype,
-    )
-
-
 # ---- the model ------------------------------------------------------------------------------------------------------
-class ChatGLMForCausalLM(nn.Module):
+class ChatGLMForCausalLM(CausalLMBase):
     """ChatGLM2/3 and GLM-4. ``forward`` returns logits; see the module docstring for the semantics."""
 
     def __init__(
@@ -247,15 +232,13 @@ class ChatGLMForCausalLM(nn.Module):
         *,
         rope_style: RopeStyle = "chatglm3",
     ) -> None:
-        super().__init__()
+        super().__init__(config)
         if config.arch != "chatglm":
             raise ValueError(f"ChatGLMForCausalLM is the ChatGLM2+ model; config.arch is {config.arch!r}")
         if rope_style not in ("chatglm2", "chatglm3"):
             raise ValueError(f"rope_style must be 'chatglm2' or 'chatglm3', got {rope_style!r}")
-        self.config = config
         self.rope_style = rope_style
         self.transformer = ChatGLMModel(config, device=device, dtype=dtype)
-        self._rope: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
     # ---- weights --------------------------------------------------------------------------------------------------
     def output_embeddings(self) -> nn.Linear:
@@ -267,54 +250,6 @@ class ChatGLMForCausalLM(nn.Module):
             "optional": [r"^transformer\.rotary_pos_emb\.inv_freq$", r"^transformer\.prefix_encoder\."],
             "keep_dtype": [r"^transformer\.rotary_pos_emb\.inv_freq$"],
         }
-
-    @torch.no_grad()
-    def init_weights(
-        self, seed: int | None = None, *, std: float = 0.02, device: torch.device | str | None = None
-    ) -> None:
-        """Random weights (N(0, std) matrices, zero biases, unit norms; the prefix encoder as PyTorch's defaults).
-
-        A model built on "meta" is first materialised on ``device`` (CPU by default). Values are drawn on the CPU
-        from ``seed``, so they do not depend on the device.
-        """
-        if any(t.is_meta for t in self._tensors()):
-            self.to_empty(device=device or "cpu")
-            self._rope.clear()
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, t in self._named_tensors():
-            t.copy_(self._initial_value(name, t, std, gen))
-
-    @torch.no_grad()
-    def init_missing(
-        self,
-        names: list[str],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        seed: int | None = None,
-    ) -> None:
-        """Initialise the tensors a checkpoint did not hold (``LoadReport.missing_optional``), still on meta."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name in names:
-            module_name, _, attr = name.rpartition(".")
-            module = self.get_submodule(module_name)
-            old = getattr(module, attr)
-            if not old.is_meta:
-                continue
-            keep = old.dtype if (not old.is_floating_point() or attr == "inv_freq") else (dtype or old.dtype)
-            value = self._initial_value(name, old, 0.02, gen).to(device=device, dtype=keep)
-            if isinstance(old, nn.Parameter):
-                setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
-            else:
-                module._buffers[attr] = value
-
-    def _tensors(self):
-        yield from self.parameters()
-        yield from self.buffers()
-
-    def _named_tensors(self):
-        yield from self.named_parameters()
-        yield from self.named_buffers()
 
     def _initial_value(self, name: str, t: torch.Tensor, std: float, gen: torch.Generator | None) -> torch.Tensor:
         shape = tuple(t.shape)
@@ -343,59 +278,15 @@ class ChatGLMForCausalLM(nn.Module):
         """(b, 1) position of the last token -> that of the next."""
         return last + 1
 
-    def new_cache(
-        self,
-        batch_size: int,
-        max_len: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> KVCache:
-        """A KV cache for ``max_len`` tokens; with P-Tuning it also holds (and starts with) the prefix keys/values."""
-        ref = self.transformer.output_layer.weight
-        device = device if device is not None else ref.device
-        dtype = dtype if dtype is not None else ref.dtype
+    def _num_cache_heads(self) -> int:
+        return self.config.num_kv_heads
+
+    def _position_shape(self, b: int, s: int) -> tuple[int, ...]:
+        return (b, s)
+
+    def _build_rope(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         cfg = self.config
-        n_prefix = self._n_prefix()
-        cache = KVCache(
-            cfg.num_layers, batch_size, cfg.num_kv_heads, max_len + n_prefix, cfg.head_dim, dtype=dtype, device=device
-        )
-        if n_prefix:
-            for i, (k, v) in enumerate(self.prefix_key_values(batch_size, dtype=dtype, device=device)):
-                cache.update(i, k, v)
-            cache.advance(n_prefix)
-        return cache
-
-    def _n_prefix(self) -> int:
-        if self.transformer.prefix_encoder is None:
-            return 0
-        return self.config.pre_seq_len or 0
-
-    def prefix_key_values(
-        self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """P-Tuning v2 keys/values per layer, each (b, n_kv, P, d), as the original ``get_prompt``."""
-        cfg, tr = self.config, self.transformer
-        if tr.prefix_encoder is None:
-            raise RuntimeError("this model has no prefix encoder (config.pre_seq_len is not set)")
-        flat = tr.prefix_encoder(batch_size).to(device=device, dtype=dtype)  # (b, P, L * 2 * n_kv * d)
-        kv = flat.view(batch_size, cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_kv_heads, cfg.head_dim)
-        kv = tr.prefix_dropout(kv).permute(2, 0, 3, 1, 4)  # (L * 2, b, n_kv, P, d)
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
-
-    def prepare_static_decode(self, max_position: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Build the rotary table up to ``max_position`` now, so fixed-shape decode steps never resize it."""
-        self._rope_table(max_position + 1, dtype, device)
-
-    def _rope_table(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (dtype, device)
-        table = self._rope.get(key)
-        if table is None or table.shape[0] < n:
-            size = max(n, self.config.seq_length, 2 * (table.shape[0] if table is not None else 0))
-            table = rope_table(
-                size, self.config.head_dim // 2, dtype, device, rope_ratio=self.config.rope_ratio, style=self.rope_style
-            )
-            self._rope[key] = table
-        return table
+        return rope_table(n, cfg.head_dim // 2, dtype, device, rope_ratio=cfg.rope_ratio, style=self.rope_style)
 
     # ---- masks ----------------------------------------------------------------------------------------------------
     @staticmethod
@@ -444,20 +335,8 @@ class ChatGLMForCausalLM(nn.Module):
         """
         tr = self.transformer
         b, s = input_ids.shape
-        n_prefix = self._n_prefix()
-        static = cache is not None and cache.write_pos is not None  # fixed-shape decode step (see KVCache)
-        past = cached_tokens(cache, n_prefix)
-        if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
-                f"{(b, past + s)}"
-            )
-        if position_ids is None:
-            if past:
-                raise ValueError("position_ids are required once the cache holds tokens (use next_position_ids)")
-            position_ids = self.prompt_position_ids(input_ids, attention_mask)
-        if tuple(position_ids.shape) != (b, s):
-            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected (b, s) = {(b, s)}")
+        n_prefix = self.n_prefix()
+        position_ids, past, static = self._check_inputs(input_ids, attention_mask, position_ids, cache)
 
         h = tr.embedding(input_ids)  # (b, s, H)
         # static steps must not sync with the host: the table was sized beforehand (prepare_static_decode)
@@ -483,21 +362,3 @@ class ChatGLMForCausalLM(nn.Module):
         if tr.encoder.final_layernorm is not None:
             h = tr.encoder.final_layernorm(h)
         return h
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        attn_mask: torch.Tensor | None = None,
-        logits_to_keep: int | None = None,
-    ) -> torch.Tensor:
-        """input_ids (b, s) -> logits (b, s', vocab) in the model's dtype (s' = logits_to_keep or s).
-
-        The arguments are those of :meth:`hidden_states`.
-        """
-        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, attn_mask)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        return self.transformer.output_layer(h)

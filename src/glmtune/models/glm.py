@@ -46,8 +46,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from glmtune.models.attention import KVCache, attend, cached_tokens, explicit_mask
+from glmtune.models.attention import KVCache, attend, explicit_mask
+from glmtune.models.base import CausalLMBase
 from glmtune.models.config import GLMConfig
+from glmtune.models.prefix import make_prefix_encoder
 
 log = logging.getLogger(__name__)
 
@@ -173,31 +175,19 @@ class GLMTransformer(nn.Module):
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size, **kw)
         self.layers = nn.ModuleList(GLMBlock(config, i, **kw) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, **kw)
-        if config.pre_seq_len is not None:
-            from glmtune.models.prefix import PrefixEncoder
-
-            self.prefix_encoder = PrefixEncoder(
-                pre_seq_len=config.pre_seq_len,
-                num_layers=config.num_layers,
-                kv_dim=config.hidden_size,  # v1: n_head * d == hidden_size
-                hidden_size=config.hidden_size,
-                prefix_projection=config.prefix_projection,
-                **kw,
-            )
-            self.prefix_dropout = nn.Dropout(PREFIX_DROPOUT)
-        else:
-            self.prefix_encoder = None
+        self.prefix_encoder = make_prefix_encoder(config, **kw) if config.pre_seq_len is not None else None
+        self.prefix_dropout = nn.Dropout(PREFIX_DROPOUT)
         self.gradient_checkpointing = False
 
 
 # ---- the model ------------------------------------------------------------------------------------------------------
-class GLMForCausalLM(nn.Module):
+class GLMForCausalLM(CausalLMBase):
     """ChatGLM-6B v1. ``forward`` returns logits; see the module docstring for the semantics."""
 
     def __init__(
         self, config: GLMConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> None:
-        super().__init__()
+        super().__init__(config)
         if config.arch != "glm":
             raise ValueError(f"GLMForCausalLM is the ChatGLM-6B (v1) model; config.arch is {config.arch!r}")
         if not config.position_encoding_2d:
@@ -211,12 +201,10 @@ class GLMForCausalLM(nn.Module):
         for name in ("bos_token_id", "mask_token_id", "gmask_token_id"):
             if not isinstance(getattr(config, name), int):
                 raise ValueError(f"config field '{name}' must be an integer token id for ChatGLM-6B")
-        self.config = config
         self.transformer = GLMTransformer(config, device=device, dtype=dtype)
         self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False, device=device, dtype=dtype)
         if config.tie_word_embeddings:
             self.tie_weights()
-        self._rope: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- weights --------------------------------------------------------------------------------------------------
     def output_embeddings(self) -> nn.Linear:
@@ -232,58 +220,6 @@ class GLMForCausalLM(nn.Module):
             "optional": [r"\.rotary_emb\.inv_freq$", r"^transformer\.prefix_encoder\."],
             "keep_dtype": [r"\.rotary_emb\.inv_freq$"],
         }
-
-    @torch.no_grad()
-    def init_weights(
-        self, seed: int | None = None, *, std: float = 0.02, device: torch.device | str | None = None
-    ) -> None:
-        """Random weights (N(0, std) matrices, zero biases, unit LayerNorms; the prefix encoder as PyTorch's defaults).
-
-        A model built on "meta" is first materialised on ``device`` (CPU by default). Values are drawn on the CPU from
-        ``seed``, so they do not depend on the device.
-        """
-        if any(t.is_meta for t in self._tensors()):
-            self.to_empty(device=device or "cpu")
-            if self.config.tie_word_embeddings:
-                self.tie_weights()
-            self._rope.clear()
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name, t in self._named_tensors():
-            t.copy_(self._initial_value(name, t, std, gen))
-
-    @torch.no_grad()
-    def init_missing(
-        self,
-        names: list[str],
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        seed: int | None = None,
-    ) -> None:
-        """Initialise the tensors a checkpoint did not hold (``LoadReport.missing_optional``), still on meta."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        for name in names:
-            module_name, _, attr = name.rpartition(".")
-            module = self.get_submodule(module_name)
-            old = getattr(module, attr)
-            if not old.is_meta:
-                continue
-            keep = old.dtype if (not old.is_floating_point() or attr == "inv_freq") else (dtype or old.dtype)
-            value = self._initial_value(name, old, 0.02, gen).to(device=device, dtype=keep)
-            if isinstance(old, nn.Parameter):
-                setattr(module, attr, nn.Parameter(value, requires_grad=old.requires_grad))
-            else:
-                module._buffers[attr] = value
-        if self.config.tie_word_embeddings and self.lm_head.weight is not self.transformer.word_embeddings.weight:
-            self.tie_weights()
-
-    def _tensors(self):
-        yield from self.parameters()
-        yield from self.buffers()
-
-    def _named_tensors(self):
-        yield from self.named_parameters()
-        yield from self.named_buffers()
 
     def _initial_value(self, name: str, t: torch.Tensor, std: float, gen: torch.Generator | None) -> torch.Tensor:
         shape = tuple(t.shape)
@@ -334,53 +270,18 @@ class GLMForCausalLM(nn.Module):
         nxt[:, 1] += 1
         return nxt
 
-    def new_cache(
-        self,
-        batch_size: int,
-        max_len: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> KVCache:
-        """A KV cache for ``max_len`` tokens; with P-Tuning it also holds (and starts with) the prefix keys/values."""
-        ref = self.lm_head.weight
-        device = device if device is not None else ref.device
-        dtype = dtype if dtype is not None else ref.dtype
-        cfg = self.config
-        n_prefix = cfg.pre_seq_len or 0
-        cache = KVCache(
-            cfg.num_layers, batch_size, cfg.num_attention_heads, max_len + n_prefix, cfg.head_dim,
-            dtype=dtype, device=device,
-        )  # fmt: skip
-        if n_prefix:
-            for i, (k, v) in enumerate(self.prefix_key_values(batch_size, dtype=dtype, device=device)):
-                cache.update(i, k, v)
-            cache.advance(n_prefix)
-        return cache
+    def _num_cache_heads(self) -> int:
+        return self.config.num_attention_heads
 
-    def prefix_key_values(
-        self, batch_size: int, *, dtype: torch.dtype, device: torch.device | str
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """P-Tuning v2 keys/values per layer, each (b, n_head, P, d), as the original ``get_prompt``."""
-        cfg, tr = self.config, self.transformer
-        if tr.prefix_encoder is None:
-            raise RuntimeError("this model has no prefix encoder (config.pre_seq_len is not set)")
-        flat = tr.prefix_encoder(batch_size).to(device=device, dtype=dtype)  # (b, P, L * 2 * H)
-        kv = flat.view(batch_size, cfg.pre_seq_len, cfg.num_layers * 2, cfg.num_attention_heads, cfg.head_dim)
-        kv = tr.prefix_dropout(kv).permute(2, 0, 3, 1, 4)  # (L * 2, b, h, P, d)
-        return [(kv[2 * i], kv[2 * i + 1]) for i in range(cfg.num_layers)]
+    def _position_shape(self, b: int, s: int) -> tuple[int, ...]:
+        return (b, 2, s)
 
-    def prepare_static_decode(self, max_position: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Build the rotary table up to ``max_position`` now, so fixed-shape decode steps never resize it."""
-        self._rope_table(max_position + 1, dtype, device)
+    def _build_rope(self, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_table(n, self.config.head_dim // 2, dtype, device)
 
-    def _rope_table(self, n: int, dtype: torch.dtype, device: torch.device):
-        key = (dtype, device)
-        table = self._rope.get(key)
-        if table is None or table[0].shape[0] < n:
-            size = max(n, self.config.seq_length, 2 * (table[0].shape[0] if table is not None else 0))
-            table = rope_table(size, self.config.head_dim // 2, dtype, device)
-            self._rope[key] = table
-        return table
+    def _after_materialize(self) -> None:
+        if self.config.tie_word_embeddings and self.lm_head.weight is not self.transformer.word_embeddings.weight:
+            self.tie_weights()
 
     # ---- masks ----------------------------------------------------------------------------------------------------
     def _attention_mask(
@@ -408,24 +309,6 @@ class GLMForCausalLM(nn.Module):
         return allowed[:, None]
 
     # ---- forward --------------------------------------------------------------------------------------------------
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        attn_mask: torch.Tensor | None = None,
-        logits_to_keep: int | None = None,
-    ) -> torch.Tensor:
-        """input_ids (b, s) -> logits (b, s', vocab) in the model's dtype (s' = logits_to_keep or s).
-
-        The arguments are those of :meth:`hidden_states`.
-        """
-        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, attn_mask)
-        if logits_to_keep:
-            h = h[:, -logits_to_keep:]
-        return self.lm_head(h)
-
     def hidden_states(
         self,
         input_ids: torch.Tensor,
@@ -441,22 +324,10 @@ class GLMForCausalLM(nn.Module):
             None and nothing is cached yet. attn_mask: bool (b, 1, s, past + s) or (b, 1, s, P + past + s),
             True = may attend, replacing the prefix-LM mask (the prefix columns are added when absent).
         """
-        cfg, tr = self.config, self.transformer
+        tr = self.transformer
         b, s = input_ids.shape
-        n_prefix = cfg.pre_seq_len or 0
-        static = cache is not None and cache.write_pos is not None  # fixed-shape decode step (see KVCache)
-        past = cached_tokens(cache, n_prefix)
-        if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
-                f"{(b, past + s)}"
-            )
-        if position_ids is None:
-            if past:
-                raise ValueError("position_ids are required once the cache holds tokens (use next_position_ids)")
-            position_ids = self.prompt_position_ids(input_ids, attention_mask)
-        if tuple(position_ids.shape) != (b, 2, s):
-            raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected (b, 2, s) = {(b, 2, s)}")
+        n_prefix = self.n_prefix()
+        position_ids, past, static = self._check_inputs(input_ids, attention_mask, position_ids, cache)
 
         h = tr.word_embeddings(input_ids)  # (b, s, H)
         # static steps must not sync with the host: the table was sized beforehand (prepare_static_decode)

@@ -14,8 +14,13 @@ project kv -> hidden -> kv. ``embedding_dim`` says which.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from glmtune.models.config import GLMConfig
 
 
 class PrefixEncoder(nn.Module):
@@ -59,3 +64,24 @@ class PrefixEncoder(nn.Module):
         if self.trans is not None:
             out = self.trans(out)  # (P, out_dim)
         return out.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+def make_prefix_encoder(
+    config: GLMConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+) -> PrefixEncoder:
+    """The prefix encoder the original model of ``config``'s generation builds (``config.pre_seq_len`` set).
+
+    ChatGLM-6B embeds the prefix in ``hidden_size``; ChatGLM2+ in the full key/value width of all layers."""
+    if config.pre_seq_len is None:
+        raise ValueError("config.pre_seq_len is not set")
+    kv_dim = config.num_kv_heads * config.head_dim
+    return PrefixEncoder(
+        pre_seq_len=config.pre_seq_len,
+        num_layers=config.num_layers,
+        kv_dim=kv_dim,
+        hidden_size=config.hidden_size,
+        prefix_projection=config.prefix_projection,
+        embedding_dim=None if config.arch == "glm" else config.num_layers * 2 * kv_dim,
+        device=device,
+        dtype=dtype,
+    )
