@@ -12,13 +12,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from glmtune.adapters.full import load_full_model, save_full_model
-from glmtune.models.config import GLMConfig
+from glmtune.adapters.full import WholeWeightsMethod
 
 if TYPE_CHECKING:
     from glmtune.adapters import FreezeOptions
@@ -60,7 +58,7 @@ def select_trainable(model: nn.Module, trainable_layers: int, patterns: Sequence
     return chosen
 
 
-class FreezeMethod:
+class FreezeMethod(WholeWeightsMethod):
     name = "freeze"
 
     def __init__(self, options: FreezeOptions) -> None:
@@ -72,17 +70,3 @@ class FreezeMethod:
             p.requires_grad_(n in chosen)
         log.info("freeze: training %d parameter tensor(s) (trainable_layers=%d, patterns=%s)", len(chosen),
                  self.options.trainable_layers, list(self.options.patterns))  # fmt: skip
-
-    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-    def save(
-        self, model: nn.Module, out_dir: str | Path, *, config: GLMConfig, tokenizer_files: Sequence[Path] = ()
-    ) -> None:
-        save_full_model(model, out_dir, config=config, tokenizer_files=tokenizer_files)
-
-    def load(self, model: nn.Module, src_dir: str | Path) -> None:
-        load_full_model(model, src_dir)
-
-    def merge(self, model: nn.Module) -> None:
-        raise ValueError("freeze fine-tuning changes the weights themselves: there is nothing to merge")

@@ -55,19 +55,11 @@ def load_full_model(model: nn.Module, src_dir: str | Path) -> None:
     load_weights(model, src_dir, dtype=ref.dtype, device=ref.device, **rules)
 
 
-class FullMethod:
-    """Every parameter trainable (the trainer keeps them and their optimizer state in float32)."""
+class WholeWeightsMethod:
+    """Shared by the methods that train the model's own weights (full, freeze): a result is a complete model folder
+    in the original format, and there is nothing to merge."""
 
-    name = "full"
-
-    def __init__(self, options: FullOptions) -> None:
-        self.options = options
-
-    def setup(self, model: nn.Module) -> None:
-        _check_plain(model)
-        for p in model.parameters():
-            if p.is_floating_point():
-                p.requires_grad_(True)
+    name = "whole-weights"
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -81,4 +73,19 @@ class FullMethod:
         load_full_model(model, src_dir)
 
     def merge(self, model: nn.Module) -> None:
-        raise ValueError("full fine-tuning changes the weights themselves: there is nothing to merge")
+        raise ValueError(f"{self.name} fine-tuning changes the weights themselves: there is nothing to merge")
+
+
+class FullMethod(WholeWeightsMethod):
+    """Every parameter trainable (the trainer keeps them and their optimizer state in float32)."""
+
+    name = "full"
+
+    def __init__(self, options: FullOptions) -> None:
+        self.options = options
+
+    def setup(self, model: nn.Module) -> None:
+        _check_plain(model)
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.requires_grad_(True)

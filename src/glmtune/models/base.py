@@ -3,12 +3,13 @@
 ``CausalLMBase`` holds the family-independent parts of a model: random and missing-tensor initialisation, the KV
 cache (which starts with the P-Tuning prefix keys/values), the rotary-table cache, the checks every forward makes on
 its inputs, and ``forward`` = ``hidden_states`` + output layer. A family supplies the rest through a few hooks:
-``hidden_states``, ``output_embeddings``, ``_initial_value``, ``_build_rope``, ``_num_cache_heads`` and
+``hidden_states``, ``output_embeddings``, ``_inv_freq``, ``_build_rope``, ``_num_cache_heads`` and
 ``_position_shape``, plus ``_after_materialize`` where it must re-tie weights.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -33,7 +34,8 @@ class CausalLMBase(nn.Module):
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, attn_mask=None):
         raise NotImplementedError
 
-    def _initial_value(self, name: str, t: torch.Tensor, std: float, gen: torch.Generator | None) -> torch.Tensor:
+    def _inv_freq(self, rot_dim: int) -> torch.Tensor:
+        """The ``inv_freq`` buffer as the family's original checkpoints store it."""
         raise NotImplementedError
 
     def _build_rope(self, n: int, dtype: torch.dtype, device: torch.device) -> Any:
@@ -90,6 +92,24 @@ class CausalLMBase(nn.Module):
             else:
                 module._buffers[attr] = value
         self._after_materialize()
+
+    def _initial_value(self, name: str, t: torch.Tensor, std: float, gen: torch.Generator | None) -> torch.Tensor:
+        """Initial value of tensor ``name`` (drawn on the CPU): N(0, std) matrices, zero biases, unit norms; the
+        prefix encoder as PyTorch initialises nn.Embedding (N(0, 1)) and nn.Linear (uniform +-1/sqrt(fan_in))."""
+        shape = tuple(t.shape)
+        if name.endswith("inv_freq"):
+            return self._inv_freq(2 * shape[0])
+        if name.startswith("transformer.prefix_encoder."):
+            if "embedding" in name:
+                return torch.empty(shape).normal_(0.0, 1.0, generator=gen)
+            fan_in = shape[-1] if len(shape) == 2 else self.get_parameter(name[: -len("bias")] + "weight").shape[1]
+            bound = 1.0 / math.sqrt(fan_in)
+            return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+        if name.endswith("layernorm.weight"):
+            return torch.ones(shape)
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        return torch.empty(shape).normal_(0.0, std, generator=gen)
 
     def _tensors(self):
         yield from self.parameters()

@@ -29,7 +29,6 @@ zeros); every generated token the next position. Parameter names are the origina
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal
 
 import torch
@@ -251,21 +250,8 @@ class ChatGLMForCausalLM(CausalLMBase):
             "keep_dtype": [r"^transformer\.rotary_pos_emb\.inv_freq$"],
         }
 
-    def _initial_value(self, name: str, t: torch.Tensor, std: float, gen: torch.Generator | None) -> torch.Tensor:
-        shape = tuple(t.shape)
-        if name.endswith("rotary_pos_emb.inv_freq"):
-            return rope_inv_freq(2 * shape[0])
-        if name.startswith("transformer.prefix_encoder."):
-            if "embedding" in name:
-                return torch.empty(shape).normal_(0.0, 1.0, generator=gen)  # nn.Embedding's default
-            fan_in = shape[-1] if len(shape) == 2 else self.get_parameter(name[: -len("bias")] + "weight").shape[1]
-            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default (kaiming_uniform with a=sqrt(5))
-            return torch.empty(shape).uniform_(-bound, bound, generator=gen)
-        if name.endswith("layernorm.weight"):
-            return torch.ones(shape)
-        if name.endswith(".bias"):
-            return torch.zeros(shape)
-        return torch.empty(shape).normal_(0.0, std, generator=gen)
+    def _inv_freq(self, rot_dim: int) -> torch.Tensor:
+        return rope_inv_freq(rot_dim)
 
     # ---- positions and cache --------------------------------------------------------------------------------------
     def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

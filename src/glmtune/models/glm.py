@@ -37,8 +37,6 @@ format, not read: the original ignores them on load too).
 from __future__ import annotations
 
 import logging
-import math
-import re
 from typing import Any
 
 import torch
@@ -221,24 +219,8 @@ class GLMForCausalLM(CausalLMBase):
             "keep_dtype": [r"\.rotary_emb\.inv_freq$"],
         }
 
-    def _initial_value(self, name: str, t: torch.Tensor, std: float, gen: torch.Generator | None) -> torch.Tensor:
-        shape = tuple(t.shape)
-        if name.endswith("rotary_emb.inv_freq"):
-            return rope_inv_freq(2 * shape[0])
-        if name.startswith("transformer.prefix_encoder."):
-            if name.endswith(".bias") or (name.endswith(".weight") and len(shape) == 2 and "embedding" not in name):
-                fan_in = shape[-1] if len(shape) == 2 else self._fan_in_of_bias(name)
-                bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default (kaiming_uniform with a=sqrt(5))
-                return torch.empty(shape).uniform_(-bound, bound, generator=gen)
-            return torch.empty(shape).normal_(0.0, 1.0, generator=gen)  # nn.Embedding's default
-        if re.search(r"layernorm\.weight$", name):
-            return torch.ones(shape)
-        if name.endswith(".bias"):
-            return torch.zeros(shape)
-        return torch.empty(shape).normal_(0.0, std, generator=gen)
-
-    def _fan_in_of_bias(self, name: str) -> int:
-        return self.get_parameter(name[: -len("bias")] + "weight").shape[1]
+    def _inv_freq(self, rot_dim: int) -> torch.Tensor:
+        return rope_inv_freq(rot_dim)
 
     # ---- positions and cache --------------------------------------------------------------------------------------
     def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
