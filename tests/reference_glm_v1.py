@@ -98,7 +98,7 @@ def ref_forward(
     H, nh, L = cfg.hidden_size, cfg.num_attention_heads, cfg.num_layers
     d = H // nh
     eps = cfg.layernorm_epsilon
-    alpha = math.sqrt(2 * L)
+    alpha = math.sqrt(2 * 28)  # the original GLMBlock's default num_layers=28, never overridden by ChatGLMModel
     pos, block = (
         positions
         if positions is not None

@@ -181,3 +181,16 @@ def test_bad_files_are_named(tmp_path, model_dir):
         IceTextTokenizer.from_dir(tmp_path)
     with pytest.raises(TokenizerError, match="no piece"):
         IceTextTokenizer(model_dir / "ice_text.model", gmask_token="[NOPE]")
+
+
+def test_special_strings_in_text_are_cut_out_first(model_dir):
+    """As the original (a transformers tokenizer): bos/eos/mask/pad/unk strings become their ids, and each piece
+    of text around them is encoded on its own, with its own dummy prefix."""
+    tok = IceTextTokenizer.from_dir(model_dir)
+    sop, pad = tok.special_id("<sop>"), tok.pad_id
+    assert tok.encode("hello<sop>world") == tok.encode("hello") + [sop] + tok.encode("world")
+    assert tok.encode("<pad>你好 [MASK]") == [pad] + tok.encode("你好 ") + [tok.mask_id]
+    assert tok.encode("<sop><eop>") == [sop, tok.eos_id]
+    # [gMASK] is not one of the registered special tokens: it goes through SentencePiece with its neighbours
+    assert tok.encode("a[gMASK]b") != tok.encode("a") + [tok.gmask_id] + tok.encode("b")
+    assert tok.gmask_id in tok.encode("a[gMASK]b")

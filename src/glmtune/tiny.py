@@ -135,8 +135,13 @@ def _tokenizer_files(generation: str, lines: Sequence[str], vocab_size: int) -> 
         ranks = train_byte_bpe(list(lines), n_merges=max(vocab_size - 256, 0))
         n = len(ranks)
         special = {t: n + i for i, t in enumerate(GLM4_SPECIAL_TOKENS)}
+        # as the released file: the 14 specials as added tokens right after the ranks, so the original
+        # tokenizer (a transformers class) treats them as single tokens too
+        added = {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                          "special": True} for t, i in special.items()}  # fmt: skip
         tok_config = {"name_or_path": "tiny-glm4", "tokenizer_class": "ChatGLM4Tokenizer", "padding_side": "left",
-                      "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}  # fmt: skip
+                      "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "added_tokens_decoder": added,
+                      "additional_special_tokens": [t for t in special if t != "<|endoftext|>"]}  # fmt: skip
         eos = [special["<|endoftext|>"], special["<|user|>"], special["<|observation|>"]]
         changes = dict(padded_vocab_size=_round_up(n + len(special)), eos_token_id=eos,
                        pad_token_id=special["<|endoftext|>"])  # fmt: skip

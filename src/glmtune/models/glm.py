@@ -4,7 +4,8 @@ What the original computes, and this file with it:
 
 - Embeddings, then ``num_layers`` GLM blocks, a final LayerNorm and ``lm_head`` (tied to the word embeddings).
 - A block: ``x = LN1(h)``; ``h = x * alpha + attention(x)``; ``y = LN2(h)``; ``out = y * alpha + mlp(y)`` with
-  ``alpha = sqrt(2 * num_layers)`` (the residual is the *normalised* input, scaled: DeepNorm style).
+  ``alpha = sqrt(2 * 28)`` (the residual is the *normalised* input, scaled: DeepNorm style). The original meant
+  sqrt(2 * num_layers) but never passes num_layers to its blocks, so every model size uses its default of 28.
 - ``query_key_value`` is laid out per head: its output is viewed as (…, n_head, 3 * d) and each head's slice is
   split into q, k, v (not three (n_head * d) blocks as in v2).
 - 2D rotary positions: each head is cut in two halves of d/2; the first half of q and k is rotated by the position
@@ -52,6 +53,7 @@ from glmtune.models.prefix import make_prefix_encoder
 log = logging.getLogger(__name__)
 
 ROPE_BASE = 10000.0
+ORIGINAL_NUM_LAYERS = 28  # see GLMBlock: the residual scale uses this, not config.num_layers
 PREFIX_DROPOUT = 0.1  # the original ChatGLMModel's dropout on the P-Tuning prefix keys/values
 
 
@@ -151,7 +153,9 @@ class GLMBlock(nn.Module):
     def __init__(self, config: GLMConfig, layer_id: int, device=None, dtype=None) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
-        self.alpha = (2 * config.num_layers) ** 0.5
+        # The original GLMBlock takes num_layers with a default of 28 and ChatGLMModel never passes it: the residual
+        # scale is sqrt(2 * 28) whatever config.num_layers says (same thing for the released 28-layer model).
+        self.alpha = (2 * ORIGINAL_NUM_LAYERS) ** 0.5
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, **kw)
         self.attention = SelfAttention(config, layer_id, **kw)
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, **kw)

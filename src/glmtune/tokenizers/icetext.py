@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,9 @@ class IceTextTokenizer:
         self._mask, self._gmask = self._special[mask_token], self._special[gmask_token]
         self._pad, self._unk = self._special[pad_token], self._special[unk_token]
         self._special_ids = frozenset(self._special.values())
+        # the strings the original's transformers base class cuts out of text (its registered special tokens)
+        cut = sorted({bos_token, eos_token, mask_token, pad_token, unk_token}, key=len, reverse=True)
+        self._special_split = re.compile("(" + "|".join(re.escape(t) for t in cut) + ")")
 
     def _piece_id(self, piece: str) -> int:
         pid = self._sp.piece_to_id(piece)
@@ -200,7 +204,21 @@ class IceTextTokenizer:
     def encode(
         self, text: str, *, linebreak: bool = True, whitespaces: bool = True, add_dummy_prefix: bool = True
     ) -> list[int]:
-        """Text -> ids (no ``[gMASK] <sop>``, no eos), as the original ``encode(text, add_special_tokens=False)``."""
+        """Text -> ids (no ``[gMASK] <sop>``, no eos), as the original ``encode(text, add_special_tokens=False)``.
+
+        As the original (a transformers tokenizer), the registered special tokens' strings (bos, eos, mask, pad, unk:
+        ``<sop>``, ``<eop>``, ``[MASK]``, ``<pad>``, ``<unk>``) are cut out of the text first, leftmost-longest, and
+        become their ids; each piece of text between them is encoded on its own (with its own dummy prefix).
+        """
+        ids: list[int] = []
+        for k, part in enumerate(self._special_split.split(text)):
+            if k % 2:  # a special token's string
+                ids.append(self._special[part])
+            elif part:
+                ids += self._encode_piece(part, linebreak, whitespaces, add_dummy_prefix or k > 0)
+        return ids
+
+    def _encode_piece(self, text: str, linebreak: bool, whitespaces: bool, add_dummy_prefix: bool) -> list[int]:
         text = self.preprocess(text, linebreak, whitespaces)
         if not add_dummy_prefix:
             text = LINEBREAK_TOKEN + text
