@@ -49,6 +49,7 @@ def small_config(model: Path, out: Path, *overrides: str) -> TrainConfig:
         "log.tensorboard=false",
         "log.plot=false",
         "method.name=lora",
+        "train.precision=fp32",  # exact comparisons; also on a GPU machine, where auto would pick bf16
     ]
     return load_config(None, [*base, *overrides])
 
