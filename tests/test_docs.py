@@ -30,3 +30,13 @@ def test_help_examples_exist_and_commands_are_registered():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for command in re.findall(r"glmtune (\w+)", readme):
         assert command in sub.choices, f"README uses `glmtune {command}`"
+
+
+def test_cli_starts_without_importing_torch():
+    """`glmtune --help` stays instant: command modules import torch only when a command runs."""
+    import subprocess
+    import sys
+
+    code = "import sys, glmtune.cli; glmtune.cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from glmtune.models.config import GLMConfig
+    from glmtune.models.config import GLMConfig
 
 
 @runtime_checkable

@@ -14,7 +14,6 @@ from typing import Any
 
 from glmtune.data.readers import FORMATS
 from glmtune.evaluate.metrics import check_bleu_kinds, compute_metrics
-from glmtune.evaluate.predict import PREDICTIONS_FILE, predict_to_file
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +96,8 @@ def _settings(args: argparse.Namespace, gen: Any) -> dict[str, Any]:
 
 
 def _check_settings(out: Path, settings: dict[str, Any]) -> None:
+    from glmtune.evaluate.predict import PREDICTIONS_FILE
+
     path = out / SETTINGS_FILE
     if not path.is_file() or not (out / PREDICTIONS_FILE).exists():
         return
@@ -113,6 +114,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from glmtune.data.encode import eval_examples
     from glmtune.data.readers import ReadOptions, read_samples
+    from glmtune.evaluate.predict import PREDICTIONS_FILE, predict_to_file
     from glmtune.generate import GenerationConfig
     from glmtune.io import atomic_write_text
     from glmtune.templates import EncodeOptions
