@@ -22,7 +22,7 @@ def _generation(path: Path) -> str:
 
 def test_there_are_examples_for_each_method_and_generation() -> None:
     methods = {load_config(p, check_files=False).method.name for p in EXAMPLES}
-    assert {"lora", "ptuning", "full"} <= methods
+    assert {"lora", "ptuning", "freeze", "full"} <= methods
     assert {_generation(p) for p in EXAMPLES} >= {"chatglm", "chatglm2", "chatglm3"}
 
 
