@@ -191,3 +191,19 @@ def test_cuda_graph_decode_equals_dynamic():
     assert generate(m, prompts, gen, stop_ids=[], pad_id=0, decode="graph") == generate(
         m, prompts, gen, stop_ids=[], pad_id=0, decode="dynamic"
     )
+
+
+def test_row_seeds_make_rows_independent_and_batch_invariant():
+    m = build_model(preset("tiny-chatglm2"))
+    m.init_weights(seed=1)
+    m.eval()
+    same = [[5, 6, 7, 8]] * 3
+    gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.5, top_p=1.0, seed=0)
+    shared = generate(m, same, gen, stop_ids=[], pad_id=0)
+    assert shared[0] == shared[1] == shared[2]  # one seed for all rows: identical draws
+    own = generate(m, same, gen, stop_ids=[], pad_id=0, row_seeds=[10, 11, 12])
+    assert len({tuple(r) for r in own}) > 1
+    alone = [generate(m, [same[0]], gen, stop_ids=[], pad_id=0, row_seeds=[s])[0] for s in (10, 11, 12)]
+    assert own == alone
+    with pytest.raises(ValueError, match="row_seeds"):
+        generate(m, same, gen, stop_ids=[], pad_id=0, row_seeds=[1])

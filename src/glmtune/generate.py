@@ -112,6 +112,7 @@ def generate_stream(
     stop_ids: Sequence[int],
     pad_id: int,
     decode: str = "auto",
+    row_seeds: Sequence[int] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (b,) long on CPU, until each row has stopped or max_new_tokens.
 
@@ -119,6 +120,8 @@ def generate_stream(
     decode: "dynamic" (attend over the filled part of the cache), "static" (fixed shapes: attend over the whole
     preallocated cache with a key mask), "graph" (static, each step replayed as one CUDA graph: removes the kernel
     launch cost that bounds small-batch decoding), "auto" (graph on CUDA, else dynamic). All give the same tokens.
+    row_seeds: one sampling seed per prompt (default: every row uses ``cfg.seed``), e.g. seed + example index so
+    examples of one batch draw independently while each row still gives what it gives alone with its seed.
     """
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
@@ -134,7 +137,10 @@ def generate_stream(
     generators = None
     if cfg.do_sample:
         seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        generators = [torch.Generator(device=device).manual_seed(seed) for _ in range(b)]
+        seeds = list(row_seeds) if row_seeds is not None else [seed] * b
+        if len(seeds) != b:
+            raise ValueError(f"row_seeds has {len(seeds)} seeds for {b} prompts")
+        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
     seen = torch.zeros((b, vocab), dtype=torch.bool, device=device)
     if cfg.repetition_penalty != 1.0:
         seen.scatter_(1, input_ids, attention_mask.bool())
@@ -243,10 +249,13 @@ def generate(
     pad_id: int,
     on_token: Callable[[torch.Tensor], None] | None = None,
     decode: str = "auto",
+    row_seeds: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Generate for a batch of prompts; returns each row's new tokens (stop token excluded)."""
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, decode=decode):
+    for step in generate_stream(
+        model, prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, decode=decode, row_seeds=row_seeds
+    ):
         if on_token is not None:
             on_token(step)
         for i, t in enumerate(step.tolist()):

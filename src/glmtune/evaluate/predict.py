@@ -3,8 +3,8 @@
 Prompts are sorted by length (longest first: similar lengths share a batch, and a batch that does not fit in
 memory fails at once) and generated in left-padded batches with the KV cache and the template's stop set
 (:func:`glmtune.generate.generate`). A row's tokens do not depend on the other rows of its batch (sampling
-included: every row draws from its own generator seeded from ``GenerationConfig.seed``), so an interrupted run
-that continues with other batches gives the same predictions.
+included: every example draws from its own generator seeded from ``GenerationConfig.seed`` + its index), so an
+interrupted run that continues with other batches gives the same predictions.
 
 The file holds one JSON object per line: ``{"index", "prompt", "label", "prediction", "origin"}``, keyed by the
 example's index. Each batch is appended with a single write and fsynced; on a rerun, indices already in the file are
@@ -83,8 +83,11 @@ def generate_predictions(
         for i in batch:
             if not examples[i].prompt_ids:
                 raise ValueError(f"example {i} ({examples[i].origin or 'no origin'}) has an empty prompt")
+        # each example samples from its own seed (seed + its index): independent draws across a batch, and the same
+        # text whatever the batch size or a resume
+        seeds = [gen.seed + i for i in batch] if gen.seed is not None else None
         tokens = generate(model, [examples[i].prompt_ids for i in batch], gen, stop_ids=stop_ids,
-                          pad_id=tokenizer.pad_id)  # fmt: skip
+                          pad_id=tokenizer.pad_id, row_seeds=seeds)  # fmt: skip
         done = [
             Prediction(
                 index=i,
