@@ -30,8 +30,12 @@ from glmtune.train.loop import train
 SETTINGS = {
     "lora-packed": ["method.name=lora", "data.packing=true", "train.learning_rate=3e-4"],
     "lora-padded": ["method.name=lora", "data.packing=false", "train.learning_rate=3e-4"],
-    "ptuning-packed": ["method.name=ptuning", "method.pre_seq_len=128", "data.packing=true",
-                       "train.learning_rate=2e-2"],  # fmt: skip
+    "ptuning-packed": [
+        "method.name=ptuning",
+        "method.pre_seq_len=128",
+        "data.packing=true",
+        "train.learning_rate=2e-2",
+    ],  # fmt: skip
 }
 
 

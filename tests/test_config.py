@@ -57,8 +57,20 @@ def test_fields_read():
 def test_presets_match_released_configs():
     for name, raw in [("chatglm3-6b", CHATGLM3_6B), ("glm-4-9b-chat", GLM4_9B), ("chatglm-6b", CHATGLM_6B)]:
         p, r = preset(name), GLMConfig.from_dict(raw)
-        for f in ("arch", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "head_dim",
-                  "num_kv_heads", "padded_vocab_size", "rope_ratio", "rmsnorm", "add_qkv_bias", "add_bias_linear"):
+        for f in (
+            "arch",
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "head_dim",
+            "num_kv_heads",
+            "padded_vocab_size",
+            "rope_ratio",
+            "rmsnorm",
+            "add_qkv_bias",
+            "add_bias_linear",
+        ):
             assert getattr(p, f) == getattr(r, f), (name, f)  # fmt: skip
     with pytest.raises(KeyError, match="unknown preset"):
         preset("chatglm5")

@@ -80,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("chat", help="streaming chat in the terminal (or one answer with --prompt)")
-    p.add_argument("model", help="a model folder in the original layout, a run folder, a checkpoint, a PEFT adapter or "
-                   "P-Tuning folder")
+    p.add_argument(
+        "model",
+        help="a model folder in the original layout, a run folder, a checkpoint, a PEFT adapter or P-Tuning folder",
+    )
     p.add_argument("--base", help="base model folder for an adapter or P-Tuning folder that does not name one")
     p.add_argument("--prompt", help="answer this one message, print the reply and exit")
     p.add_argument("--system", help="system prompt (ChatGLM3 and GLM-4)")
