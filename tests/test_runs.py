@@ -155,3 +155,28 @@ def test_merge_and_export_commands(tmp_path: Path, bases: dict[str, Path]) -> No
     assert _cli(["export", str(pt_run), str(tmp_path / "export")]) == 0
     pre = load_for_inference(tmp_path / "export", dtype="fp32", device="cpu", base=bases["chatglm3"])
     torch.testing.assert_close(_logits(pre.model, ids), _logits(pt_trained, ids), rtol=0, atol=0)
+    # --format peft: a PEFT PREFIX_TUNING folder that records the base, so it loads without --base.
+    assert _cli(["export", str(pt_run), str(tmp_path / "peft"), "--format", "peft"]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"
+    pre = load_for_inference(tmp_path / "peft", dtype="fp32", device="cpu")
+    torch.testing.assert_close(_logits(pre.model, ids), _logits(pt_trained, ids), rtol=1e-6, atol=1e-6)
+
+
+def test_complete_model_with_a_prefix_loads_it(tmp_path: Path, bases: dict[str, Path]) -> None:
+    """ChatGLM3's official P-Tuning saves the whole model: config.json with pre_seq_len, every weight plus
+    transformer.prefix_encoder.* in the shards. That folder is a model and carries its prefix."""
+    from glmtune.models.checkpoint import save_pretrained
+
+    trained = load_pretrained(bases["chatglm3"], dtype="fp32", device="cpu")
+    build_method("ptuning", {"pre_seq_len": 2, "prefix_projection": False}).setup(trained.model)
+    with torch.no_grad():
+        trained.model.transformer.prefix_encoder.embedding.weight.normal_(0, 0.5)
+    tokenizer_files = [p for p in bases["chatglm3"].iterdir() if p.name.startswith("tokeniz")]
+    save_pretrained(trained.model, trained.model.config, tmp_path / "full", tokenizer_files=tokenizer_files)
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["pre_seq_len"] == 2
+    assert resolve(tmp_path / "full").kind == "model"
+    pre = load_for_inference(tmp_path / "full", dtype="fp32", device="cpu")
+    ids = random_ids(trained.model)
+    torch.testing.assert_close(_logits(pre.model, ids), _logits(trained.model.eval(), ids), rtol=0, atol=0)
+    assert (_logits(pre.model, ids) - _logits(load_pretrained(bases["chatglm3"], dtype="fp32", device="cpu").model,
+                                              ids)).abs().max() > 1e-3  # fmt: skip

@@ -7,8 +7,8 @@ prefix, and get back a ready ``Pretrained`` (model, tokenizer, template).
 - a run folder (``run.json``): its ``model/`` (or, when the run never finished, its latest checkpoint's ``model/``);
   the base model and generation come from ``run.json``;
 - a checkpoint ``<run>/checkpoints/step-N`` or its ``model/``, and a run's ``model/``: the same, from that folder;
-- a PEFT adapter folder (``adapter_config.json``): base from ``base``, else ``base_model_name_or_path`` when that
-  is an existing local folder;
+- a PEFT adapter folder (``adapter_config.json``; LoRA, or PREFIX_TUNING as GLM-4's official P-Tuning saves it):
+  base from ``base``, else ``base_model_name_or_path`` when that is an existing local folder;
 - an official P-Tuning folder (only ``transformer.prefix_encoder.*`` in its weights): base from ``base``;
 - anything else: a model folder in the original layout.
 """
@@ -110,10 +110,10 @@ def _kind(result: Path) -> Kind:
     from glmtune.adapters.peft_format import is_peft_adapter_dir
     from glmtune.adapters.ptuning import is_prefix_dir
 
+    if is_prefix_dir(result):  # first: a PEFT PREFIX_TUNING folder is a PEFT adapter folder too
+        return "ptuning"
     if is_peft_adapter_dir(result):
         return "lora"
-    if is_prefix_dir(result):
-        return "ptuning"
     return "model"
 
 
@@ -160,10 +160,13 @@ def _base_dir(kind: Kind, result: Path, run_dir: Path | None, run: dict[str, Any
             )
         return b
     what = "PEFT adapter" if kind == "lora" else "P-Tuning prefix"
-    if kind == "lora":
-        from glmtune.adapters.peft_format import CONFIG_NAME, read_adapter_config
+    from glmtune.adapters.peft_format import CONFIG_NAME, read_adapter_config
 
-        name = read_adapter_config(result).get("base_model_name_or_path")
+    if (result / CONFIG_NAME).is_file():  # PEFT (LoRA or prefix) records its base
+        if kind == "lora":
+            name = read_adapter_config(result).get("base_model_name_or_path")
+        else:  # is_peft_prefix_dir has parsed it already
+            name = json.loads((result / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
         if isinstance(name, str) and name and Path(name).is_dir():
             return Path(name)
         if not required:

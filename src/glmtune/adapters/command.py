@@ -33,11 +33,17 @@ def add_parser(subparsers: Any) -> None:
         "export",
         help="write a P-Tuning v2 run's prefix in the layout the official demos load",
         description="Write OUT_DIR with the base model's config.json carrying pre_seq_len/prefix_projection, "
-        "pytorch_model.bin holding only transformer.prefix_encoder.*, and the tokenizer files.",
+        "pytorch_model.bin holding only transformer.prefix_encoder.*, and the tokenizer files (--format official, "
+        "the ChatGLM-6B/ChatGLM2 P-Tuning demos); or a PEFT PREFIX_TUNING adapter, adapter_config.json + "
+        "adapter_model.safetensors (--format peft, what GLM-4's official finetune and inference scripts use; "
+        "ChatGLM2 and later).",
     )
-    p.add_argument("source", metavar="RUN", help="a P-Tuning run folder, one of its checkpoints, or a prefix folder")
+    p.add_argument("source", metavar="RUN", help="a P-Tuning run folder, one of its checkpoints, or a prefix folder "
+                   "(official or PEFT)")  # fmt: skip
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist or be empty)")
     p.add_argument("--base", help="base model folder (default: the run's base_model)")
+    p.add_argument("--format", default="official", choices=["official", "peft"],
+                   help="official prefix-only checkpoint (default) or PEFT PREFIX_TUNING adapter")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
     p.set_defaults(func=run_export)
 
@@ -60,6 +66,6 @@ def run_merge(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from glmtune.adapters.merge import export_ptuning
 
-    out = export_ptuning(args.source, args.out_dir, base=args.base, overwrite=args.overwrite)
+    out = export_ptuning(args.source, args.out_dir, base=args.base, overwrite=args.overwrite, format=args.format)
     log.info("P-Tuning checkpoint written to %s", out)
     return 0

@@ -193,13 +193,19 @@ def export_ptuning(
     *,
     base: str | Path | None = None,
     overwrite: bool = False,
+    format: str = "official",
 ) -> Path:
     """Write the folder the official P-Tuning demos load as their checkpoint: the base model's config.json with
     ``pre_seq_len`` / ``prefix_projection`` set, ``pytorch_model.bin`` with only ``transformer.prefix_encoder.*``, and
     the base folder's other files (tokenizer, code) so it is complete on its own.
 
+    ``format="peft"`` writes a PEFT PREFIX_TUNING adapter instead (adapter_config.json + adapter_model.safetensors,
+    ``peft_prefix.py``), what GLM-4's official finetune and inference scripts use; ChatGLM2+ only.
+
     ``run_or_prefix_dir``: a P-Tuning run (base from run.json), one of its checkpoints, or a prefix folder (the base,
     from ``base``, is optional then: without it the prefix folder's own config and tokenizer files are used)."""
+    if format not in ("official", "peft"):
+        raise ValueError(f"format must be 'official' or 'peft', got {format!r}")
     from glmtune.runs import resolve
 
     src = Path(run_or_prefix_dir)
@@ -220,6 +226,18 @@ def export_ptuning(
         from glmtune.models.config import GLMConfig
 
         check_prefix_base(ckpt, GLMConfig.from_dict(config, source=str(config_src)))
+    if format == "peft":
+        from glmtune.adapters.peft_prefix import peft_prefix_config, prefix_values, write_peft_prefix
+        from glmtune.models.config import GLMConfig
+
+        values = prefix_values(ckpt.tensors)
+        base_name = str(base_dir.resolve()) if base_dir is not None else None
+        peft_config = peft_prefix_config(GLMConfig.from_dict(config, source=str(config_src)), ckpt.pre_seq_len,
+                                         base_model_name_or_path=base_name)  # fmt: skip
+        atomic_write_dir(out_dir, lambda tmp: write_peft_prefix(tmp, values, peft_config))
+        log.info("exported P-Tuning prefix (%d virtual tokens) from %s to %s as a PEFT adapter", ckpt.pre_seq_len,
+                 prefix_dir, out_dir)  # fmt: skip
+        return out_dir
     config["pre_seq_len"] = ckpt.pre_seq_len
     config["prefix_projection"] = ckpt.prefix_projection
     tensors = {PREFIX + k: v.to(torch.float32).contiguous() for k, v in ckpt.tensors.items()}
@@ -230,7 +248,8 @@ def export_ptuning(
         skip = {CONFIG_NAME, WEIGHTS_NAME}
         if base_dir is not None:
             _copy_side_files(base_dir, tmp, skip)
-        _copy_side_files(prefix_dir, tmp, skip | {p.name for p in tmp.iterdir()})
+        peft_files = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}  # a PEFT source's
+        _copy_side_files(prefix_dir, tmp, skip | peft_files | {p.name for p in tmp.iterdir()})
 
     atomic_write_dir(out_dir, fill)
     log.info("exported P-Tuning prefix (pre_seq_len %d) from %s to %s", ckpt.pre_seq_len, prefix_dir, out_dir)

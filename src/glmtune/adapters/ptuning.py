@@ -8,7 +8,8 @@ The official format, as the THUDM P-Tuning scripts save and load it: a folder wi
 only ``transformer.prefix_encoder.*`` tensors, and the base model's ``config.json`` carrying ``pre_seq_len`` and
 ``prefix_projection``. Loading checks the saved config against the tensors and against the model, so a different
 ``pre_seq_len`` or projection, or a prefix trained on another model size, is an error naming the file, not a
-size-mismatch traceback. ``model.safetensors`` holding the same tensors is read as well.
+size-mismatch traceback. ``model.safetensors`` holding the same tensors is read as well, and so are PEFT
+PREFIX_TUNING folders (``peft_prefix.py``; GLM-4's official P-Tuning saves those).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class PrefixCheckpoint:
     prefix_projection: bool
     tensors: dict[str, torch.Tensor]  # names inside the encoder: embedding.weight, trans.0.weight, ...
     config: GLMConfig | None  # the saved config.json (the base's, with pre_seq_len), when present
+    peft_config: dict[str, Any] | None = None  # adapter_config.json of a PEFT PREFIX_TUNING folder
 
     @property
     def where(self) -> Path:
@@ -110,10 +112,14 @@ def prefix_weights_file(src_dir: str | Path) -> Path | None:
 
 
 def is_prefix_dir(path: str | Path) -> bool:
-    """A folder in the official P-Tuning layout: its single weight file holds only ``transformer.prefix_encoder.*``."""
+    """A folder in the official P-Tuning layout (its single weight file holds only ``transformer.prefix_encoder.*``)
+    or a PEFT PREFIX_TUNING adapter folder."""
+    from glmtune.adapters.peft_prefix import is_peft_prefix_dir
     from glmtune.models.checkpoint import BIN_INDEX, SAFE_INDEX, file_tensor_infos
 
     path = Path(path)
+    if is_peft_prefix_dir(path):
+        return True
     weights = prefix_weights_file(path)
     if weights is None or (path / SAFE_INDEX).exists() or (path / BIN_INDEX).exists():
         return False
@@ -124,7 +130,8 @@ def is_prefix_dir(path: str | Path) -> bool:
     return bool(names) and all(n.startswith(PREFIX) for n in names)
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors or (weights-only) PyTorch file; PrefixError naming the file otherwise."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -141,13 +148,19 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def _read_config(path: Path) -> tuple[dict[str, Any], GLMConfig | None]:
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; PrefixError naming the file and line otherwise."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise PrefixError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from e
     if not isinstance(raw, dict):
         raise PrefixError(f"{path}: expected a JSON object")
+    return raw
+
+
+def _read_config(path: Path) -> tuple[dict[str, Any], GLMConfig | None]:
+    raw = read_json_object(path)
     try:
         return raw, GLMConfig.from_dict(raw, source=str(path))
     except ConfigError:
@@ -155,12 +168,17 @@ def _read_config(path: Path) -> tuple[dict[str, Any], GLMConfig | None]:
 
 
 def read_prefix_checkpoint(src_dir: str | Path) -> PrefixCheckpoint:
-    """Read an official P-Tuning v2 folder; checks config.json's pre_seq_len / prefix_projection against the tensors."""
+    """Read an official P-Tuning v2 folder (checking config.json's pre_seq_len / prefix_projection against the
+    tensors) or a PEFT PREFIX_TUNING folder (``peft_prefix.py``)."""
     src_dir = Path(src_dir)
+    from glmtune.adapters.peft_prefix import is_peft_prefix_dir, read_peft_prefix
+
+    if is_peft_prefix_dir(src_dir):
+        return read_peft_prefix(src_dir)
     weights = prefix_weights_file(src_dir)
     if weights is None:
         raise PrefixError(f"{src_dir}: no P-Tuning checkpoint ({WEIGHTS_NAME} or {SAFETENSORS_NAME})")
-    all_tensors = _load_tensors(weights)
+    all_tensors = load_tensor_file(weights)
     tensors = {k[len(PREFIX) :]: v for k, v in all_tensors.items() if k.startswith(PREFIX)}
     if not tensors:
         raise PrefixError(f"{weights}: no '{PREFIX}*' tensors; not a P-Tuning v2 checkpoint")
@@ -199,6 +217,11 @@ def read_prefix_checkpoint(src_dir: str | Path) -> PrefixCheckpoint:
 
 def check_prefix_base(ckpt: PrefixCheckpoint, model_cfg: GLMConfig) -> None:
     """PrefixError when the checkpoint's saved config describes another model than ``model_cfg``."""
+    if ckpt.peft_config is not None:
+        from glmtune.adapters.peft_prefix import check_peft_prefix_base
+
+        check_peft_prefix_base(ckpt, model_cfg)
+        return
     if ckpt.config is None:
         return
     if ckpt.config.arch != model_cfg.arch:
