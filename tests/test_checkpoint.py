@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import glmtune.models.checkpoint as ckpt
+from glmtune.models.chatglm import ChatGLMForCausalLM
 from glmtune.models.checkpoint import (
     CheckpointError,
     checkpoint_files,
@@ -21,6 +22,7 @@ from glmtune.models.checkpoint import (
     save_weights,
 )
 from glmtune.models.config import GLMConfig, preset
+from glmtune.models.glm import GLMForCausalLM
 
 V, H, F, L, QKV = 96, 16, 24, 2, 32  # vocab, hidden, ffn, layers, fused qkv width
 
@@ -534,29 +536,20 @@ def test_save_pretrained_refuses_overwriting_its_own_files(tmp_path: Path) -> No
     assert not (tmp_path / "out").exists()
 
 
-# ---- the real model, when its module is there ----------------------------------------------------------------------
+# ---- the real models -------------------------------------------------------------------------------------------------
 def test_real_chatglm_round_trip(tmp_path: Path) -> None:
-    try:
-        from glmtune.models.chatglm import ChatGLMForCausalLM
-    except ImportError:
-        pytest.skip("glmtune.models.chatglm not available")
     torch.manual_seed(0)
     config = preset("tiny-chatglm2")
     ref = randomized(ChatGLMForCausalLM(config))
     save_pretrained(ref, config, tmp_path / "m", max_shard_bytes=50_000)
     with torch.device("meta"):
         model = ChatGLMForCausalLM(config)
-    rules = model.checkpoint_rules() if hasattr(model, "checkpoint_rules") else {}
-    report = load_weights(model, tmp_path / "m", **rules)
+    report = load_weights(model, tmp_path / "m", **model.checkpoint_rules())
     assert report.missing_optional == []
     assert_same(model.state_dict(), ref.state_dict())
 
 
 def test_real_glm_v1_round_trip_keeps_the_tie(tmp_path: Path) -> None:
-    try:
-        from glmtune.models.glm import GLMForCausalLM
-    except ImportError:
-        pytest.skip("glmtune.models.glm not available")
     config = preset("tiny-chatglm")
     ref = randomized(GLMForCausalLM(config))
     ref.tie_weights()

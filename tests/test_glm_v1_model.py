@@ -162,7 +162,6 @@ def test_left_padded_batch_equals_one_by_one():
 
 @pytest.mark.parametrize("projection", [False, True])
 def test_ptuning_prefix_matches_reference(projection):
-    pytest.importorskip("glmtune.models.prefix")  # the shared PrefixEncoder (written separately)
     cfg = CFG.replace(pre_seq_len=3, prefix_projection=projection)
     model = _model(cfg)
     names = [n for n in model.state_dict() if "prefix_encoder" in n]
@@ -193,7 +192,6 @@ def test_ptuning_prefix_matches_reference(projection):
 
 
 def test_ptuning_prefix_dropout_only_in_training():
-    pytest.importorskip("glmtune.models.prefix")  # the shared PrefixEncoder (written separately)
     model = _model(CFG.replace(pre_seq_len=2))
     ids = torch.tensor([_gmask_seq()])
     with torch.no_grad():
@@ -234,7 +232,6 @@ def test_meta_construction_and_names():
 
 
 def test_init_missing_fills_meta_tensors_only():
-    pytest.importorskip("glmtune.models.prefix")  # the shared PrefixEncoder (written separately)
     model = GLMForCausalLM(CFG.replace(pre_seq_len=2), device="meta")
     rules = model.checkpoint_rules()
     assert any("prefix_encoder" in r for r in rules["optional"])
