@@ -17,6 +17,7 @@ from adapter_support import PRESET_IDS, PRESETS, random_ids, randomize, tiny_mod
 from glmtune.adapters import build_method
 from glmtune.adapters.lora import lora_layers
 from glmtune.adapters.peft_format import AdapterError, load_lora_adapter, read_lora_adapter
+from glmtune.models.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +204,7 @@ def test_bad_tensors_and_wrong_model_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterError, match="no adapter_config.json"):
         read_lora_adapter(tmp_path / "empty")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted copy
+    with pytest.raises(CheckpointError, match=rf"^{weights}: not a readable safetensors file"):
+        read_lora_adapter(folder)

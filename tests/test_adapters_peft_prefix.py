@@ -20,6 +20,7 @@ from glmtune.adapters import build_method
 from glmtune.adapters.merge import export_ptuning
 from glmtune.adapters.peft_prefix import TENSOR_NAME, read_peft_prefix, save_peft_prefix
 from glmtune.adapters.ptuning import PrefixError, load_prefix, read_prefix_checkpoint
+from glmtune.models.checkpoint import CheckpointError
 from reference_chatglm import reference_logits
 
 PRESETS = ["tiny-glm4", "tiny-chatglm3"]
@@ -246,5 +247,5 @@ def test_older_peft_bin_file_reads_the_same(tmp_path: Path) -> None:
     assert kb.weights_file.name == "adapter_model.bin"
     torch.testing.assert_close(ka.tensors["embedding.weight"], kb.tensors["embedding.weight"], rtol=0, atol=0)
     (b / "adapter_model.bin").write_bytes(b"not a zip")
-    with pytest.raises(PrefixError, match=r"adapter_model.bin: not a readable PyTorch weights file"):
+    with pytest.raises(CheckpointError, match=r"adapter_model.bin: not a readable PyTorch weights file"):
         read_peft_prefix(b)

@@ -12,6 +12,7 @@ from adapter_support import PRESET_IDS, PRESETS, random_ids, randomize, tiny_mod
 from glmtune.adapters import build_method
 from glmtune.adapters.ptuning import PrefixError, load_prefix, read_prefix_checkpoint
 from glmtune.models import build_model
+from glmtune.models.checkpoint import CheckpointError
 from glmtune.models.config import preset
 
 PREFIX = "transformer.prefix_encoder."
@@ -122,6 +123,10 @@ def _checkpoint(tmp_path: Path, preset_name: str, pre_seq_len: int, projection: 
     return out
 
 
+class _Pickled:
+    """Not a tensor: torch.load(weights_only=True) refuses to build it."""
+
+
 def test_mismatches_are_clear_errors(tmp_path: Path) -> None:
     ckpt = _checkpoint(tmp_path, "tiny-chatglm3", 4)
     with pytest.raises(PrefixError, match=r"config\.json.*pre_seq_len=4.*pre_seq_len=8"):
@@ -145,6 +150,10 @@ def test_mismatches_are_clear_errors(tmp_path: Path) -> None:
     (v1 / "config.json").unlink()
     with pytest.raises(PrefixError, match=r"pytorch_model\.bin: tensor 'transformer\.prefix_encoder\.embedding"):
         load_prefix(tiny_model("tiny-chatglm3"), v1)
+    # A weights file that is not plain tensors (a pickle with code) is never run.
+    torch.save({"transformer.prefix_encoder.embedding.weight": _Pickled()}, v1 / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=rf"^{v1 / 'pytorch_model.bin'}: not a readable PyTorch weights file"):
+        read_prefix_checkpoint(v1)
     # Not a prefix checkpoint at all.
     (tmp_path / "empty").mkdir()
     with pytest.raises(PrefixError, match="no P-Tuning checkpoint"):

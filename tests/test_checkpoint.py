@@ -399,6 +399,86 @@ def test_error_corrupt_file(tmp_path: Path, fname: str, damage: str) -> None:
         assert "'model'" in str(e.value)
 
 
+# ---- the one reader of small weight files (adapters, prefixes) -----------------------------------------------------
+@pytest.mark.parametrize("fname", ["a.safetensors", "a.bin"])
+def test_read_tensor_file_reads_both_formats(tmp_path: Path, fname: str) -> None:
+    state = {k: v.contiguous() for k, v in randomized(ChatGLM2Like()).state_dict().items()}
+    path = tmp_path / fname
+    if fname.endswith(".safetensors"):
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    assert_same(ckpt.read_tensor_file(path), state)
+
+
+class _Payload:
+    """Not a tensor: torch.load(weights_only=True) must refuse to build it."""
+
+
+@pytest.mark.parametrize(
+    ("fname", "damage", "says"),
+    [
+        ("a.safetensors", "missing", "no such weight file"),
+        ("a.safetensors", "garbage", "not a readable safetensors file"),
+        ("a.safetensors", "truncate", "not a readable safetensors file"),
+        ("a.bin", "garbage", "not a readable PyTorch weights file"),
+        ("a.bin", "truncate", "not a readable PyTorch weights file"),
+        ("a.bin", "object", "not a readable PyTorch weights file"),
+        ("a.bin", "list", "expected a mapping of tensor names to tensors, got list"),
+        ("a.bin", "nested", "entry 'model' is a dict, not a tensor"),
+    ],
+)
+def test_read_tensor_file_errors_name_the_file(tmp_path: Path, fname: str, damage: str, says: str) -> None:
+    state = {"w": torch.randn(64, 64), "b": torch.randn(64)}
+    path = tmp_path / fname
+    if fname.endswith(".bin"):
+        obj = {"object": _Payload(), "list": [state["w"]], "nested": {"model": state}}.get(damage, state)
+        torch.save(obj, path)
+    elif damage != "missing":
+        save_file(state, str(path))
+    if damage == "garbage":
+        path.write_bytes(b"\x13" * 64 + path.read_bytes()[64:])
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(CheckpointError) as e:
+        ckpt.read_tensor_file(path)
+    assert str(e.value).startswith(f"{path}: {says}")
+
+
+# ---- the one shard writer ------------------------------------------------------------------------------------------
+def test_shard_writer_fills_shards_in_order_and_indexes_them(tmp_path: Path) -> None:
+    tensors = {f"t{i}": torch.randn(10, 10) for i in range(5)}  # 400 bytes each
+    with ckpt.ShardWriter(tmp_path, max_shard_bytes=900) as w:
+        for name, t in tensors.items():
+            w.add(name, t)
+        written = w.finish()
+    assert [p.name for p in written] == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+        "model.safetensors.index.json",
+    ]
+    assert sorted(load_file(str(written[0]))) == ["t0", "t1"]
+    index = json.loads(written[-1].read_text())
+    assert index["metadata"]["total_size"] == 2000
+    assert index["weight_map"]["t4"] == "model-00003-of-00003.safetensors"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)  # no part file left
+    assert_same({name: t.clone() for name, t, _ in iter_checkpoint(tmp_path)}, tensors)
+
+
+def test_shard_writer_one_shard_and_cleanup_on_error(tmp_path: Path) -> None:
+    with ckpt.ShardWriter(tmp_path / "one") as w:
+        w.add("a", torch.randn(3))
+        assert w.finish() == [tmp_path / "one" / "model.safetensors"]
+    with pytest.raises(CheckpointError, match="'a'"), ckpt.ShardWriter(tmp_path / "bad", max_shard_bytes=8) as w:
+        w.add("a", torch.randn(4))
+        w.add("b", torch.randn(4))  # writes the first shard as a part file
+        w.add("a", torch.randn(4))
+    assert list((tmp_path / "bad").iterdir()) == []
+    with pytest.raises(CheckpointError, match="no tensors"):
+        ckpt.ShardWriter(tmp_path / "empty").finish()
+
+
 def test_error_same_tensor_in_two_shards(tmp_path: Path) -> None:
     state = dict(randomized(ChatGLM2Like()).state_dict())
     write_sharded(state, tmp_path, "safetensors", 2)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import time
@@ -22,15 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from glmtune.adapters.peft_format import AdapterError, LoraAdapter, read_lora_adapter
 from glmtune.adapters.ptuning import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_prefix_checkpoint
 from glmtune.io import atomic_write_dir
 from glmtune.models.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
-    SAFE_INDEX,
-    SAFE_SINGLE,
+    ShardWriter,
     checkpoint_files,
     iter_checkpoint,
     read_tensor_infos,
@@ -127,54 +124,26 @@ def merge_lora_to_checkpoint(
     _check_adapter_fits(adapter, base_dir)
 
     def fill(tmp: Path) -> None:
-        parts: list[tuple[Path, list[str], int]] = []  # (temporary file, names, bytes)
-        chunk: dict[str, torch.Tensor] = {}
-        size = 0
         merged: set[str] = set()
         seen: set[str] = set()
-
-        def flush() -> None:
-            nonlocal chunk, size
-            if not chunk:
-                return
-            part = tmp / f".part-{len(parts):05d}.safetensors"
-            save_file(chunk, str(part), metadata={"format": "pt"})
-            parts.append((part, list(chunk), size))
-            chunk, size = {}, 0
-
-        for name, t, file in iter_checkpoint(base_dir):
-            if name in seen:
-                raise AdapterError(f"{file}: tensor '{name}' appears twice in {base_dir}")
-            seen.add(name)
-            module = name[: -len(".weight")] if name.endswith(".weight") else None
-            target = out_dtype if (out_dtype is not None and t.is_floating_point() and
-                                   not name.endswith("inv_freq")) else t.dtype  # fmt: skip
-            if module is not None and module in adapter.modules:
-                w = adapter.modules[module]
-                out = (t.float() + w.delta()).to(target)  # (out, in)
-                merged.add(module)
-            else:
-                out = t.to(dtype=target, copy=True)
-            del t
-            nbytes = out.numel() * out.element_size()
-            if chunk and size + nbytes > max_shard_bytes:
-                flush()
-            chunk[name] = out.contiguous()
-            size += nbytes
-        flush()
-        if missing := sorted(set(adapter.modules) - merged):
-            raise AdapterError(f"{adapter.weights_file}: modules {missing[:5]} were not found in {base_dir}")
-
-        n = len(parts)
-        names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map: dict[str, str] = {}
-        for (part, tensor_names, _), final in zip(parts, names, strict=True):
-            os.replace(part, tmp / final)
-            weight_map.update(dict.fromkeys(tensor_names, final))
-        if n > 1:
-            total = sum(s for _, _, s in parts)
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        with ShardWriter(tmp, max_shard_bytes) as writer:
+            for name, t, file in iter_checkpoint(base_dir):
+                if name in seen:
+                    raise AdapterError(f"{file}: tensor '{name}' appears twice in {base_dir}")
+                seen.add(name)
+                module = name[: -len(".weight")] if name.endswith(".weight") else None
+                target = out_dtype if (out_dtype is not None and t.is_floating_point() and
+                                       not name.endswith("inv_freq")) else t.dtype  # fmt: skip
+                if module is not None and module in adapter.modules:
+                    out = (t.float() + adapter.modules[module].delta()).to(target)  # (out, in)
+                    merged.add(module)
+                else:
+                    out = t.to(dtype=target, copy=True)
+                del t
+                writer.add(name, out)
+            if missing := sorted(set(adapter.modules) - merged):
+                raise AdapterError(f"{adapter.weights_file}: modules {missing[:5]} were not found in {base_dir}")
+            writer.finish()
         config = dict(raw_config)
         if out_dtype is not None:
             config["torch_dtype"] = str(out_dtype).removeprefix("torch.")

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -47,6 +46,7 @@ from glmtune.adapters.lora import (
     parse_targets,
 )
 from glmtune.io import atomic_write_dir
+from glmtune.models.checkpoint import read_tensor_file
 
 log = logging.getLogger(__name__)
 
@@ -174,22 +174,6 @@ def _weights_file(adapter_dir: Path) -> Path:
     raise AdapterError(f"{adapter_dir}: no adapter weights ({SAFETENSORS_NAME} or {BIN_NAME})")
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                return {name: f.get_tensor(name) for name in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for a bad header or a short file
-            raise AdapterError(f"{path}: not a readable safetensors file ({e})") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt zip, or a pickle that is not plain tensors
-        raise AdapterError(f"{path}: not a readable PyTorch weights file ({str(e).strip().splitlines()[0]})") from e
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise AdapterError(f"{path}: expected a mapping of tensor names to tensors")
-    return dict(obj)
-
-
 def _module_of(key: str, path: Path) -> tuple[str, str, str | None]:
     """(module name, "lora_A"/"lora_B", adapter name or None) for one tensor name; AdapterError for anything else."""
     name = key.removeprefix(PEFT_PREFIX)
@@ -207,14 +191,16 @@ def _module_of(key: str, path: Path) -> tuple[str, str, str | None]:
 
 
 def read_lora_adapter(adapter_dir: str | Path) -> LoraAdapter:
-    """Read a PEFT LoRA folder (config checked, tensors grouped per module, ranks and alphas resolved)."""
+    """Read a PEFT LoRA folder (config checked, tensors grouped per module, ranks and alphas resolved).
+
+    AdapterError names the config field or tensor that does not fit; CheckpointError an unreadable weights file."""
     adapter_dir = Path(adapter_dir)
     config = read_adapter_config(adapter_dir)
     cfg_path = adapter_dir / CONFIG_NAME
     path = _weights_file(adapter_dir)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     adapter_names: set[str] = set()
-    for key, t in _read_tensors(path).items():
+    for key, t in read_tensor_file(path).items():
         module, part, adapter_name = _module_of(key, path)
         if adapter_name:
             adapter_names.add(adapter_name)

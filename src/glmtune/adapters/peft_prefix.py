@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from glmtune.adapters.ptuning import PREFIX, PrefixCheckpoint, PrefixError, load_tensor_file, read_json_object
+from glmtune.adapters.ptuning import PREFIX, PrefixCheckpoint, PrefixError, read_json_object
 from glmtune.io import atomic_write_dir
+from glmtune.models.checkpoint import read_tensor_file
 from glmtune.models.config import GLMConfig
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def _weights(adapter_dir: Path) -> tuple[Path, torch.Tensor]:
         path = adapter_dir / name
         if not path.is_file():
             continue
-        tensors = load_tensor_file(path)
+        tensors = read_tensor_file(path)
         # PEFT drops the adapter name on save; a hand-saved state dict may keep PEFT's in-memory name.
         for key in (TENSOR_NAME, "prompt_encoder.default.embedding.weight", "prompt_encoder.embedding.weight"):
             if key in tensors:

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from glmtune.io import atomic_write_dir
+from glmtune.models.checkpoint import BIN_INDEX, SAFE_INDEX, file_tensor_infos, read_tensor_file
 from glmtune.models.config import ConfigError, GLMConfig
 from glmtune.models.prefix import make_prefix_encoder
 
@@ -115,7 +116,6 @@ def is_prefix_dir(path: str | Path) -> bool:
     """A folder in the official P-Tuning layout (its single weight file holds only ``transformer.prefix_encoder.*``)
     or a PEFT PREFIX_TUNING adapter folder."""
     from glmtune.adapters.peft_prefix import is_peft_prefix_dir
-    from glmtune.models.checkpoint import BIN_INDEX, SAFE_INDEX, file_tensor_infos
 
     path = Path(path)
     if is_peft_prefix_dir(path):
@@ -128,24 +128,6 @@ def is_prefix_dir(path: str | Path) -> bool:
     except ValueError:
         return False
     return bool(names) and all(n.startswith(PREFIX) for n in names)
-
-
-def load_tensor_file(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors or (weights-only) PyTorch file; PrefixError naming the file otherwise."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own error types
-            raise PrefixError(f"{path}: not a readable safetensors file ({e})") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt zip, or a pickle that is not plain tensors
-        raise PrefixError(f"{path}: not a readable PyTorch weights file ({str(e).strip().splitlines()[0]})") from e
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise PrefixError(f"{path}: expected a mapping of tensor names to tensors")
-    return dict(obj)
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -169,7 +151,8 @@ def _read_config(path: Path) -> tuple[dict[str, Any], GLMConfig | None]:
 
 def read_prefix_checkpoint(src_dir: str | Path) -> PrefixCheckpoint:
     """Read an official P-Tuning v2 folder (checking config.json's pre_seq_len / prefix_projection against the
-    tensors) or a PEFT PREFIX_TUNING folder (``peft_prefix.py``)."""
+    tensors) or a PEFT PREFIX_TUNING folder (``peft_prefix.py``). PrefixError names the field or tensor that does
+    not fit; CheckpointError an unreadable weights file."""
     src_dir = Path(src_dir)
     from glmtune.adapters.peft_prefix import is_peft_prefix_dir, read_peft_prefix
 
@@ -178,7 +161,7 @@ def read_prefix_checkpoint(src_dir: str | Path) -> PrefixCheckpoint:
     weights = prefix_weights_file(src_dir)
     if weights is None:
         raise PrefixError(f"{src_dir}: no P-Tuning checkpoint ({WEIGHTS_NAME} or {SAFETENSORS_NAME})")
-    all_tensors = load_tensor_file(weights)
+    all_tensors = read_tensor_file(weights)
     tensors = {k[len(PREFIX) :]: v for k, v in all_tensors.items() if k.startswith(PREFIX)}
     if not tensors:
         raise PrefixError(f"{weights}: no '{PREFIX}*' tensors; not a P-Tuning v2 checkpoint")

@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -39,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from glmtune.io import atomic_path, atomic_write_dir, atomic_write_text
+from glmtune.io import atomic_write_dir, atomic_write_text
 from glmtune.models.config import GLMConfig
 
 log = logging.getLogger(__name__)
@@ -165,13 +166,16 @@ def checkpoint_files(model_dir: str | Path) -> list[Path]:
 
 
 # ---- reading one file --------------------------------------------------------------------------------------------
-@contextmanager
-def _open_safetensors(path: Path) -> Iterator[Any]:
+def _safe_open(path: Path) -> Any:
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
+        return safe_open(str(path), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error type for a bad header or a short file
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    with handle as f:
+
+
+@contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    with _safe_open(path) as f:
         yield f
 
 
@@ -191,6 +195,23 @@ def _torch_load(path: Path, *, mmap: bool) -> dict[str, torch.Tensor]:
 
 def _is_safetensors(path: Path) -> bool:
     return path.suffix == ".safetensors"
+
+
+def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of one weight file (safetensors, or a PyTorch file read with ``torch.load(weights_only=True)``),
+    on the CPU. Raises CheckpointError naming the file when it is missing, damaged or holds anything but tensors.
+
+    The one reader for small weight files (adapters, prefixes); model folders stream through ``load_weights``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weight file")
+    if _is_safetensors(path):
+        with _open_safetensors(path) as f:
+            try:
+                return {name: f.get_tensor(name) for name in f.keys()}
+            except Exception as e:  # a header that promises more bytes than the file has
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    return _torch_load(path, mmap=False)
 
 
 def file_tensor_infos(path: str | Path) -> list[TensorInfo]:
@@ -245,10 +266,7 @@ class _ShardReader:
 
     def _open(self) -> None:
         if self._safe:
-            try:
-                self._handle = safe_open(str(self.path), framework="pt", device="cpu").__enter__()
-            except Exception as e:
-                raise CheckpointError(f"{self.path}: not a readable safetensors file ({e})") from e
+            self._handle = _safe_open(self.path).__enter__()
         else:  # legacy (pre-1.6, non-zip) files cannot be mapped: read whole, entries freed as they are used
             self._sd = _torch_load(self.path, mmap=not self._legacy)
 
@@ -625,6 +643,89 @@ def _out_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
 
+class ShardWriter:
+    """Write tensors, as they come, into safetensors shards of at most ``max_shard_bytes`` (a larger tensor gets a
+    shard of its own) in ``out_dir``; ``finish`` names them in the original layout: ``model.safetensors`` when one
+    shard was written, else ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``.
+
+    The one shard writer (``save_weights``, the LoRA merge): the host holds one shard at a time. Shards are written as
+    hidden part files and renamed into place by ``finish``; used as a context manager, an error removes them."""
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.total_bytes = 0
+        self._parts: list[tuple[Path, list[str]]] = []
+        self._chunk: dict[str, torch.Tensor] = {}
+        self._storages: set[tuple[int, int]] = set()
+        self._size = 0
+        self._names: set[str] = set()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue one tensor (moved to the CPU as it is); the current shard is written first when this one would overflow
+        it."""
+        if name in self._names:
+            raise CheckpointError(f"cannot save: two tensors would be stored as '{name}'")
+        self._names.add(name)
+        t = tensor.detach().to("cpu").contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._chunk and self._size + nbytes > self.max_shard_bytes:
+            self._flush()
+        storage = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if storage in self._storages or nbytes != storage[1]:
+            t = t.clone()  # safetensors refuses tensors that share or partly cover a storage
+        self._storages.add((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()))
+        self._chunk[name] = t
+        self._size += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        if not self._chunk:
+            return
+        part = self.out_dir / f".part-{len(self._parts):05d}.safetensors"
+        save_file(self._chunk, str(part), metadata={"format": "pt"})
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        self._parts.append((part, list(self._chunk)))
+        self._chunk, self._storages, self._size = {}, set(), 0
+
+    def finish(self) -> list[Path]:
+        """Write the last shard, rename the shards to their final names, write the index; returns the files."""
+        self._flush()
+        n = len(self._parts)
+        if n == 0:
+            raise CheckpointError("nothing to save: no tensors")
+        names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        written: list[Path] = []
+        weight_map: dict[str, str] = {}
+        for (part, tensor_names), final in zip(self._parts, names, strict=True):
+            os.replace(part, self.out_dir / final)
+            written.append(self.out_dir / final)
+            weight_map.update(dict.fromkeys(tensor_names, final))
+        self._parts = []
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            atomic_write_text(self.out_dir / SAFE_INDEX, json.dumps(index, indent=2) + "\n")
+            written.append(self.out_dir / SAFE_INDEX)
+        return written
+
+    def abort(self) -> None:
+        """Remove the part files written so far."""
+        for part, _ in self._parts:
+            part.unlink(missing_ok=True)
+        self._parts, self._chunk = [], {}
+
+
 def save_weights(
     weights: nn.Module | Mapping[str, torch.Tensor],
     out_dir: str | Path,
@@ -633,63 +734,29 @@ def save_weights(
     dtype: torch.dtype | None = None,
     aliases: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """Write safetensors shards in the original layout: ``model.safetensors`` when everything fits one shard, else
-    ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``. Returns the files written.
+    """Write safetensors shards in the original layout (``ShardWriter``): ``model.safetensors`` when everything fits
+    one shard, else ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``. Returns the files written.
 
     Tensors shared by several names (tied weights) are written once, under the first name in state_dict order;
     ``aliases`` (model name -> checkpoint name) renames on the way out. ``dtype`` converts floating tensors. One shard
     at a time is gathered on the host. Weight files of an earlier save in ``out_dir`` that this save does not
     rewrite (other shard counts, .bin files, indexes) are removed afterwards, so the folder holds one set of weights.
     """
-    if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tensors = _unique_tensors(weights, aliases or {})
     if not tensors:
         raise CheckpointError("nothing to save: no tensors")
-    shards: list[list[str]] = [[]]
-    size = 0
-    total = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * _out_dtype(t, dtype).itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-        total += nbytes
-    n = len(shards)
-    file_names = [SAFE_SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    written: list[Path] = []
-    weight_map: dict[str, str] = {}
-    for file_name, names in zip(file_names, shards, strict=True):
-        chunk: dict[str, torch.Tensor] = {}
-        storages: set[tuple[int, int]] = set()
-        for name in names:
-            t = tensors[name]
-            c = t.to(device="cpu", dtype=_out_dtype(t, dtype)).contiguous()
-            storage = (c.untyped_storage().data_ptr(), c.untyped_storage().nbytes())
-            if storage in storages or c.numel() * c.element_size() != storage[1]:
-                c = c.clone()  # safetensors refuses tensors that share or partly cover a storage
-            storages.add((c.untyped_storage().data_ptr(), c.untyped_storage().nbytes()))
-            chunk[name] = c
-            weight_map[name] = file_name
-        path = out_dir / file_name
-        with atomic_path(path) as tmp:
-            save_file(chunk, str(tmp), metadata={"format": "pt"})
-        del chunk
-        written.append(path)
-    if n > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        atomic_write_text(out_dir / SAFE_INDEX, json.dumps(index, indent=2) + "\n")
-        written.append(out_dir / SAFE_INDEX)
+    with ShardWriter(out_dir, max_shard_bytes) as writer:
+        for name, t in tensors.items():
+            writer.add(name, t.to(device="cpu", dtype=_out_dtype(t, dtype)))
+        written = writer.finish()
     keep = {p.name for p in written}
     for p in out_dir.iterdir():
         if p.is_file() and _WEIGHT_FILE.fullmatch(p.name) and p.name not in keep:
             log.info("removing %s from an earlier save", p)
             p.unlink()
-    log.info("saved %d tensors (%.2f GB) in %d file(s) to %s", len(tensors), total / 1e9, n, out_dir)
+    n = len(written) - (len(written) > 1)
+    log.info("saved %d tensors (%.2f GB) in %d file(s) to %s", len(tensors), writer.total_bytes / 1e9, n, out_dir)
     return written
 
 
