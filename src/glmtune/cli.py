@@ -6,49 +6,20 @@ import argparse
 import logging
 import sys
 
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument(
-        "--generation",
-        choices=["chatglm", "chatglm2", "chatglm3", "glm4"],
-        help="override the generation detected from the model folder (ChatGLM2 and 3 share one architecture)",
-    )
-
-
-def _add_generation_args(p: argparse.ArgumentParser, *, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--temperature", type=float, default=0.95)
-    p.add_argument("--top-p", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-
-
-def _generation_config(args: argparse.Namespace):
-    from glmtune.generate import GenerationConfig
-
-    return GenerationConfig(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=not args.greedy,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-    )
+from glmtune import __version__
+from glmtune.cli_options import add_model_options, add_sampling_options, check_device, generation_config
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from glmtune.chat import ChatSession, run_terminal_chat
+    from glmtune.chat import ChatSession, line_reader, run_terminal_chat
     from glmtune.runs import load_for_inference
 
+    gen = generation_config(args)
+    check_device(args.device)
     pretrained = load_for_inference(
         args.model, dtype=args.dtype, device=args.device, generation=args.generation, base=args.base
     )
-    session = ChatSession(pretrained, _generation_config(args), system=args.system, postprocess=not args.raw)
+    session = ChatSession(pretrained, gen, system=args.system, postprocess=not args.raw)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -59,7 +30,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             write(piece)
         write("\n")
         return 0
-    run_terminal_chat(session, input, write)
+    run_terminal_chat(session, line_reader(), write)
     return 0
 
 
@@ -77,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(ChatGLM-6B, ChatGLM2-6B, ChatGLM3-6B, GLM-4-9B-chat) from their original model folders.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"glmtune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("chat", help="streaming chat in the terminal (or one answer with --prompt)")
@@ -88,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="answer this one message, print the reply and exit")
     p.add_argument("--system", help="system prompt (ChatGLM3 and GLM-4)")
     p.add_argument("--raw", action="store_true", help="show replies without the generation's original clean-up")
-    _add_model_args(p)
-    _add_generation_args(p, max_new_tokens=1024)
+    add_model_options(p)
+    add_sampling_options(p, max_new_tokens=1024, seed=None)
     p.set_defaults(func=cmd_chat)
 
     from glmtune.adapters.command import add_parser as add_adapter_parsers

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import sys
@@ -12,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from glmtune.cli_options import add_model_options, add_sampling_options, check_device, generation_config
 from glmtune.data.readers import FORMATS
 from glmtune.evaluate.metrics import check_bleu_kinds, compute_metrics
 
@@ -35,21 +35,15 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--out", help="output folder (default: RUN/eval for a run folder, else eval/<model folder name>)")
     p.add_argument("--base", help="base model folder for an adapter or P-Tuning folder")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens generated per example at most")
+    add_sampling_options(p, max_new_tokens=512, seed=0,
+                         greedy_help="greedy decoding (default: sampling, as the official eval scripts)")  # fmt: skip
     p.add_argument("--max-source-length", type=int, help="cut prompts to this many tokens, as the official scripts")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling as the official eval)")
-    p.add_argument("--temperature", type=float, default=0.95)
-    p.add_argument("--top-p", type=float, default=0.7)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--bleu", type=_bleu_list, default=("char",), metavar="char|word[,...]",
                    help="BLEU-4 definitions, comma-separated: char (ChatGLM-6B/ChatGLM2, the default), word "
                    "(ChatGLM3/GLM-4); the first is reported as bleu-4, the others as bleu-4-<kind>")  # fmt: skip
     p.add_argument("--limit", type=int, help="evaluate only the first N examples")
     p.add_argument("--overwrite", action="store_true", help="start over instead of continuing an earlier run")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto, bf16, fp16 or fp32")
-    p.add_argument("--generation", choices=["chatglm", "chatglm2", "chatglm3", "glm4"],
-                   help="override the generation detected from the model folder")  # fmt: skip
+    add_model_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_eval)
 
@@ -62,17 +56,10 @@ def _bleu_list(text: str) -> tuple[str, ...]:
 
 
 def _load(args: argparse.Namespace):
-    """glmtune.runs.load_for_inference when it exists (runs, checkpoints, adapters), else a plain model folder."""
-    if importlib.util.find_spec("glmtune.runs") is not None:
-        from glmtune.runs import load_for_inference
+    from glmtune.runs import load_for_inference
 
-        return load_for_inference(args.model, dtype=args.dtype, device=args.device, generation=args.generation,
-                                  base=args.base)  # fmt: skip
-    from glmtune.pretrained import load_pretrained
-
-    if args.base:
-        raise ValueError("--base needs glmtune.runs, which this installation lacks")
-    return load_pretrained(args.model, dtype=args.dtype, device=args.device, generation=args.generation)
+    return load_for_inference(args.model, dtype=args.dtype, device=args.device, generation=args.generation,
+                              base=args.base)  # fmt: skip
 
 
 def default_out_dir(model: str | Path) -> Path:
@@ -115,7 +102,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from glmtune.data.encode import eval_examples
     from glmtune.data.readers import ReadOptions, read_samples
     from glmtune.evaluate.predict import PREDICTIONS_FILE, predict_to_file
-    from glmtune.generate import GenerationConfig
     from glmtune.io import atomic_write_text
     from glmtune.templates import EncodeOptions
 
@@ -123,9 +109,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                           temperature=args.temperature, top_p=args.top_p, seed=args.seed)  # fmt: skip
-    gen.validate()
+    gen = generation_config(args)
+    check_device(args.device)
     out = Path(args.out) if args.out else default_out_dir(args.model)
     settings = _settings(args, gen)
     if args.overwrite:

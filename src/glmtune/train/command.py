@@ -51,6 +51,9 @@ def run_train(args: argparse.Namespace) -> int:
     if args.check:
         print(cfg.to_yaml(), end="")
         return 0
+    from glmtune.cli_options import check_device
+
+    check_device(cfg.train.device, "train.device")
     if os.environ.get("RANK", "0") != "0":  # rank 0 alone speaks
         logging.getLogger("glmtune").setLevel(logging.WARNING)
 

@@ -1,0 +1,98 @@
+"""Command-line options shared by ``chat`` and ``eval`` (model, device, dtype, sampling), and the device check that
+``train``, ``chat`` and ``eval`` run before loading anything.
+
+torch is imported only inside the functions that need it, so building the parser stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from glmtune.generate import GenerationConfig
+
+GENERATION_CHOICES = ("chatglm", "chatglm2", "chatglm3", "glm4")
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --generation."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 … (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                   help="weights dtype (default auto: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on the "
+                   "CPU)")  # fmt: skip
+    p.add_argument("--generation", choices=GENERATION_CHOICES,
+                   help="override the generation detected from the model folder (ChatGLM2 and 3 share one "
+                   "architecture)")  # fmt: skip
+
+
+def add_sampling_options(
+    p: argparse.ArgumentParser, *, max_new_tokens: int, seed: int | None, greedy_help: str = ""
+) -> None:
+    """--max-new-tokens, --greedy, --temperature, --top-p, --top-k, --repetition-penalty and --seed."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                   help=f"tokens generated per reply at most (default {max_new_tokens})")  # fmt: skip
+    p.add_argument("--greedy", action="store_true", help=greedy_help or "greedy decoding instead of sampling")
+    p.add_argument("--temperature", type=float, default=0.95, help="sampling temperature; 0 means greedy (0.95)")
+    p.add_argument("--top-p", type=float, default=0.7, help="nucleus sampling threshold (default 0.7)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens only (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="above 1 discourages repeats (default 1.0)")
+    seed_help = "sampling seed" + (f" (default {seed})" if seed is not None else " (default: a random one)")
+    p.add_argument("--seed", type=int, default=seed, help=seed_help)
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The GenerationConfig the sampling options describe, checked. ``--temperature 0`` is greedy decoding."""
+    from glmtune.generate import GenerationConfig
+
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    gen = GenerationConfig(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not args.greedy and args.temperature > 0,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+    try:
+        gen.validate()
+    except ValueError as e:
+        raise ValueError(f"--{str(e).replace('_', '-')}") from None
+    return gen
+
+
+def check_device(name: str | None, option: str = "--device") -> None:
+    """Raise ValueError with one clear sentence when ``name`` is not a device this machine has.
+
+    ``option`` is how the user wrote it (``--device`` on the command line, ``train.device`` in a training config),
+    so the message quotes their input and the fix in the same form.
+    """
+    if name in (None, "auto"):
+        return
+    import torch
+
+    sep = " " if option.startswith("-") else "="
+    given, fix = f"{option}{sep}{name}", f"use {option}{sep}cpu or {option}{sep}auto"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{given}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this PyTorch is a CPU-only build" if torch.version.cuda is None
+                   else f"PyTorch (CUDA {torch.version.cuda}) sees no GPU or driver")  # fmt: skip
+            raise ValueError(f"{given}: CUDA is not available ({why}); {fix}")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ValueError(f"{given}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+        return
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{given}: Apple's MPS backend is not available on this machine; {fix}")
+        return
+    raise ValueError(f"{given}: glmtune runs on cpu, cuda or mps, not {dev.type}")
