@@ -43,6 +43,7 @@ def _make_run(tmp_path: Path, base: Path, generation: str, method_name: str, opt
     step = run / "checkpoints" / "step-000002"
     shutil.copytree(run / "model", step / "model")
     (step / "state").mkdir()
+    (step / "state" / "trainer.pt").write_bytes(b"")  # what makes a checkpoint complete (train/state.py)
     info = {"format": "glmtune-run", "version": 1, "base_model": str(base.resolve()), "generation": generation,
             "template": generation, "method": {"name": method_name, **options}, "dtype": "fp32"}  # fmt: skip
     (run / "run.json").write_text(json.dumps(info))
@@ -67,6 +68,19 @@ def test_lora_run_and_its_checkpoints(tmp_path: Path, bases: dict[str, Path], ge
     merged = load_for_inference(step, dtype="fp32", device="cpu")
     assert not any(".lora_" in n for n, _ in merged.model.named_parameters())
     torch.testing.assert_close(_logits(merged.model, ids), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unfinished_run_opens_its_latest_complete_checkpoint(tmp_path: Path, bases: dict[str, Path]) -> None:
+    run, _ = _make_run(tmp_path, bases["chatglm3"], "chatglm3", "lora", {"rank": 2})
+    shutil.rmtree(run / "model")
+    newer = run / "checkpoints" / "step-000004"
+    shutil.copytree(run / "checkpoints" / "step-000002", newer)
+    assert resolve(run).result_dir == newer / "model"
+    (newer / "state" / "trainer.pt").unlink()  # a checkpoint still being written (or cut short) is not one
+    assert resolve(run).result_dir == run / "checkpoints" / "step-000002" / "model"
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="no model/ folder and no checkpoint yet"):
+        resolve(run)
 
 
 def test_peft_adapter_folder_finds_its_base_or_asks_for_it(tmp_path: Path, bases: dict[str, Path]) -> None:

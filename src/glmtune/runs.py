@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,12 +25,11 @@ from typing import Any, Literal
 import torch
 
 from glmtune.pretrained import Pretrained, load_pretrained
+from glmtune.train.run_folder import RUN_FILE, RUN_FORMAT
+from glmtune.train.state import checkpoint_step, latest_checkpoint
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
-RUN_FORMAT = "glmtune-run"
-_STEP_DIR = re.compile(r"step-(\d+)")
 Kind = Literal["model", "lora", "ptuning"]
 
 
@@ -72,35 +70,23 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _latest_checkpoint_model(run_dir: Path) -> Path | None:
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return None
-    found = sorted(
-        (int(m.group(1)), p / "model")
-        for p in root.iterdir()
-        if (m := _STEP_DIR.fullmatch(p.name)) and (p / "model").is_dir()
-    )
-    return found[-1][1] if found else None
-
-
 def _run_of(path: Path) -> tuple[Path | None, Path]:
     """(run folder or None, result folder) for a run, a run's model/, a checkpoint or a checkpoint's model/."""
     if (path / RUN_FILE).is_file():
         result = path / "model"
         if not result.is_dir():
-            latest = _latest_checkpoint_model(path)
+            latest = latest_checkpoint(path)
             if latest is None:
                 raise FileNotFoundError(f"{path}: the run has no model/ folder and no checkpoint yet")
-            log.warning("%s has no final model/ (an unfinished run?); using %s", path, latest.parent)
-            result = latest
+            log.warning("%s has no final model/ (an unfinished run?); using %s", path, latest)
+            result = latest / "model"
         return path, result
     if path.name == "model" and (path.parent / RUN_FILE).is_file():
         return path.parent, path
-    if _STEP_DIR.fullmatch(path.name) and (path / "model").is_dir():
+    if checkpoint_step(path) is not None and (path / "model").is_dir():
         run = path.parent.parent
         return (run if (run / RUN_FILE).is_file() else None), path / "model"
-    if path.name == "model" and _STEP_DIR.fullmatch(path.parent.name):
+    if path.name == "model" and checkpoint_step(path.parent) is not None:
         run = path.parent.parent.parent
         return (run if (run / RUN_FILE).is_file() else None), path
     return None, path

@@ -88,6 +88,12 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step-{step:06d}"
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step of a checkpoint folder named ``step-N`` (None for any other name)."""
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (step, folder), oldest first. Hidden work folders of interrupted writes are ignored."""
     root = Path(run_dir) / CHECKPOINTS
@@ -95,13 +101,14 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
         return []
     out = []
     for p in root.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / "state" / "trainer.pt").is_file():
-            out.append((int(m.group(1)), p))
+        step = checkpoint_step(p)
+        if step is not None and p.is_dir() and (p / "state" / "trainer.pt").is_file():
+            out.append((step, p))
     return sorted(out)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run (the one home of "latest": resume and ``runs.resolve`` use it)."""
     found = list_checkpoints(run_dir)
     return found[-1][1] if found else None
 
