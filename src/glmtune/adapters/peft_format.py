@@ -42,6 +42,7 @@ from glmtune.adapters.lora import (
     inject_lora,
     lora_layers,
     lora_scale,
+    lora_state_dict,
     matches_target,
     parse_targets,
 )
@@ -385,10 +386,7 @@ def save_lora_adapter(
     config = adapter_config(
         model, layers, target_modules=target_modules, dropout=dropout, base_model_name_or_path=base_model_name_or_path
     )
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers.items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().to("cpu", torch.float32).clone()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().to("cpu", torch.float32).clone()
+    tensors = {PEFT_PREFIX + k: t.to("cpu", torch.float32).clone() for k, t in lora_state_dict(model).items()}
     out_dir = Path(out_dir)
 
     def fill(tmp: Path) -> None:
