@@ -28,7 +28,6 @@ import yaml
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Scheduler = Literal["linear", "cosine", "constant"]
 METHODS = ("lora", "ptuning", "freeze", "full")
-TEMPLATES = ("chatglm", "chatglm2", "chatglm3", "glm4")
 CLI = "command line"
 
 
@@ -145,9 +144,6 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
-
-
-PATH_KEYS = ("model", "data.train", "data.dev", "data.cache_dir")
 
 
 # ---- loading ------------------------------------------------------------------------------------------------
