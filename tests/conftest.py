@@ -22,6 +22,21 @@ _EN = (
 ).split()
 
 
+# Tests of more than ~2 s on 2 CPU cores (``pytest --durations=30``) that live in files without their own
+# ``@pytest.mark.slow``: marked here, so ``pytest -m "not slow"`` is the fast subset. ``make test`` runs them all.
+SLOW_TESTS = {
+    "test_train_ddp.py::test_two_processes_match_one",  # two processes over gloo
+    "test_demo.py::test_demo_trains_evaluates_chats_and_merges",  # the whole demo pipeline
+    "test_train_resume.py::test_killed_run_resumes_with_the_same_losses",  # a training subprocess killed mid-run
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if f"{item.path.name}::{item.originalname}" in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
 def _corpus(seed: int, n_lines: int) -> list[str]:
     rng = random.Random(seed)
     lines = []

@@ -122,6 +122,7 @@ _RSS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess that imports torch and merges a 100 MB model: ~2.5 s
 def test_merge_memory_stays_well_under_the_model_size(tmp_path: Path) -> None:
     """A 128 MiB checkpoint in 4 shards merged in a fresh process: the peak RSS grows by far less than 1.5x its
     size (the host holds one output shard, the reader's window and one float32 matrix)."""

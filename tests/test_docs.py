@@ -1,4 +1,4 @@
-"""The README and `--help` name only files and commands that exist."""
+"""The README and `--help` name only files and commands that exist; the README's Layout names every module."""
 
 import re
 from pathlib import Path
@@ -30,6 +30,48 @@ def test_help_examples_exist_and_commands_are_registered():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     for command in re.findall(r"glmtune (\w+)", readme):
         assert command in sub.choices, f"README uses `glmtune {command}`"
+
+
+def _layout_items() -> list[str]:
+    """The README's Layout section, one string per bullet (the closing paragraph is one more)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    items: list[str] = []
+    for line in section.splitlines():
+        if line.startswith("- ") or not items or not line.strip():
+            items.append(line)
+        else:
+            items[-1] += " " + line
+    return items
+
+
+_PATH = re.compile(r"[\w./-]+(?:\.(?:py|md|sh)|/)")
+
+
+def test_readme_layout_names_existing_paths_and_every_module():
+    package = ROOT / "src" / "glmtune"
+    named: set[str] = set()
+    for item in _layout_items():
+        tokens = [t for t in re.findall(r"`([^`]+)`", item) if _PATH.fullmatch(t) and not t.startswith(".")]
+        folder = tokens[0] if tokens and tokens[0].endswith("/") and (package / tokens[0]).is_dir() else ""
+        for token in tokens:
+            where = [package / folder / token, package / token, ROOT / token]
+            assert any(p.exists() for p in where), f"README Layout names {token!r}, which does not exist"
+            named.add(token)
+    top = {p.name + "/" for p in package.iterdir() if (p / "__init__.py").is_file()}
+    top |= {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+    assert not top - named, f"README Layout leaves out {sorted(top - named)}"
+
+
+def test_slow_tests_named_in_conftest_exist():
+    """The README's fast subset (`pytest -m "not slow"`) leaves out the tests conftest.SLOW_TESTS names: each one must
+    still exist, or a renamed slow test would silently join the fast subset."""
+    from conftest import SLOW_TESTS
+
+    for entry in SLOW_TESTS:
+        file, name = entry.split("::")
+        source = (ROOT / "tests" / file).read_text(encoding="utf-8")
+        assert re.search(rf"^def {name}\(", source, re.M), f"conftest.SLOW_TESTS names {entry}, which does not exist"
 
 
 def test_cli_starts_without_importing_torch():
