@@ -15,7 +15,7 @@ from glmtune.adapters import build_method
 from glmtune.data.collate import PackedRow
 from glmtune.pretrained import load_pretrained
 from glmtune.templates import Encoded
-from glmtune.train import loop
+from glmtune.train import evaluation, loop
 from glmtune.train.config import load_config
 from glmtune.train.data import Batcher, make_units
 from glmtune.train.loop import TrainError, build_optimizer, trainable_parameters
@@ -130,7 +130,7 @@ def test_no_checkpoint_of_a_bad_state(models: Path, tmp_path: Path, monkeypatch)
 
 def test_early_stopping_keeps_the_best(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dev_losses = iter([3.0, 2.0, 2.5, 2.4, 2.6, 1.0])
-    monkeypatch.setattr(loop, "evaluate_loss", lambda *a, **k: next(dev_losses))
+    monkeypatch.setattr(evaluation, "evaluate_loss", lambda *a, **k: next(dev_losses))
     out = tmp_path / "early"
     cfg = small_config(tiny_model(models), out, "train.max_steps=12", "eval.every_steps=2", "eval.patience=3",
                        f"data.dev={ADGEN_DEV}", "data.max_dev_samples=4", "save.keep_last=1")  # fmt: skip
@@ -207,7 +207,7 @@ def test_batches_shard_by_rank_and_shuffle_by_epoch() -> None:
     ]  # epoch 1 is ordered differently
     assert one.step_units(5, 0) == batcher(2, 4, 1).step_units(5, 0)  # a pure function of the step
     packed = Batcher([PackedRow([u, u]) for u in units], 2, 1, 1, seed=0, pad_id=0, positions="1d")
-    assert "attn_mask" in packed.collate(packed.step_units(0, 0)[0])
+    assert "segment_ids" in packed.collate(packed.step_units(0, 0)[0])
     examples = [Encoded(list(range(n)), list(range(n))) for n in (5, 3, 2, 2, 1)]
     assert len(make_units(examples, packing=False, pack_length=None)) == 5
     assert [r.length for r in make_units(examples, packing=True, pack_length=None)] == [5, 5, 3]  # budget 5
@@ -234,7 +234,7 @@ def test_user_errors(models: Path, tmp_path: Path) -> None:
         run(small_config(model, tmp_path / "p", "data.pack_length=8"))
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 2 and saved["method"]["name"] == "lora"
-    oom = loop._oom_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), small_config(
+    oom = loop.oom_error(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), small_config(
         model, out))  # fmt: skip
     for setting in ("train.batch_size", "train.grad_accum", "data.max_source_length", "train.gradient_checkpointing"):
         assert setting in str(oom)

@@ -93,6 +93,19 @@ def all_reduce_sum(info: DistInfo, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_(info: DistInfo, t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place, without reading it back (no host synchronisation on NCCL)."""
+    if not info.enabled:
+        return t
+    if dist.get_backend() == "nccl" or t.device.type == "cpu":
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    else:  # gloo with a GPU tensor: through the host
+        host = t.cpu()
+        dist.all_reduce(host, op=dist.ReduceOp.SUM)
+        t.copy_(host)
+    return t
+
+
 def broadcast_object(info: DistInfo, obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank."""
     if not info.enabled:

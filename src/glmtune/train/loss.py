@@ -27,6 +27,16 @@ def _chunk_loss(h: torch.Tensor, targets: torch.Tensor, output_layer: nn.Module)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the loss is taken, from unshifted labels (b, s): (index (n,) into the hidden states flattened to
+    (b * s, H), target ids (n,)), row-major. Computed on the host from the CPU labels, the trainer hands both to the
+    device, so the loss never asks the device how many targets there are (no host synchronisation)."""
+    b, s = labels.shape
+    nxt = labels[:, 1:]  # (b, s-1): the token each position predicts
+    rows, cols = (nxt != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * s + cols, nxt[rows, cols]
+
+
 def chunked_lm_loss(
     hidden: torch.Tensor,  # (b, s, H) final hidden states
     labels: torch.Tensor,  # (b, s) unshifted, IGNORE_INDEX where untrained
@@ -39,20 +49,29 @@ def chunked_lm_loss(
     """
     if hidden.shape[:2] != labels.shape:
         raise ValueError(f"hidden states {tuple(hidden.shape)} and labels {tuple(labels.shape)} do not line up")
+    index, targets = loss_targets(labels)
+    return indexed_lm_loss(hidden, index, targets, output_layer, chunk_tokens), targets.numel()
+
+
+def indexed_lm_loss(
+    hidden: torch.Tensor,  # (b, s, H) final hidden states
+    index: torch.Tensor,  # (n,) long: positions in the flattened (b * s) hidden states that predict a target
+    targets: torch.Tensor,  # (n,) long: the token each of those positions predicts
+    output_layer: nn.Module,
+    chunk_tokens: int = 1024,
+) -> torch.Tensor:
+    """Sum of the token losses at ``index`` (see :func:`loss_targets`), in chunks of ``chunk_tokens`` rows."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    targets = labels[:, 1:]  # (b, s-1): the token each position predicts
-    keep = targets != IGNORE_INDEX
-    h = hidden[:, :-1][keep]  # (n, H)
-    t = targets[keep]  # (n,)
-    n = t.numel()
+    h = hidden.flatten(0, 1).index_select(0, index)  # (n, H)
+    n = index.numel()
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    total = hidden[:, :0].sum().to(acc)  # 0, but on the graph, so backward works for a batch without targets
+    total = h[:0].sum().to(acc)  # 0, but on the graph, so backward works for a batch without targets
     grad = torch.is_grad_enabled()
     for start in range(0, n, chunk_tokens):
-        hs, ts = h[start : start + chunk_tokens], t[start : start + chunk_tokens]
+        hs, ts = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if grad:
             total = total + checkpoint(_chunk_loss, hs, ts, output_layer, use_reentrant=False).to(acc)
         else:
             total = total + _chunk_loss(hs, ts, output_layer).to(acc)
-    return total, n
+    return total

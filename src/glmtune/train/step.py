@@ -1,0 +1,152 @@
+"""One optimizer step, with no host synchronisation on a GPU.
+
+The micro-batches of a step (collated on the host) go to the device without waiting; the loss of each is
+normalised by the number of target tokens of the whole global batch (counted on the host from the CPU labels, and
+all-reduced as a device tensor under DDP), so one process and N processes, or any split into micro-batches,
+compute the same gradient. The summed loss, the gradient norm and the non-finite check stay on the device: a
+non-finite loss or gradient skips the update there (the fused AdamW reads the flag as ``found_inf``, as under a
+GradScaler). The trainer reads the numbers back only when it logs, evaluates or saves.
+
+On the CPU (foreach AdamW) the skip is decided on the host, where reading a flag costs nothing; fp16 reads the loss
+flag once per step (its GradScaler skips non-finite gradients by itself).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from glmtune.train import distributed
+from glmtune.train.distributed import DistInfo
+from glmtune.train.loss import count_targets, indexed_lm_loss, loss_targets
+
+# the batch keys the loss module takes: ids, labels and the sequence layout's tensors (data/collate.py)
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids", "context")
+
+
+class LMLoss(nn.Module):
+    """model + chunked loss in one module, so that DDP sees a forward pass: returns the summed token loss.
+
+    ``target_index`` / ``targets`` (from :func:`glmtune.train.loss.loss_targets` on the host) spare the device the
+    question of how many targets ``labels`` holds; without them they are computed from ``labels``.
+    """
+
+    def __init__(self, model: nn.Module, chunk_tokens: int) -> None:
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, segment_ids=None, context=None,
+                target_index=None, targets=None) -> torch.Tensor:  # fmt: skip
+        # attention_mask is not passed on: segment_ids carry the padding wherever a real token could see it
+        h = self.model.hidden_states(input_ids, position_ids=position_ids, segment_ids=segment_ids,
+                                     context=context)  # (b, s, H)  # fmt: skip
+        if target_index is None:
+            target_index, targets = loss_targets(labels)
+        return indexed_lm_loss(h, target_index, targets, self.model.output_embeddings(), self.chunk_tokens)
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step's numbers; tensors stay on the device until the trainer reads them."""
+
+    loss_sum: torch.Tensor  # float64 (): summed token loss of the global batch
+    targets: torch.Tensor | float  # target tokens of the global batch
+    tokens: torch.Tensor | float  # real (non-padding) tokens of the global batch
+    grad_norm: torch.Tensor  # float32 (): gradient norm before clipping
+    bad: torch.Tensor  # bool (): non-finite loss or gradients; the update was skipped
+
+
+def device_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The model inputs of a host batch on ``device`` (copies not waited for), with the loss positions."""
+    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
+    index, targets = loss_targets(batch["labels"])
+    inputs["target_index"] = index.to(device, non_blocking=True)
+    inputs["targets"] = targets.to(device, non_blocking=True)
+    return inputs
+
+
+class TrainStep:
+    """Forward, backward, clip and update for the micro-batches of one optimizer step (see the module docstring)."""
+
+    def __init__(
+        self,
+        net: nn.Module,  # LMLoss, or the DDP wrapper around it
+        params: list[nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        *,
+        info: DistInfo,
+        autocast: AbstractContextManager,
+        scaler: torch.amp.GradScaler | None = None,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        self.net = net
+        self.params = params
+        self.optimizer = optimizer
+        self.info = info
+        self.autocast = autocast
+        self.scaler = scaler
+        self.max_grad_norm = max_grad_norm
+        self.fused = bool(optimizer.defaults.get("fused"))
+
+    def __call__(self, batches: list[dict[str, torch.Tensor]]) -> StepOutput:
+        info, device = self.info, self.info.device
+        targets, tokens, scale = self._global_counts(batches)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for k, batch in enumerate(batches):
+            inputs = device_inputs(batch, device)
+            with distributed.no_sync(self.net, sync=k == len(batches) - 1):
+                with self.autocast:
+                    s = self.net(**inputs)
+                loss = s * scale
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            loss_sum += s.detach()
+        if info.enabled:
+            distributed.all_reduce_(info, loss_sum)  # every rank takes the same decision below
+        bad = ~torch.isfinite(loss_sum)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = self._grad_norm()
+        if self.scaler is None:
+            bad = bad | ~torch.isfinite(grad_norm)  # (fp16: the scaler skips non-finite gradients itself)
+        self._update(bad)
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutput(loss_sum, targets, tokens, grad_norm, bad)
+
+    def _global_counts(self, batches):
+        """(targets, tokens, loss scale) of the global batch; the scale turns DDP's mean over ranks into the
+        global token mean."""
+        n_local = sum(count_targets(b["labels"]) for b in batches)
+        tokens_local = sum(int(b["attention_mask"].sum()) for b in batches)
+        if not self.info.enabled:
+            return float(n_local), float(tokens_local), 1.0 / max(float(n_local), 1.0)
+        counts = torch.tensor([n_local, tokens_local], dtype=torch.float64).to(self.info.device, non_blocking=True)
+        distributed.all_reduce_(self.info, counts)
+        scale = (self.info.world_size / counts[0].clamp(min=1.0)).float()
+        return counts[0], counts[1], scale
+
+    def _grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.info.device)
+        if self.max_grad_norm:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        return torch.nn.utils.get_total_norm(grads)
+
+    def _update(self, bad: torch.Tensor) -> None:
+        opt = self.optimizer
+        if self.scaler is not None:
+            if not bool(bad):  # fp16 only: one read of the loss flag per step
+                self.scaler.step(opt)
+                self.scaler.update()
+        elif self.fused:
+            opt.found_inf = bad.float()  # the fused kernel leaves parameters and state as they are when set
+            try:
+                opt.step()
+            finally:
+                del opt.found_inf
+        elif not bool(bad):  # foreach AdamW (the CPU): the flag is on the host already
+            opt.step()
