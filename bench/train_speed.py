@@ -1,129 +1,271 @@
-"""Training speed and peak GPU memory of `glmtune train` on a ChatGLM3-6B-shaped model with random weights.
+"""Training speed, glmtune against transformers' GlmForCausalLM + PEFT, on the same token batches in one process.
 
-Writes a model folder (random bf16 weights in the original layout, a small SentencePiece tokenizer trained here,
-the real 65,024-token embedding/output sizes) and an ADGEN-like dataset (product tags -> advertising copy), then runs
-the real training loop for each setting and reads tokens/s (real tokens only, padding not counted) from the run's
-metrics.jsonl, skipping the first log window (warm-up). Side by side: packing (glmtune's default) against dynamic
-padding, and LoRA against P-Tuning v2.
+Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; synthetic ADGEN-like samples: prompt
+20-60 tokens, response 50-130, drawn from a fixed seed):
+- adgen-lora: the ChatGLM3 official ADGEN LoRA recipe (r 8, alpha 32, dropout 0.1, query_key_value; transformers:
+  q/k/v_proj), 4 samples per step. transformers with and without gradient checkpointing on padded batches;
+  glmtune on the same padded batches, and packed as its recipe config does (rows of up to the longest sample,
+  4 rows per step, so more samples per step).
+- packed-4x1024-lora: the same LoRA on 4 rows of 1024 packed tokens: transformers eager and under torch.compile,
+  glmtune eager and compiled.
+- adgen-ptuning: P-Tuning v2, pre_seq_len 128, 4 samples (glmtune only: no peer has it), padded and packed.
+- full-1.5b: full fine-tuning of a ~1.5B-parameter ChatGLM-shaped model (24 layers, hidden 2048) on packed 4x1024.
 
-    PYTHONPATH=src python3 bench/train_speed.py --steps 30 --json train-h100.json
+Each run: ``--warmup`` steps (compilation happens there), ``--steps`` timed steps, ``--profile-steps`` under
+torch.profiler. benchlib's docstring defines useful tokens, MFU, GPU busy and peak. Rows are written to ``--json``
+after every run (a killed run keeps what it measured) and a markdown table next to it.
+
+    PYTHONPATH=src python bench/train_speed.py --json bench/results/train_speed.json
+    PYTHONPATH=src python bench/train_speed.py --runs 'adgen-lora/*' --steps 10   # a subset (glob on run ids)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
+import fnmatch
+import logging
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from glmtune.demo_data import corpus_lines, make_dataset
-from glmtune.models import build_model
-from glmtune.models.checkpoint import save_pretrained
-from glmtune.models.config import preset
-from glmtune.tiny import make_tiny_model_dir
-from glmtune.train.config import load_config
-from glmtune.train.loop import train
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib & co. when imported from the tests
 
-SETTINGS = {
-    "lora-packed": ["method.name=lora", "data.packing=true", "train.learning_rate=3e-4"],
-    "lora-padded": ["method.name=lora", "data.packing=false", "train.learning_rate=3e-4"],
-    "ptuning-packed": [
-        "method.name=ptuning",
-        "method.pre_seq_len=128",
-        "data.packing=true",
-        "train.learning_rate=2e-2",
-    ],  # fmt: skip
-}
+from benchlib import (  # noqa: E402
+    H200_BF16_PEAK_TFLOPS,
+    adgen_examples,
+    device_info,
+    free_memory,
+    markdown_table,
+    mfu,
+    non_embedding_params,
+    time_steps,
+    useful_tokens,
+    write_json,
+)
 
+from glmtune.data.collate import collate, collate_packed  # noqa: E402
+from glmtune.models import build_model  # noqa: E402
+from glmtune.models.config import GLMConfig, preset  # noqa: E402
+from glmtune.train.data import make_units  # noqa: E402
 
-def write_model(folder: Path, preset_name: str, device: torch.device) -> None:
-    """A full-size random model folder: tokenizer from a tiny folder, weights random N(0, 0.02) in bf16."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tiny = make_tiny_model_dir(Path(tmp) / "tiny", corpus_lines(seed=0), generation="chatglm3")
-        tok = json.loads((tiny / "config.json").read_text())
-        cfg = preset(preset_name)
-        cfg = cfg.replace(eos_token_id=tok["eos_token_id"], pad_token_id=tok["pad_token_id"], torch_dtype="bfloat16",
-                          padded_vocab_size=max(cfg.padded_vocab_size, tok["padded_vocab_size"]))  # fmt: skip
-        model = build_model(cfg, device="meta", generation="chatglm3")
-        model.to_empty(device=device)
-        gen = torch.Generator(device=device).manual_seed(0)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("layernorm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith(".bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, 0.02, generator=gen)
-            model.transformer.rotary_pos_emb.inv_freq.copy_(
-                1.0 / (10000 ** (torch.arange(0, cfg.head_dim // 2, 2, dtype=torch.float32) / (cfg.head_dim // 2)))
-            )
-        model.to(torch.bfloat16)
-        save_pretrained(model, cfg, folder, tokenizer_files=[tiny / "tokenizer.model", tiny / "tokenizer_config.json"])
-        del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+log = logging.getLogger("train_speed")
+
+LORA = {"rank": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_value"}
+PTUNING = {"pre_seq_len": 128, "prefix_projection": False}
+HF, GLMTUNE = "transformers+peft", "glmtune"
 
 
-def main(argv: list[str] | None = None) -> None:
+@dataclass(frozen=True)
+class Run:
+    setting: str
+    impl: str
+    variant: str
+    data: str  # "adgen-padded" | "adgen-packed" | "packed"
+    method: str = "lora"
+    model: str = "6b"  # "6b" | "1.5b"
+    checkpointing: bool = False
+    compile: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.setting}/{'hf' if self.impl == HF else 'glmtune'}-{self.variant}"
+
+
+RUNS = [
+    Run("adgen-lora", HF, "ckpt", "adgen-padded", checkpointing=True),
+    Run("adgen-lora", HF, "eager", "adgen-padded"),
+    Run("adgen-lora", GLMTUNE, "padded", "adgen-padded"),
+    Run("adgen-lora", GLMTUNE, "packed", "adgen-packed"),
+    Run("packed-4x1024-lora", HF, "eager", "packed"),
+    Run("packed-4x1024-lora", HF, "compile", "packed", compile=True),
+    Run("packed-4x1024-lora", GLMTUNE, "eager", "packed"),
+    Run("packed-4x1024-lora", GLMTUNE, "compile", "packed", compile=True),
+    Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
+    Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
+    Run("full-1.5b", GLMTUNE, "eager", "packed", method="full", model="1.5b"),
+    Run("full-1.5b", HF, "eager", "packed", method="full", model="1.5b"),
+]
+
+
+def model_config(name: str, tiny: bool) -> GLMConfig:
+    """ChatGLM3-6B, or a ~1.5B model of the same family (24 layers, hidden 2048, 16 heads of 128, 2 KV groups)."""
+    if tiny:
+        return preset("tiny-chatglm3")
+    cfg = preset("chatglm3-6b")
+    if name == "1.5b":
+        cfg = cfg.replace(num_layers=24, hidden_size=2048, ffn_hidden_size=6912, num_attention_heads=16)
+    return cfg
+
+
+def make_batches(kind: str, examples, *, samples: int, rows: int, pack_length: int, n: int, seed: int):
+    """(collated batches, useful tokens of each, units of each) for ``n`` steps of data ``kind``.
+
+    Each step's units are a seeded sample of the pool without replacement (the trainer's shuffle, in short);
+    padded batches are padded on the left (ChatGLM's side) to their longest sample, packed rows of 1024 to
+    exactly ``pack_length`` (fixed shapes for the compiled runs)."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "adgen-padded":
+        units, per = list(examples), samples
+    elif kind == "adgen-packed":  # glmtune's default for the recipe: rows of up to the longest sample
+        units, per = make_units(list(examples), packing=True, pack_length=None), rows
+    elif kind == "packed":
+        units, per = make_units(list(examples), packing=True, pack_length=pack_length), rows
+    else:
+        raise ValueError(f"unknown data kind {kind!r}")
+    batches, tokens, shapes = [], [], []
+    order = torch.randperm(len(units), generator=gen).tolist()
+    for i in range(n):
+        if (i + 1) * per > len(order):
+            order += torch.randperm(len(units), generator=gen).tolist()
+        chosen = [units[j] for j in order[i * per : (i + 1) * per]]
+        if kind == "adgen-padded":
+            batch = collate(chosen, pad_id=0, pad_side="left", positions="1d")
+        else:
+            batch = collate_packed(chosen, pad_id=0, positions="1d", pad_to=pack_length if kind == "packed" else None)
+        batches.append(batch)
+        tokens.append(useful_tokens(chosen))
+        shapes.append((tuple(batch["input_ids"].shape), sum(len(getattr(u, "examples", [u])) for u in chosen)))
+    return batches, tokens, shapes
+
+
+def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.dtype):
+    if run.impl == HF:
+        from peer_hf import HFStep
+
+        return HFStep(cfg, method=run.method, device=device, precision=precision, lora=LORA,
+                      gradient_checkpointing=run.checkpointing, compile=run.compile)  # fmt: skip
+    from step_glmtune import GlmtuneStep
+
+    options = {"lora": LORA, "ptuning": PTUNING, "full": {}}[run.method]
+    return GlmtuneStep(cfg, method=run.method, options=options, device=device, precision=precision,
+                       gradient_checkpointing=run.checkpointing, compile=run.compile)  # fmt: skip
+
+
+def measure(run: Run, cfg: GLMConfig, data, args, device: torch.device, precision: torch.dtype) -> dict:
+    from peer_hf import hf_batch
+
+    batches, tokens, shapes = data
+    if run.impl == HF:
+        batches = [hf_batch(b, packed=run.data != "adgen-padded") for b in batches]
+    n_params = non_embedding_params(build_model(cfg, device="meta"))
+    flops_per_token = (6 if run.method == "full" else 4) * n_params
+    impl = "transformers" if (run.impl == HF and run.method == "full") else run.impl
+    row = {"id": run.id, "setting": run.setting, "impl": impl, "variant": run.variant, "method": run.method,
+           "n_params": n_params, "flops_per_token": flops_per_token}  # fmt: skip
+    free_memory()
+    t0 = time.perf_counter()
+    step = build_step(run, cfg, device, precision)
+    row["build_s"] = time.perf_counter() - t0
+    if getattr(step, "compile_mode", None):
+        row["compile_mode"] = step.compile_mode
+    losses = []
+
+    def one(batch):
+        losses.append(step(batch))
+
+    t0 = time.perf_counter()
+    timing = time_steps(one, batches, tokens, device=device, warmup=args.warmup, steps=args.steps,
+                        profile_steps=args.profile_steps)  # fmt: skip
+    row["run_s"] = time.perf_counter() - t0
+    n = args.steps
+    widths = [s[0][1] for s in shapes[args.warmup : args.warmup + n]]
+    row.update({
+        "useful_tokens_per_s": timing.useful_tokens_per_s,
+        "mfu": mfu(flops_per_token, timing.useful_tokens_per_s, args.peak_tflops if device.type == "cuda" else None),
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "gpu_busy": timing.gpu_busy,
+        "kernels_per_step": timing.kernels_per_step,
+        "step_ms": timing.step_ms,
+        "kernel_ms_per_step": timing.kernel_ms_per_step,
+        "rows_per_step": shapes[0][0][0],
+        "mean_width": sum(widths) / len(widths),
+        "samples_per_step": sum(s[1] for s in shapes[args.warmup : args.warmup + n]) / n,
+        "useful_tokens_per_step": sum(tokens[(args.warmup + i) % len(tokens)] for i in range(n)) / n,
+        "first_loss": float(losses[0]),
+        "last_loss": float(losses[-1]),
+    })  # fmt: skip
+    return row
+
+
+COLUMNS = [
+    ("setting", "setting", ""), ("impl", "impl", ""), ("variant", "variant", ""),
+    ("rows x width", "shape", ""), ("samples/step", "samples_per_step", ".1f"),
+    ("useful tok/s", "useful_tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"), ("step ms", "step_ms", ".1f"),
+    ("GPU busy", "gpu_busy", ".0%"), ("kernels/step", "kernels_per_step", ",.0f"), ("peak GiB", "peak_gib", ".1f"),
+]  # fmt: skip
+
+
+def table(rows: list[dict]) -> str:
+    shown = []
+    for r in rows:
+        if "error" in r:
+            shown.append({**r, "variant": f"{r['variant']} (failed: {r['error'][:80]})"})
+        else:
+            shown.append({**r, "shape": f"{r['rows_per_step']} x {r['mean_width']:.0f}"})
+    return markdown_table(shown, COLUMNS)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="chatglm3-6b")
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--records", type=int, default=2000)
-    ap.add_argument("--work-dir", type=Path, default=None)
+    ap.add_argument("--runs", nargs="+", default=["*"], help="globs on run ids (default: all): " +
+                    ", ".join(r.id for r in RUNS))  # fmt: skip
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers+peft runs")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--profile-steps", type=int, default=2)
+    ap.add_argument("--pool", type=int, default=512, help="synthetic samples to draw batches from")
+    ap.add_argument("--samples", type=int, default=4, help="samples per step (padded ADGEN batches)")
+    ap.add_argument("--rows", type=int, default=4, help="rows per step (packed batches)")
+    ap.add_argument("--pack-length", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
+    ap.add_argument("--tiny", action="store_true", help="tiny models (the CPU smoke test)")
+    ap.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS, help="for MFU (H200 bf16 dense)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = []
-    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
-        work = Path(tmp)
-        t = time.perf_counter()
-        write_model(work / "model", args.preset, device)
-        print(f"wrote the random model folder in {time.perf_counter() - t:.1f}s", flush=True)
-        data = work / "train.json"
-        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_dataset(args.records, seed=1)))
-        for name in args.settings:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            run = work / f"run-{name}"
-            cfg = load_config(None, [
-                f"model={work / 'model'}", f"output_dir={run}", f"data.train={data}", "data.max_source_length=64",
-                "data.max_target_length=128", f"train.batch_size={args.batch_size}", f"train.max_steps={args.steps}",
-                "train.precision=bf16" if device.type == "cuda" else "train.precision=fp32", "train.warmup_steps=0",
-                "log.every_steps=5", "log.progress=false", "log.plot=false", "log.tensorboard=false",
-                f"save.every_steps={args.steps * 10}", *SETTINGS[name],
-            ])  # fmt: skip
-            t = time.perf_counter()
-            result = train(cfg)
-            wall = time.perf_counter() - t
-            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-            windows = [x["tokens_per_s"] for x in lines if x.get("split") == "train" and "tokens_per_s" in x]
-            steady = windows[1:] or windows
-            row = {
-                "setting": name, "steps": result.steps, "batch_size": args.batch_size,
-                "tokens_per_s": sum(steady) / len(steady), "windows": windows, "wall_s": wall,
-                "first_loss": result.losses[0][1], "last_loss": result.losses[-1][1],
-                "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
-            }  # fmt: skip
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-            "preset": args.preset}  # fmt: skip
-    print("| setting | batch | real tokens/s | peak GPU GB | loss first -> last |")
-    print("|---|---:|---:|---:|---|")
-    for r in rows:
-        peak = f"{r['peak_gpu_bytes'] / 1e9:.1f}" if r["peak_gpu_bytes"] else "-"
-        print(f"| {r['setting']} | {r['batch_size']} | {r['tokens_per_s']:,.0f} | {peak} | "
-              f"{r['first_loss']:.3f} -> {r['last_loss']:.3f} |")  # fmt: skip
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    device = torch.device(args.device)
+    default = "bf16" if device.type == "cuda" else "fp32"
+    precision = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.precision or default]
+    runs = [r for r in RUNS if any(fnmatch.fnmatch(r.id, g) for g in args.runs) and not (args.no_hf and r.impl == HF)]
+    if not runs:
+        ap.error(f"no run matches {args.runs}; runs: {', '.join(r.id for r in RUNS)}")
+    info = {**device_info(device), "precision": str(precision), "peak_tflops": args.peak_tflops, "tiny": args.tiny,
+            "warmup": args.warmup, "steps": args.steps, "profile_steps": args.profile_steps, "seed": args.seed,
+            "command": " ".join(sys.argv)}  # fmt: skip
+    n_batches = args.warmup + args.steps + args.profile_steps
+    data_cache: dict[tuple[str, str], tuple] = {}
+    rows: list[dict] = []
+    for run in runs:
+        cfg = model_config(run.model, args.tiny)
+        key = (run.data, run.model)
+        if key not in data_cache:
+            pool = adgen_examples(args.pool, vocab=cfg.padded_vocab_size, seed=args.seed)
+            data_cache[key] = make_batches(run.data, pool, samples=args.samples, rows=args.rows,
+                                           pack_length=args.pack_length, n=n_batches, seed=args.seed)  # fmt: skip
+        log.info("run %s", run.id)
+        try:
+            row = measure(run, cfg, data_cache[key], args, device, precision)
+        except Exception as e:  # one failed run (OOM, a compile error, no transformers) must not lose the others
+            log.exception("run %s failed", run.id)
+            row = {"id": run.id, "setting": run.setting, "impl": run.impl, "variant": run.variant,
+                   "error": f"{type(e).__name__}: {e}"[:500]}  # fmt: skip
+        if run.compile:
+            torch._dynamo.reset()
+        free_memory()  # the run's model and optimizer went with measure()'s frame
+        rows.append(row)
+        log.info("%s", {k: v for k, v in row.items() if k not in ("setting", "impl", "variant")})
+        if args.json:
+            write_json(args.json, {"info": info, "rows": rows})
+    text = table(rows)
+    print(text)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+        args.json.with_suffix(".md").write_text(text + "\n")
+    return rows
 
 
 if __name__ == "__main__":

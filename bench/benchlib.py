@@ -1,0 +1,205 @@
+"""What the speed benchmarks share: synthetic ADGEN-like examples, random weights drawn on the device, step timing,
+kernel profiling (GPU-busy fraction, kernels per step), MFU, and writing JSON + a markdown table.
+
+Definitions (the same for every implementation, so rows compare like with like):
+- useful tokens: prompt + target tokens of real samples in a step (padding never counts);
+- MFU: ``flops_per_token * useful tokens/s / peak``; flops_per_token = 4N for adapter methods (forward + the
+  backward pass to the activations; frozen weights get no gradient), 6N for full fine-tuning, N = the model's
+  parameters without the input embedding (attention's own FLOPs are not counted, as is usual);
+- GPU busy: summed CUDA kernel (+ memcpy/memset) time of a step, from ``torch.profiler`` over a few steps after
+  warm-up, divided by the step's wall time measured without the profiler;
+- peak: ``torch.cuda.max_memory_allocated`` from before the model is built to the end of the run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from glmtune.templates import IGNORE_INDEX, Encoded
+
+H200_BF16_PEAK_TFLOPS = 989.0  # dense bf16, NVIDIA's H100/H200 SXM datasheet (no sparsity)
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+def adgen_examples(
+    n: int, *, vocab: int, seed: int = 0, prompt: tuple[int, int] = (20, 60), response: tuple[int, int] = (50, 130)
+) -> list[Encoded]:
+    """``n`` synthetic ADGEN-like examples: a prompt of 20-60 tokens (no loss) then a response of 50-130 tokens
+    (loss), lengths and ids drawn from ``seed``. Ids avoid the first and last 10 of the vocabulary."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p, r = rng.randint(*prompt), rng.randint(*response)
+        ids = [rng.randrange(10, vocab - 10) for _ in range(p + r)]
+        out.append(Encoded(input_ids=ids, labels=[IGNORE_INDEX] * p + ids[p:]))
+    return out
+
+
+def useful_tokens(units: Sequence) -> int:
+    """Real tokens of a list of examples or packed rows (a packed row has ``.examples``)."""
+    return sum(sum(len(e.input_ids) for e in getattr(u, "examples", [u])) for u in units)
+
+
+# ---- models -------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def random_fill(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, seed: int = 0) -> None:
+    """Random weights drawn on the device (fast at 6B): N(0, 0.02) matrices, unit norms, zero biases; parameters
+    cast to ``dtype`` (buffers keep theirs). A model built on "meta" is materialised on ``device`` first and its
+    rotary inverse frequencies recomputed (base 10000)."""
+    was_meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    if was_meta:
+        model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        module = name.rsplit(".", 2)[-2] if "." in name else ""
+        if "norm" in module and name.endswith("weight"):
+            p.fill_(1.0)
+        elif name.endswith(".bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+        p.data = p.data.to(dtype)
+    if was_meta:
+        for name, b in model.named_buffers():
+            if name.endswith("inv_freq"):
+                n = b.shape[0] * 2
+                b.copy_(1.0 / (10000 ** (torch.arange(0, n, 2, dtype=torch.float32, device=device) / n)))
+
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    """Parameters without the input embedding (the N of MFU); the output layer counts."""
+    emb = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    if emb is None:
+        emb = next(m.weight for n, m in model.named_modules() if n.endswith("word_embeddings"))
+    seen = {id(emb)}
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ---- timing and profiling -----------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Timing:
+    step_ms: float  # mean wall time of a step
+    useful_tokens_per_s: float
+    kernels_per_step: float | None = None
+    kernel_ms_per_step: float | None = None
+
+    @property
+    def gpu_busy(self) -> float | None:
+        return None if self.kernel_ms_per_step is None else self.kernel_ms_per_step / self.step_ms
+
+
+def time_steps(
+    step: Callable[[object], object],
+    batches: Sequence,
+    tokens: Sequence[int],
+    *,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    profile_steps: int,
+) -> Timing:
+    """Run ``warmup`` steps, then time ``steps`` steps, then profile ``profile_steps`` more (CUDA only).
+
+    ``batches[i]`` is consumed by ``step`` and holds ``tokens[i]`` useful tokens; batches are cycled.
+    """
+    n = len(batches)
+    for i in range(warmup):
+        step(batches[i % n])
+    sync(device)
+    start = time.perf_counter()
+    done = 0
+    for i in range(warmup, warmup + steps):
+        step(batches[i % n])
+        done += tokens[i % n]
+    sync(device)
+    wall = time.perf_counter() - start
+    timing = Timing(step_ms=1e3 * wall / steps, useful_tokens_per_s=done / wall)
+    if device.type == "cuda" and profile_steps > 0:
+        first = warmup + steps
+        k, ms = profile_kernels(lambda: [step(batches[i % n]) for i in range(first, first + profile_steps)], device)
+        timing.kernels_per_step, timing.kernel_ms_per_step = k / profile_steps, ms / profile_steps
+    return timing
+
+
+def profile_kernels(run: Callable[[], object], device: torch.device) -> tuple[int, float]:
+    """(number of kernels, summed kernel + memcpy/memset milliseconds) that ``run()`` launched, read from the
+    profiler's Chrome trace (its event categories are stable across torch versions)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run()
+        sync(device)
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        events = json.loads(Path(path).read_text()).get("traceEvents", [])
+    finally:
+        os.unlink(path)
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    busy_us = sum(float(e.get("dur", 0)) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    return len(kernels), busy_us / 1e3
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak_tflops: float | None) -> float | None:
+    return None if not peak_tflops else flops_per_token * tokens_per_s / (peak_tflops * 1e12)
+
+
+# ---- output -------------------------------------------------------------------------------------------------------
+def device_info(device: torch.device) -> dict:
+    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__}  # fmt: skip
+    for name in ("transformers", "peft"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    return info
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Atomic: a half-written file never replaces a good one (the benchmarks rewrite it after every row)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:
+    """``columns``: (header, key, format spec); a missing or None value prints as "-"."""
+    out = ["| " + " | ".join(h for h, _, _ in columns) + " |",
+           "|" + "|".join("---" if f == "" else "---:" for _, _, f in columns) + "|"]  # fmt: skip
+    for r in rows:
+        cells = []
+        for _, key, fmt in columns:
+            v = r.get(key)
+            cells.append("-" if v is None else format(v, fmt))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)

@@ -1,0 +1,100 @@
+"""glmtune's side of the training benchmark: its model, method, optimizer, loss and step, from the pieces the
+trainer is made of (``LMLoss``, ``trainable_parameters``, ``build_optimizer``, and the trainer's own step object
+``glmtune.train.step.TrainStep`` where it exists; before it, a copy of the loop's step: autocast forward, backward
+of the token-normalised loss, loss read back, clipping, AdamW, zero_grad). The learning-rate schedule is left out
+(a host-side multiply per step).
+
+This is the one file to adapt when the trainer changes: ``GlmtuneStep.__call__`` must stay one optimizer step of
+the real trainer on one micro-batch. ``compile``: each transformer block wrapped in ``torch.compile`` (regional
+compilation: one compiled graph serves every layer); replace it with the trainer's own ``train.compile`` once that
+exists.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from benchlib import random_fill
+
+from glmtune.adapters import build_method
+from glmtune.models import build_model
+from glmtune.models.config import GLMConfig
+from glmtune.train.config import OptimConfig
+from glmtune.train.distributed import DistInfo
+from glmtune.train.loop import LMLoss, build_optimizer, trainable_parameters
+from glmtune.train.loss import count_targets
+
+try:
+    from glmtune.train.step import TrainStep
+except ImportError:  # the trainer before its step became an object
+    TrainStep = None
+
+
+def glmtune_model(cfg: GLMConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    """glmtune's model for ``cfg`` (ChatGLM3 rotary), random weights drawn on ``device``, in ``dtype``."""
+    model = build_model(cfg, device=device, dtype=dtype, generation="chatglm3")
+    random_fill(model, device, dtype, seed=seed)
+    return model
+
+
+def _blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
+    return model.transformer.encoder.layers
+
+
+class GlmtuneStep:
+    """One optimizer step of glmtune on a collated batch (a dict from glmtune's collate functions)."""
+
+    def __init__(
+        self,
+        cfg: GLMConfig,
+        *,
+        method: str,
+        options: dict,
+        device: torch.device,
+        precision: torch.dtype,
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+        lr: float = 3e-4,
+        max_grad_norm: float = 1.0,
+    ) -> None:
+        self.device = device
+        # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base
+        self.model = glmtune_model(cfg, device, torch.float32 if method == "full" else precision)
+        self.method = build_method(method, dict(options))
+        self.method.setup(self.model)
+        named = trainable_parameters(self.method, self.model)
+        self.params = list(named.values())
+        self.model.transformer.gradient_checkpointing = gradient_checkpointing
+        opt = OptimConfig(learning_rate=lr, max_grad_norm=max_grad_norm)
+        self.optimizer = build_optimizer(named, opt, device)
+        self.max_grad_norm = max_grad_norm
+        self.autocast = torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
+        self.net = LMLoss(self.model, opt.loss_chunk_tokens)
+        self.inputs = set(inspect.signature(self.net.forward).parameters)
+        self.compile_mode = None
+        if compile:
+            for block in _blocks(self.model):
+                block.compile()
+            self.compile_mode = "each transformer block torch.compile'd by the bench"
+        self.train_step = None
+        if TrainStep is not None:
+            self.train_step = TrainStep(self.net, self.params, self.optimizer, info=DistInfo(device=device),
+                                        autocast=self.autocast, max_grad_norm=max_grad_norm)  # fmt: skip
+        self.model.train()
+
+    def __call__(self, batch: dict[str, torch.Tensor]):
+        """One optimizer step on ``batch``; returns the mean token loss (a device tensor, or a float)."""
+        if self.train_step is not None:
+            out = self.train_step([batch])
+            return out.loss_sum / max(float(out.targets), 1.0)
+        n = count_targets(batch["labels"])
+        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in self.inputs}
+        with self.autocast:
+            loss_sum = self.net(**inputs)
+        (loss_sum / max(n, 1)).backward()
+        loss = float(loss_sum.detach()) / max(n, 1)  # the loop read the loss back every step (non-finite check)
+        float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss

@@ -1,0 +1,117 @@
+"""bench/train_speed.py on the CPU with tiny models: the script runs, counts what it says it counts, and its
+transformers peer computes the same loss as glmtune from the same weights (so the rows compare like with like)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmtune.models import build_model
+from glmtune.models.config import preset
+from glmtune.templates import IGNORE_INDEX
+from glmtune.train.loop import LMLoss
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import benchlib  # noqa: E402
+import train_speed  # noqa: E402
+
+HAS_HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "peft"))
+
+
+def test_adgen_examples_lengths_labels_and_seed():
+    examples = benchlib.adgen_examples(200, vocab=512, seed=3)
+    assert examples == benchlib.adgen_examples(200, vocab=512, seed=3)
+    assert examples != benchlib.adgen_examples(200, vocab=512, seed=4)
+    for e in examples:
+        prompt = sum(1 for x in e.labels if x == IGNORE_INDEX)
+        assert 20 <= prompt <= 60 and 50 <= len(e.input_ids) - prompt <= 130
+        assert e.labels[:prompt] == [IGNORE_INDEX] * prompt and e.labels[prompt:] == e.input_ids[prompt:]
+        assert all(10 <= x < 502 for x in e.input_ids)
+    prompts = {sum(1 for x in e.labels if x == IGNORE_INDEX) for e in examples}
+    assert min(prompts) < 30 and max(prompts) > 50  # the whole range is drawn, not one length
+
+
+@pytest.mark.parametrize("kind", ["adgen-padded", "adgen-packed", "packed"])
+def test_useful_tokens_are_the_real_tokens(kind):
+    pool = benchlib.adgen_examples(40, vocab=512, seed=0)
+    batches, tokens, shapes = train_speed.make_batches(kind, pool, samples=4, rows=3, pack_length=400, n=5, seed=1)
+    assert len(batches) == len(tokens) == 5
+    for batch, n, (shape, samples) in zip(batches, tokens, shapes, strict=True):
+        assert n == int(batch["attention_mask"].sum()) and 0 < n < batch["input_ids"].numel()  # padding not counted
+        assert shape == tuple(batch["input_ids"].shape)
+        assert samples == (4 if kind == "adgen-padded" else int(batch["seq_ids"].max(dim=1).values.add(1).sum()))
+        if kind == "packed":
+            assert shape == (3, 400)  # fixed width for the compiled runs
+
+
+def test_mfu_counts_parameters_without_the_input_embedding():
+    cfg = preset("tiny-chatglm3")
+    model = build_model(cfg, device="meta")
+    total = sum(p.numel() for p in model.parameters())
+    n = benchlib.non_embedding_params(model)
+    assert n == total - cfg.padded_vocab_size * cfg.hidden_size
+    assert benchlib.mfu(4 * n, 1000.0, 1.0) == pytest.approx(4 * n * 1000.0 / 1e12)
+    assert benchlib.mfu(4 * n, 1000.0, None) is None
+
+
+def _glmtune_loss(model, batch) -> torch.Tensor:
+    net = LMLoss(model, 64)
+    accepted = set(inspect.signature(net.forward).parameters)
+    loss_sum = net(**{k: v for k, v in batch.items() if k in accepted})
+    return loss_sum / (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+@pytest.mark.skipif(not HAS_HF, reason="transformers and peft are dev extras")
+@pytest.mark.parametrize("kind", ["adgen-padded", "packed"])
+def test_transformers_peer_gives_glmtunes_loss_from_the_same_weights(kind):
+    import peer_hf
+
+    torch.manual_seed(0)
+    cfg = preset("tiny-chatglm3")
+    model = build_model(cfg, device="cpu", dtype=torch.float32, generation="chatglm3")
+    benchlib.random_fill(model, torch.device("cpu"), torch.float32, seed=5)
+    with torch.no_grad():  # norms and biases away from 1 and 0, so a misplaced one shows
+        for p in model.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf = peer_hf.hf_model(cfg, torch.device("cpu"), torch.float32, use_cache=False)
+    missing, unexpected = hf.load_state_dict(peer_hf.hf_state_dict(model), strict=False)
+    assert not unexpected and all(k.endswith("inv_freq") for k in missing)
+    pool = benchlib.adgen_examples(12, vocab=cfg.padded_vocab_size, seed=2)
+    (batch,), _, _ = train_speed.make_batches(kind, pool, samples=3, rows=2, pack_length=256, n=1, seed=0)
+    model.eval(), hf.eval()
+    with torch.no_grad():
+        ours = _glmtune_loss(model, batch)
+        theirs = hf(**peer_hf.hf_batch(batch, packed=kind != "adgen-padded")).loss
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+    if kind == "packed":  # the peer really keeps samples apart: one causal mask over the whole row differs
+        with torch.no_grad():
+            crossing = hf(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        assert abs(float(crossing) - float(theirs)) > 1e-4
+
+
+def test_train_speed_runs_on_cpu(tmp_path):
+    out = tmp_path / "train_speed.json"
+    runs = ["adgen-lora/*", "adgen-ptuning/glmtune-padded", "full-1.5b/glmtune-eager"]
+    rows = train_speed.main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--profile-steps", "0",
+                             "--pool", "24", "--pack-length", "256", "--json", str(out), "--runs", *runs]
+                            + ([] if HAS_HF else ["--no-hf"]))  # fmt: skip
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert [r["id"] for r in rows] == [r.id for r in train_speed.RUNS if any(
+        __import__("fnmatch").fnmatch(r.id, g) for g in runs) and (HAS_HF or r.impl != train_speed.HF)]  # fmt: skip
+    for r in rows:
+        assert "error" not in r, r
+        assert r["useful_tokens_per_step"] == pytest.approx(r["useful_tokens_per_s"] * r["step_ms"] / 1e3)
+        assert r["mfu"] is None and r["gpu_busy"] is None  # no peak and no kernels on the CPU
+        assert 5 < r["first_loss"] < 10  # ~ln(512) on random weights: a real loss went through
+    table = out.with_suffix(".md").read_text()
+    assert table.count("\n") == len(rows) + 2 and "useful tok/s" in table
