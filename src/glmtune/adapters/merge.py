@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -27,19 +26,17 @@ from glmtune.adapters.ptuning import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_pre
 from glmtune.io import atomic_write_dir
 from glmtune.models.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
+    WEIGHT_FILE,
     ShardWriter,
     checkpoint_files,
     iter_checkpoint,
     read_tensor_infos,
 )
+from glmtune.pretrained import DTYPES
 
 log = logging.getLogger(__name__)
 
-# Weight files and indexes of a model folder: never copied from the base (the merge writes its own).
-_WEIGHT_FILE = re.compile(r"(model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin)(\.index\.json)?")
 _TRAINING_FILES = {"trainer_state.json", "training_args.bin", "all_results.json", "train_results.json"}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # fmt: skip
 
 
 def _dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -68,7 +65,7 @@ def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
     for p in sorted(src.iterdir()):
         if not p.is_file() or p.name.startswith(".") or p.name in skip or p.name in _TRAINING_FILES:
             continue
-        if _WEIGHT_FILE.fullmatch(p.name) or p.suffix in (".pt", ".pth", ".bin", ".safetensors"):
+        if WEIGHT_FILE.fullmatch(p.name) or p.suffix in (".pt", ".pth", ".bin", ".safetensors"):
             continue
         shutil.copy2(p, dst / p.name)
 

@@ -51,7 +51,8 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 _SAFE_SHARD = re.compile(r"model-(\d+)-of-(\d+)\.safetensors")
 _BIN_SHARD = re.compile(r"pytorch_model-(\d+)-of-(\d+)\.bin")
-_WEIGHT_FILE = re.compile(r"(model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin)(\.index\.json)?")
+# Any weight file or index of a model folder (what a save replaces, what a copy of the folder leaves out).
+WEIGHT_FILE = re.compile(r"(model(-\d+-of-\d+)?\.safetensors|pytorch_model(-\d+-of-\d+)?\.bin)(\.index\.json)?")
 # Drop a shard's memory map after this many bytes were read from it, so its touched pages leave the RSS.
 _WINDOW_BYTES = 128 * 2**20
 # Tensors larger than this are read and converted in row ranges of about this size.
@@ -752,7 +753,7 @@ def save_weights(
         written = writer.finish()
     keep = {p.name for p in written}
     for p in out_dir.iterdir():
-        if p.is_file() and _WEIGHT_FILE.fullmatch(p.name) and p.name not in keep:
+        if p.is_file() and WEIGHT_FILE.fullmatch(p.name) and p.name not in keep:
             log.info("removing %s from an earlier save", p)
             p.unlink()
     n = len(written) - (len(written) > 1)
