@@ -36,6 +36,7 @@ from glmtune.pretrained import DTYPES
 
 log = logging.getLogger(__name__)
 
+EXPORT_INFO = "glmtune.json"  # what `glmtune export` records beside an official P-Tuning folder
 _TRAINING_FILES = {"trainer_state.json", "training_args.bin", "all_results.json", "train_results.json"}
 
 
@@ -163,7 +164,7 @@ def export_ptuning(
 ) -> Path:
     """Write the folder the official P-Tuning demos load as their checkpoint: the base model's config.json with
     ``pre_seq_len`` / ``prefix_projection`` set, ``pytorch_model.bin`` with only ``transformer.prefix_encoder.*``, and
-    the base folder's other files (tokenizer, code) so it is complete on its own.
+    the base folder's other files (tokenizer, code) so it is complete on its own; ``glmtune.json`` names the base.
 
     ``format="peft"`` writes a PEFT PREFIX_TUNING adapter instead (adapter_config.json + adapter_model.safetensors,
     ``peft_prefix.py``), what GLM-4's official finetune and inference scripts use; ChatGLM2+ only.
@@ -208,10 +209,15 @@ def export_ptuning(
     config["prefix_projection"] = ckpt.prefix_projection
     tensors = {PREFIX + k: v.to(torch.float32).contiguous() for k, v in ckpt.tensors.items()}
 
+    # The official layout has no field for the base model: glmtune.json records it (null when not known).
+    info = {"format": "glmtune-ptuning-export", "base_model": str(base_dir.resolve()) if base_dir else None,
+            "source": str(prefix_dir.resolve())}  # fmt: skip
+
     def fill(tmp: Path) -> None:
         torch.save(tensors, tmp / WEIGHTS_NAME)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        skip = {CONFIG_NAME, WEIGHTS_NAME}
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        skip = {CONFIG_NAME, WEIGHTS_NAME, EXPORT_INFO}
         if base_dir is not None:
             _copy_side_files(base_dir, tmp, skip)
         peft_files = {"adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"}  # a PEFT source's

@@ -165,6 +165,11 @@ class GLM4Tokenizer:
             raise KeyError(f"id {token_id} is outside the vocabulary of {self._ranks_file} ({self.vocab_size} ids)")
         return self._enc.decode_single_token_bytes(token_id)
 
+    def id_to_piece(self, token_id: int) -> str:
+        """The vocabulary entry of an id: a special token's text; an ordinary id's bytes, a byte that is not UTF-8 on
+        its own written as ``\\xNN``."""
+        return self.id_to_bytes(token_id).decode("utf-8", errors="backslashreplace")
+
     def _check_config(self, config_file: Path) -> None:
         """Warn when a tokenizer_config.json numbers the special tokens differently from the ranks file."""
         if not config_file.is_file():
