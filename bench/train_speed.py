@@ -13,7 +13,7 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
 
 Each run: ``--warmup`` steps (compilation happens there), ``--steps`` timed steps, ``--profile-steps`` under
 torch.profiler. benchlib's docstring defines useful tokens, MFU, GPU busy and peak. Rows are written to ``--json``
-after every run (a killed run keeps what it measured) and a markdown table next to it.
+after every run (a killed run keeps what it measured; compiled runs go last) and a markdown table next to it.
 
     PYTHONPATH=src python bench/train_speed.py --json bench/results/train_speed.json
     PYTHONPATH=src python bench/train_speed.py --runs 'adgen-lora/*' --steps 10   # a subset (glob on run ids)
@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     n_batches = args.warmup + args.steps + args.profile_steps
     data_cache: dict[tuple[str, str], tuple] = {}
     rows: list[dict] = []
-    for run in runs:
+    order = {r.id: i for i, r in enumerate(RUNS)}
+    for run in sorted(runs, key=lambda r: r.compile):  # compiled runs last: the slowest to start
         cfg = model_config(run.model, args.tiny)
         key = (run.data, run.model)
         if key not in data_cache:
@@ -259,6 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         free_memory()  # the run's model and optimizer went with measure()'s frame
         rows.append(row)
         log.info("%s", {k: v for k, v in row.items() if k not in ("setting", "impl", "variant")})
+        rows.sort(key=lambda r: order[r["id"]])
         if args.json:
             write_json(args.json, {"info": info, "rows": rows})
     text = table(rows)
