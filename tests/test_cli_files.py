@@ -41,31 +41,21 @@ def test_atomic_writes_follow_the_umask(tmp_path, umask):
     assert _mode(tmp_path / "folder" / "inside.txt") == 0o666 & ~umask
 
 
-def _ptuning_run(root: Path) -> tuple[Path, Path]:
-    base = make_tiny_model_dir(root / "base", corpus_lines(seed=0), generation="chatglm3", vocab_size=600)
+def test_exported_ptuning_folder_names_its_base(tmp_path):
+    base = make_tiny_model_dir(tmp_path / "base", corpus_lines(seed=0), generation="chatglm3", vocab_size=600)
     model = load_pretrained(base, dtype="float32", device="cpu").model
     method = build_method("ptuning", {"pre_seq_len": 3, "prefix_projection": False})
     method.setup(model)
-    run = root / "run"
-    method.save(model, run / "model", config=model.config, tokenizer_files=[base / "tokenizer.model"])
-    info = {"format": "glmtune-run", "version": 1, "base_model": str(base.resolve()), "generation": "chatglm3",
-            "template": "chatglm3", "method": {"name": "ptuning", "pre_seq_len": 3, "prefix_projection": False},
-            "dtype": "fp32"}  # fmt: skip
-    (run / "run.json").write_text(json.dumps(info))
-    return run, base
-
-
-def test_exported_ptuning_folder_names_its_base(tmp_path):
-    run, base = _ptuning_run(tmp_path)
-    assert main(["export", str(run), str(tmp_path / "out")]) == 0
+    prefix = tmp_path / "prefix"
+    method.save(model, prefix, config=model.config, tokenizer_files=[base / "tokenizer.model"])
+    assert main(["export", str(prefix), str(tmp_path / "out"), "--base", str(base)]) == 0
     info = json.loads((tmp_path / "out" / "glmtune.json").read_text(encoding="utf-8"))
-    assert info["base_model"] == str(base.resolve())
-    assert info["source"] == str((run / "model").resolve())
+    assert info["base_model"] == str(base.resolve()) and info["source"] == str(prefix.resolve())
     # exported again from the exported folder alone, the base is unknown: recorded as such, not copied over
     assert main(["export", str(tmp_path / "out"), str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "glmtune.json").read_text(encoding="utf-8"))["base_model"] is None
     # PEFT's format has its own field for it
-    assert main(["export", str(run), str(tmp_path / "peft"), "--format", "peft"]) == 0
+    assert main(["export", str(prefix), str(tmp_path / "peft"), "--format", "peft", "--base", str(base)]) == 0
     peft = json.loads((tmp_path / "peft" / "adapter_config.json").read_text(encoding="utf-8"))
     assert peft["base_model_name_or_path"] == str(base.resolve())
 
