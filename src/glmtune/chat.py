@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from glmtune.generate import GenerationConfig, generate_stream
 from glmtune.pretrained import Pretrained
 from glmtune.templates import Message
+from glmtune.tokenizers.base import Tokenizer
 from glmtune.tokenizers.stream import StreamDecoder
 
 log = logging.getLogger(__name__)
@@ -35,13 +36,14 @@ class ReplyText:
 
     The pieces join to exactly ``text``, the cleaned-up decode of all ids."""
 
-    def __init__(self, tokenizer, clean: Callable[[str], str] | None) -> None:
+    def __init__(self, tokenizer: Tokenizer, clean: Callable[[str], str] | None) -> None:
         self._decoder = StreamDecoder(tokenizer)
         self._clean = clean
         self._raw: list[str] = []
         self._shown = ""
 
     def push(self, token_id: int) -> str:
+        """Add one generated id; return the text that is now settled (possibly "")."""
         piece = self._decoder.push(token_id)
         if not piece:
             return ""
