@@ -21,7 +21,7 @@ VARIANTS = {
 
 def _model(overrides=None, *, dtype=torch.float64, seed=0, rope_style="chatglm3", std=0.1):
     cfg = preset("tiny-chatglm2").replace(**(overrides or {}))
-    m = ChatGLMForCausalLM(cfg, dtype=dtype, rope_style=rope_style)
+    m = ChatGLMForCausalLM(cfg.replace(rope_style=rope_style), dtype=dtype)
     m.init_weights(seed=seed, std=std)
     return m.eval()
 
@@ -119,17 +119,18 @@ def test_prefix_matches_reference(projection):
     assert (got - plain).abs().max() > 1e-3
 
 
-def test_packed_rows_equal_separate_samples():
-    from glmtune.data.collate import packed_attention_mask
-
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_packed_rows_equal_separate_samples(backend):
     m = _model()
+    m.set_attention_backend(backend)
     a, b = _ids(5, 9), _ids(4, 10)
-    seg = torch.tensor([[0] * 5 + [1] * 4])
-    pos = torch.tensor([list(range(5)) + list(range(4))])
+    seg = torch.tensor([[0] * 5 + [1] * 4 + [-1] * 2])
+    pos = torch.tensor([list(range(5)) + list(range(4)) + [0, 0]])
     with torch.no_grad():
-        packed = m(torch.tensor([a + b]), position_ids=pos, attn_mask=packed_attention_mask(seg))[0]
+        packed = m(torch.tensor([a + b + [0, 0]]), position_ids=pos, segment_ids=seg)[0]
+        m.set_attention_backend("sdpa")
         torch.testing.assert_close(packed[:5], m(torch.tensor([a]))[0], rtol=0, atol=1e-10)
-        torch.testing.assert_close(packed[5:], m(torch.tensor([b]))[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(packed[5:9], m(torch.tensor([b]))[0], rtol=0, atol=1e-10)
 
 
 def test_hidden_states_and_logits_to_keep():

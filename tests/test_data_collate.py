@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmtune.data.collate import collate, collate_packed, pack, packed_attention_mask, sample_positions
+from glmtune.data.collate import collate, collate_packed, pack, sample_positions
+from glmtune.models.layout import SequenceLayout
+from glmtune.models.masks import build_mask
 from glmtune.templates import IGNORE_INDEX, Encoded
 
 
@@ -38,10 +40,17 @@ def test_v1_2d_positions_match_original_rule():
     # X X [gMASK] <sop> Y Y <eop>: prefix_length = 3 (index of <sop>), mask position = 2
     ex = Encoded([1, 2, 3, 4, 5, 6, 7], [IGNORE_INDEX] * 3 + [4, 5, 6, 7], prefix_length=3)
     assert sample_positions(ex, "2d") == [[0, 1, 2, 2, 2, 2, 2], [0, 0, 0, 1, 2, 3, 4]]
-    b = collate([ex, Encoded([1, 3, 4], [IGNORE_INDEX, IGNORE_INDEX, 4], prefix_length=2)], pad_id=0, positions="2d")
+    b = collate([ex, Encoded([1, 3, 4], [IGNORE_INDEX, IGNORE_INDEX, 4], prefix_length=2)], pad_id=0, positions="2d",
+                pad_side="left")  # fmt: skip
     assert b["position_ids"].shape == (2, 2, 7)
     assert b["position_ids"][1].tolist() == [[0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 0, 0, 1]]
-    assert b["prefix_lengths"].tolist() == [[3], [2]]
+    assert b["context"].tolist()[1] == [False] * 4 + [True, True, False]  # right-padded: <sop> at 2
+
+
+def batch_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The dense mask the models build from a batch's layout tensors: bool (b, 1, t, t)."""
+    layout = SequenceLayout(batch["position_ids"], batch.get("segment_ids"), batch.get("context"))
+    return build_mask(layout).dense
 
 
 def naive_mask(seg: list[int], prefix: dict[int, int] | None) -> list[list[bool]]:
@@ -53,7 +62,7 @@ def naive_mask(seg: list[int], prefix: dict[int, int] | None) -> list[list[bool]
     for q in range(t):
         for k in range(t):
             if seg[q] < 0:
-                m[q][k] = q == k
+                m[q][k] = True  # a padding query sees everything (never read; no empty softmax row)
             elif seg[q] == seg[k]:
                 in_prefix = prefix is not None and k - start[seg[k]] < prefix.get(seg[k], 0)
                 m[q][k] = k <= q or in_prefix
@@ -68,9 +77,9 @@ def test_packed_mask_matches_naive_reference(seed):
     positions = "2d" if seed % 2 else "1d"
     batch = collate_packed(rows, pad_id=0, positions=positions)
     for i, row in enumerate(rows):
-        seg = batch["seq_ids"][i].tolist()
+        seg = batch["segment_ids"][i].tolist()
         prefix = {j: e.prefix_length for j, e in enumerate(row.examples)} if positions == "2d" else None
-        assert batch["attn_mask"][i, 0].tolist() == naive_mask(seg, prefix)
+        assert batch_mask(batch)[i, 0].tolist() == naive_mask(seg, prefix)
 
 
 def test_pack_budget_order_and_errors():
@@ -91,7 +100,7 @@ def test_packed_labels_positions_and_first_label_ignored():
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0]]
     assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5, IGNORE_INDEX]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0]]
-    assert batch["seq_ids"].tolist() == [[0, 0, 0, 1, 1, -1]]
+    assert batch["segment_ids"].tolist() == [[0, 0, 0, 1, 1, -1]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0]]
 
 
@@ -107,7 +116,7 @@ def test_packing_never_lets_a_sample_see_another(positions):
     table = torch.randn(100, 3, 8, dtype=torch.float64, generator=gen)  # per token id: q, k, v (head dim 8)
     qkv = table[batch["input_ids"]]  # (b, t, 3, d)
     q, k, v = (qkv[:, None, :, i] for i in range(3))  # (b, 1, t, d)
-    packed = F.scaled_dot_product_attention(q, k, v, attn_mask=batch["attn_mask"])  # (b, 1, t, d)
+    packed = F.scaled_dot_product_attention(q, k, v, attn_mask=batch_mask(batch))  # (b, 1, t, d)
     for i, row in enumerate(rows):
         start = 0
         for e in row.examples:
@@ -125,7 +134,7 @@ def test_packing_never_lets_a_sample_see_another(positions):
 
 def test_unpacked_left_padded_prefix_mask():
     ex = [Encoded([1, 2, 3, 4], [IGNORE_INDEX, IGNORE_INDEX, 3, 4], 2), Encoded([1, 2], [IGNORE_INDEX, 2], 1)]
-    b = collate(ex, pad_id=0, positions="2d")
-    m = packed_attention_mask(b["attention_mask"] - 1, prefix_lengths=b["prefix_lengths"])
+    b = collate(ex, pad_id=0, positions="2d", pad_side="left")
+    m = batch_mask(b)
     assert m[1, 0].tolist() == naive_mask([-1, -1, 0, 0], {0: 1})
     assert m[0, 0].tolist() == naive_mask([0, 0, 0, 0], {0: 2})

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from glmtune.generate import GenerationConfig, filter_top_k_top_p, generate, generate_stream, left_pad
+from glmtune.generate import GenerationConfig, filter_top_k_top_p, generate, generate_stream, gumbel_noise, hash32
 from glmtune.models import build_model
 from glmtune.models.config import preset
 
@@ -35,12 +35,29 @@ def _stop_pad(model):
     return [v - 1], 0
 
 
-def test_left_pad():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    with pytest.raises(ValueError, match="prompt 1 is empty"):
-        left_pad([[1], []], 0)
+def test_hash32_matches_python_reference():
+    def ref(x):  # lowbias32 on Python ints
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    xs = [0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1] + torch.randint(0, 2**32, (200,), dtype=torch.long).tolist()
+    assert hash32(torch.tensor(xs)).tolist() == [ref(x) for x in xs]
+
+
+def test_gumbel_argmax_samples_the_softmax():
+    """argmax(logits + noise) over many seeds draws each token with its softmax probability."""
+    logits = torch.tensor([1.0, 0.0, -1.0, 2.0, 0.5])
+    n = 20000
+    noise = gumbel_noise(torch.arange(n), torch.tensor(3), 5)  # (n, 5): one row per seed
+    counts = torch.bincount((logits + noise).argmax(-1), minlength=5).double()
+    p = logits.double().softmax(-1)
+    # within 4 standard deviations of the binomial count for every token
+    assert ((counts - n * p).abs() <= 4 * (n * p * (1 - p)).sqrt()).all(), (counts / n, p)
+    other = gumbel_noise(torch.arange(n), torch.tensor(4), 5)
+    assert not torch.equal(noise, other)  # another step draws anew
 
 
 @pytest.mark.parametrize("sample", [False, True])
@@ -149,47 +166,47 @@ def test_invalid_config():
         GenerationConfig(max_new_tokens=0).validate()
 
 
-@pytest.mark.parametrize("sample", [False, True])
-def test_static_decode_equals_dynamic(model, sample):
-    """Fixed-shape steps (the CUDA-graph path without the graph) give exactly the dynamic path's tokens."""
-    _, pad = _stop_pad(model)
-    cfg = GenerationConfig(max_new_tokens=7, do_sample=sample, temperature=0.9, top_p=0.9, seed=5)
-    prompts = _prompts(model, seed=4)
-    dynamic = generate(model, prompts, cfg, stop_ids=[], pad_id=pad, decode="dynamic")
-    static = generate(model, prompts, cfg, stop_ids=[], pad_id=pad, decode="static")
-    assert static == dynamic
-
-
-def test_static_decode_with_prefix(monkeypatch):
-    from glmtune import generate as gen_module
-
-    calls = []
-    original = gen_module.StaticDecodeStep.__call__
-    monkeypatch.setattr(gen_module.StaticDecodeStep, "__call__", lambda self, *a: calls.append(1) or original(self, *a))
+def test_prefix_model_greedy_matches_full_forward():
+    """With a P-Tuning prefix in the first cache slots, decoding picks the argmax of a full forward each step."""
     cfg = preset("tiny-chatglm2").replace(pre_seq_len=3, prefix_projection=True)
     m = build_model(cfg)
     m.init_weights(seed=2)
     m.eval()
     prompts = [[5, 6, 7, 8], [9, 10]]
-    gen = GenerationConfig(max_new_tokens=6)
-    assert generate(m, prompts, gen, stop_ids=[], pad_id=0, decode="static") == generate(
-        m, prompts, gen, stop_ids=[], pad_id=0, decode="dynamic"
-    )
-    assert len(calls) == 5  # the static path really ran (6 tokens: the first comes from the prompt's forward)
+    out = generate(m, prompts, GenerationConfig(max_new_tokens=6), stop_ids=[], pad_id=0)
+    for prompt, new in zip(prompts, out, strict=True):
+        seq = list(prompt)
+        for token in new:
+            with torch.no_grad():
+                assert int(m(torch.tensor([seq]))[0, -1].argmax()) == token
+            seq.append(token)
     with pytest.raises(ValueError, match="decode must be one of"):
-        generate(m, prompts, gen, stop_ids=[], pad_id=0, decode="fast")
+        generate(m, prompts, GenerationConfig(max_new_tokens=2), stop_ids=[], pad_id=0, decode="fast")
+
+
+def test_stream_every_does_not_change_tokens(model):
+    _, pad = _stop_pad(model)
+    cfg = GenerationConfig(max_new_tokens=7, do_sample=True, temperature=0.9, top_p=0.9, seed=5)
+    prompts = _prompts(model, seed=4)
+    one = [t.tolist() for t in generate_stream(model, prompts, cfg, stop_ids=[], pad_id=pad, stream_every=1)]
+    three = [t.tolist() for t in generate_stream(model, prompts, cfg, stop_ids=[], pad_id=pad, stream_every=3)]
+    assert one == three and len(one) == 7
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_decode_equals_dynamic():
+def test_cuda_graph_decode_equals_eager():
     m = build_model(preset("tiny-chatglm2"))
     m.init_weights(seed=1)
     m = m.to("cuda").eval()
     prompts = _prompts(m, seed=4)
     gen = GenerationConfig(max_new_tokens=12)
     assert generate(m, prompts, gen, stop_ids=[], pad_id=0, decode="graph") == generate(
-        m, prompts, gen, stop_ids=[], pad_id=0, decode="dynamic"
+        m, prompts, gen, stop_ids=[], pad_id=0, decode="eager"
+    )
+    sample = GenerationConfig(max_new_tokens=12, do_sample=True, top_p=0.8, top_k=20, repetition_penalty=1.2, seed=3)
+    assert generate(m, prompts, sample, stop_ids=[], pad_id=0, decode="graph") == generate(
+        m, prompts, sample, stop_ids=[], pad_id=0, decode="eager"
     )
 
 

@@ -1,11 +1,17 @@
-"""Token generation with a KV cache: greedy and sampling, stop sets, left-padded batches, streaming.
+"""Token generation: one decode path over a slot-indexed KV cache, sampling on the device, streaming.
 
-Works for every model family through four model methods: ``new_cache``, ``prompt_position_ids``,
-``next_position_ids`` and ``forward(input_ids, attention_mask, position_ids, cache, logits_to_keep)``.
+Works for both model families through their common surface: ``new_cache``, ``reserve_positions`` and ``forward``
+with a :class:`~glmtune.models.layout.SequenceLayout` (``layout.prompt_layout`` places the prompts).
 
-A batch gives exactly the tokens each prompt gives alone: prompts are left-padded (padding is masked out and
-positions restart at each prompt's first real token) and every row samples from its own random generator
-seeded from ``seed``, so what a row draws never depends on its neighbours.
+Prompts are left-padded into slots after the P-Tuning prefix; each decode step writes its token to the next slot
+and attends over the whole cache through the mask builder, so every step has the same shapes. ``decode="graph"``
+captures that step — forward, logits processing, sampling and the state update — as one CUDA graph and replays
+it; ``"eager"`` runs the very same step op by op (the CPU path, and what the tests compare against).
+
+Sampling never leaves the device: a row's draw is ``argmax(logits + Gumbel noise)`` (exactly a draw from the
+softmax), the noise a counter-based hash of (row seed, step, token), so a row draws what it draws alone whatever
+its batch, with no per-row generator and no host round trip. Tokens are copied to the host every
+``stream_every`` steps and yielded one step at a time (a small lag).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-DECODE_MODES = ("auto", "dynamic", "static", "graph")
+from glmtune.models.layout import SequenceLayout, next_positions, prompt_layout
+
+DECODE_MODES = ("auto", "eager", "graph")
 
 
 @dataclass
@@ -70,32 +78,111 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+# ---- device-side random numbers ----------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (products stay below 2^49)."""
+    lo = x * (c & 0xFFFF)
+    hi = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (lo + hi) & _M32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (lowbias32) of int64 values in [0, 2^32): identical on every device."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(b, vocab) float32 Gumbel(0, 1) noise from per-row ``seeds`` (b,) and a ``step`` counter (()), both int64."""
+    row = hash32(hash32(seeds & _M32) ^ (step & _M32))  # (b,)
+    bits = hash32(row[:, None] ^ torch.arange(vocab, device=seeds.device)[None, :])  # (b, V)
+    u = ((bits >> 8).float() + 0.5) / float(1 << 24)  # in (0, 1), never 0 or 1
+    return -torch.log(-torch.log(u))
+
+
 def choose_next(
-    logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor, generators: Sequence[torch.Generator] | None
+    logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor
 ) -> torch.Tensor:
-    """Next token per row from float32 logits (b, V) -> (b,)."""
+    """Next token per row from float32 logits (b, V) -> (b,); sampling draws with the rows' seeds at ``step``."""
     logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
     if not cfg.do_sample:
         return logits.argmax(dim=-1)
     logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    probs = logits.softmax(dim=-1)
-    assert generators is not None
-    # One draw per row from that row's own generator: a row's samples do not depend on the batch.
-    return torch.stack([torch.multinomial(probs[i], 1, generator=generators[i])[0] for i in range(probs.shape[0])])
+    return (logits + gumbel_noise(seeds, step, logits.shape[-1])).argmax(dim=-1)
 
 
-# ---- the loop ------------------------------------------------------------------------------------------
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> input_ids (b, s), attention_mask (b, s) with padding on the left."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty")
-        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids, mask
+# ---- the loop ---------------------------------------------------------------------------------------------------
+class DecodeState:
+    """What one decode step reads and updates in place, on the device (so a captured step can be replayed)."""
+
+    def __init__(self, first: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seen: torch.Tensor,
+                 seeds: torch.Tensor, stop: torch.Tensor, max_new_tokens: int) -> None:  # fmt: skip
+        b = first.shape[0]
+        device = first.device
+        self.ids = first[:, None].clone()  # (b, 1): the token fed to the next step
+        self.positions = positions.clone()  # (b, 1) | (b, 2, 1): its position
+        self.slots = slots.clone()  # (b, 1): its cache slot
+        self.seen, self.seeds, self.stop = seen, seeds, stop
+        self.step = torch.ones((), dtype=torch.long, device=device)  # steps done (the prompt's forward was step 0)
+        self.done = self._stopped(first)
+        self.out = torch.full((b, max_new_tokens), -1, dtype=torch.long, device=device)  # tokens, -1 once stopped
+        self.out[:, 0] = torch.where(self.done, -1, first)
+        self.segments = torch.zeros((b, 1), dtype=torch.long, device=device)
+
+    def _stopped(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (tokens[:, None] == self.stop[None, :]).any(-1)
+
+    def record(self, next_ids: torch.Tensor) -> None:
+        """Store the chosen tokens at column ``step`` and move every input on by one token."""
+        self.done |= self._stopped(next_ids)
+        self.out.index_copy_(1, self.step[None], torch.where(self.done, -1, next_ids)[:, None])
+        self.seen[torch.arange(next_ids.shape[0], device=next_ids.device), next_ids] = True
+        self.ids.copy_(next_ids[:, None])
+        self.positions.copy_(next_positions(self.positions))
+        self.slots += 1
+        self.step += 1
+
+
+class DecodeStep:
+    """One decode step with fixed shapes: forward one token per row at its slot, choose the next, update the state.
+
+    ``use_graph``: capture the step as a CUDA graph on its first call and replay it after (CUDA only)."""
+
+    def __init__(self, model: nn.Module, cache: Any, state: DecodeState, cfg: GenerationConfig, max_position: int,
+                 *, use_graph: bool) -> None:  # fmt: skip
+        self.model, self.cache, self.state, self.cfg = model, cache, state, cfg
+        self.max_position = max_position
+        self.graph: Any = None
+        self.use_graph = use_graph and state.ids.device.type == "cuda"
+
+    def _run(self) -> None:
+        st = self.state
+        layout = SequenceLayout(st.positions, st.segments, None, st.slots, max_position=self.max_position)
+        logits = self.model(st.ids, cache=self.cache, layout=layout)[:, -1].float()
+        st.record(choose_next(logits, self.cfg, st.seen, st.seeds, st.step))
+
+    def __call__(self) -> None:
+        if not self.use_graph:
+            self._run()
+        elif self.graph is None:
+            # Warm up on a side stream (this runs the real step), then capture the step it will replay. The capture
+            # itself runs nothing, so it must not advance the state: it is recorded from the state as it is now.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._run()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._run()
+        else:
+            self.graph.replay()
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -113,131 +200,61 @@ def generate_stream(
     pad_id: int,
     decode: str = "auto",
     row_seeds: Sequence[int] | None = None,
+    stream_every: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (b,) long on CPU, until each row has stopped or max_new_tokens.
 
     A row that has stopped keeps yielding ``-1``; the stop token itself is not yielded.
-    decode: "dynamic" (attend over the filled part of the cache), "static" (fixed shapes: attend over the whole
-    preallocated cache with a key mask), "graph" (static, each step replayed as one CUDA graph: removes the kernel
-    launch cost that bounds small-batch decoding), "auto" (graph on CUDA, else dynamic). All give the same tokens.
+    decode: "eager" (each step op by op), "graph" (each step replayed as one CUDA graph: removes the kernel launch
+    cost that bounds small-batch decoding), "auto" (graph on CUDA, else eager). Both give the same tokens.
     row_seeds: one sampling seed per prompt (default: every row uses ``cfg.seed``), e.g. seed + example index so
     examples of one batch draw independently while each row still gives what it gives alone with its seed.
+    stream_every: steps between copies of the new tokens to the host (default 1 on the CPU, 4 on CUDA).
     """
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     cfg.validate()
     device, dtype = _model_device_dtype(model)
-    input_ids, attention_mask = left_pad(prompts, pad_id)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    n_prefix = model.n_prefix()
+    input_ids, layout = prompt_layout(prompts, model.config, pad_id, start_slot=n_prefix)
     b, s = input_ids.shape
+    input_ids, layout = input_ids.to(device), layout.to(device)
     vocab = model.config.padded_vocab_size
+    max_position = layout.max_position + cfg.max_new_tokens + 1
+    model.reserve_positions(max_position + 1, dtype, device)
+    if decode == "auto":
+        decode = "graph" if device.type == "cuda" else "eager"
+    if stream_every is None:
+        stream_every = 4 if device.type == "cuda" else 1
+
+    seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    seeds = list(row_seeds) if row_seeds is not None else [seed] * b
+    if len(seeds) != b:
+        raise ValueError(f"row_seeds has {len(seeds)} seeds for {b} prompts")
+    seeds_t = torch.tensor([int(x) for x in seeds], dtype=torch.long, device=device)
+    seen = torch.zeros((b, vocab), dtype=torch.bool, device=device)
+    if cfg.repetition_penalty != 1.0:  # the prompt's real tokens (padding points at the row's last token)
+        seen.scatter_(1, torch.where(layout.segments >= 0, input_ids, input_ids[:, -1:]), True)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
 
     cache = model.new_cache(b, s + cfg.max_new_tokens, device=device, dtype=dtype)
-    position_ids = model.prompt_position_ids(input_ids, attention_mask)
-    generators = None
-    if cfg.do_sample:
-        seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-        seeds = list(row_seeds) if row_seeds is not None else [seed] * b
-        if len(seeds) != b:
-            raise ValueError(f"row_seeds has {len(seeds)} seeds for {b} prompts")
-        generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    seen = torch.zeros((b, vocab), dtype=torch.bool, device=device)
-    if cfg.repetition_penalty != 1.0:
-        seen.scatter_(1, input_ids, attention_mask.bool())
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-
-    logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, logits_to_keep=1)
-    if decode == "auto":
-        decode = "graph" if device.type == "cuda" else "dynamic"
-    stepper = None
-    if decode != "dynamic":
-        max_position = int(position_ids.max()) + cfg.max_new_tokens + 1
-        stepper = StaticDecodeStep(model, cache, attention_mask, max_position, use_graph=decode == "graph")
-    for step in range(cfg.max_new_tokens):
-        next_ids = choose_next(logits[:, -1].float(), cfg, seen, generators)
-        done = done | torch.isin(next_ids, stop)
-        out = torch.where(done, torch.full_like(next_ids, -1), next_ids)
-        yield out.cpu()
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
-            return
-        seen[torch.arange(b, device=device), next_ids] = True
-        position_ids = model.next_position_ids(position_ids[..., -1:])
-        if stepper is not None:
-            logits = stepper(next_ids[:, None], position_ids)
-            continue
-        attention_mask = torch.cat([attention_mask, torch.ones((b, 1), dtype=attention_mask.dtype, device=device)], 1)
-        logits = model(
-            next_ids[:, None], attention_mask=attention_mask, position_ids=position_ids, cache=cache, logits_to_keep=1
-        )
-
-
-class StaticDecodeStep:
-    """One decode step with fixed shapes, optionally replayed as a CUDA graph.
-
-    Keys/values go to the cache slot ``write_pos`` (a device tensor) and every step attends over the whole
-    preallocated cache through a key mask (b, 1, 1, max_len): the prefix, the prompt's real tokens and each token
-    written so far. Inputs are copied into static tensors, so a captured graph can be replayed step after step.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        cache: Any,
-        attention_mask: torch.Tensor,  # (b, s) of the prompt
-        max_position: int,
-        *,
-        use_graph: bool,
-    ) -> None:
-        device = attention_mask.device
-        b, s = attention_mask.shape
-        n_before = cache.length - s  # the P-Tuning prefix, if any
-        self.model, self.cache = model, cache
-        self.key_mask = torch.zeros((b, 1, 1, cache.max_len), dtype=torch.bool, device=device)
-        self.key_mask[:, 0, 0, :n_before] = True
-        self.key_mask[:, 0, 0, n_before : n_before + s] = attention_mask.bool()
-        self.write_pos = torch.tensor([cache.length], dtype=torch.long, device=device)
-        self.ids: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None
-        self.logits: torch.Tensor | None = None
-        self.graph: Any = None
-        self.use_graph = use_graph and device.type == "cuda"
-        model.prepare_static_decode(max_position, next(model.parameters()).dtype, device)
-
-    def _forward(self) -> torch.Tensor:
-        self.cache.write_pos = self.write_pos
-        try:
-            return self.model(self.ids, position_ids=self.positions, cache=self.cache, attn_mask=self.key_mask,
-                              logits_to_keep=1)  # fmt: skip
-        finally:
-            self.cache.write_pos = None
-
-    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """ids (b, 1), positions (b, 1) or (b, 2, 1) -> logits (b, 1, vocab)."""
-        if self.ids is None:
-            self.ids, self.positions = ids.clone(), positions.clone()
-        else:
-            self.ids.copy_(ids)
-            self.positions.copy_(positions)
-        self.key_mask.index_fill_(3, self.write_pos, True)  # the new token sees itself
-        if not self.use_graph:
-            logits = self._forward()
-        elif self.graph is None:
-            # warm up on a side stream (this computes the real first step), then capture
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                logits = self._forward()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._forward()
-            logits = logits.clone()
-        else:
-            self.graph.replay()
-            logits = self.logits.clone()
-        self.write_pos += 1
-        return logits
+    logits = model(input_ids, cache=cache, layout=layout, logits_to_keep=1)[:, -1].float()
+    first = choose_next(logits, cfg, seen, seeds_t, torch.zeros((), dtype=torch.long, device=device))
+    seen[torch.arange(b, device=device), first] = True
+    last = layout.positions[..., -1:]
+    state = DecodeState(first, next_positions(last), layout.slots[:, -1:] + 1, seen, seeds_t, stop,
+                        cfg.max_new_tokens)  # fmt: skip
+    step_fn = DecodeStep(model, cache, state, cfg, max_position, use_graph=decode == "graph")
+    shown = 0
+    for step in range(1, cfg.max_new_tokens + 1):
+        if step == cfg.max_new_tokens or step % stream_every == 0:
+            out, done = state.out[:, shown:step].cpu(), bool(state.done.all())
+            for j in range(out.shape[1]):
+                yield out[:, j]
+            shown = step
+            if done or step == cfg.max_new_tokens:
+                return
+        step_fn()
 
 
 def generate(

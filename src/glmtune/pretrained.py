@@ -71,7 +71,9 @@ def load_pretrained(
     config = GLMConfig.from_json(model_dir / "config.json")
     tokenizer = load_tokenizer(model_dir, generation)
     generation = generation or tokenizer.generation
-    if (config.arch == "glm") != (generation == "chatglm"):
+    from glmtune.models.spec import get_spec
+
+    if get_spec(generation).arch != config.arch:
         raise ValueError(
             f"{model_dir}: config.json describes a {'ChatGLM-6B (v1)' if config.arch == 'glm' else 'ChatGLM2+'} "
             f"model but the tokenizer/generation is {generation!r}"

@@ -1,12 +1,13 @@
-"""Batches for the trainer: dynamic padding (to the longest in the batch, never to a fixed maximum) and packing
-of several examples into one row with attention and positions kept per sample.
+"""Batches for the trainer: dynamic padding (to the longest in the batch, or a fixed width) and packing of several
+examples into one row with attention and positions kept per sample.
 
-Positions: ``"1d"`` (ChatGLM2/3, GLM-4) counts 0, 1, … from each sample's first token; ``"2d"`` (ChatGLM-6B)
-gives (b, 2, t): the position counts up to the ``[gMASK]`` and stays at its index from ``<sop>`` on, the block
-position is 0 over the prompt and 1, 2, … from ``<sop>`` (the original ``get_position_ids``). Padding gets 0.
-
-Masks: ``attention_mask`` (b, t) is 1 on real tokens. For packed rows (and for v1's prefix-LM),
-:func:`packed_attention_mask` builds the bool (b, 1, t, t) mask the models take as ``attn_mask=``.
+Each batch carries its :mod:`glmtune.models.layout` as tensors the trainer moves to the device and the model takes
+as keyword arguments: ``position_ids`` (b, t) or (b, 2, t) for ChatGLM-6B (``layout.sample_positions``: v1's
+position stays at the ``[gMASK]`` index from ``<sop>`` on, its block position counts from there), ``segment_ids``
+(b, t) (the sample of each token in its row, -1 on padding) and, for v1's prefix-LM, ``context`` (b, t) (True on
+each sample's prompt up to ``<sop>``, which all of the sample sees). Right-padded rows of one sample each need no
+``segment_ids``: plain causal attention is exact there (the fast path), so padded batches are right-padded for
+training. ``attention_mask`` (b, t) is 1 on real tokens.
 """
 
 from __future__ import annotations
@@ -16,42 +17,45 @@ from dataclasses import dataclass, field
 
 import torch
 
+from glmtune.models.layout import sample_positions as layout_positions
+from glmtune.models.spec import get_spec
 from glmtune.templates import IGNORE_INDEX, Encoded
 
 POSITION_KINDS = ("1d", "2d")
 
 
 def sample_positions(ex: Encoded, kind: str) -> list[list[int]]:
-    """Position ids of one example: [[p0, p1, …]] for "1d", [[positions], [block positions]] for "2d"."""
+    """Position ids of one example: [[p0, p1, …]] for "1d", [[positions], [block positions]] for "2d" (its
+    ``<sop>`` at ``prefix_length``, the ``[gMASK]`` right before it, as the templates encode)."""
     n = len(ex.input_ids)
-    if kind == "1d":
-        return [list(range(n))]
-    if kind != "2d":
-        raise ValueError(f"position kind must be one of {POSITION_KINDS}, got {kind!r}")
-    context = ex.prefix_length if ex.prefix_length > 0 else n  # index of <sop>
-    mask_pos = max(context - 1, 0)  # the [gMASK] right before <sop>
-    pos = list(range(min(context, n))) + [mask_pos] * (n - min(context, n))
-    block = [0] * min(context, n) + list(range(1, n - min(context, n) + 1))
-    return [pos, block]
+    context = ex.prefix_length if ex.prefix_length > 0 else n
+    return layout_positions(n, kind, context, max(context - 1, 0))
+
+
+def _context_flags(ex: Encoded) -> list[bool]:
+    """v1: True on the example's tokens before ``<sop>`` (seen by every token of the example)."""
+    return [i < ex.prefix_length for i in range(len(ex.input_ids))]
 
 
 def position_kind(template_name: str) -> str:
-    return "2d" if template_name == "chatglm" else "1d"
+    """The position kind of a generation (its template has the generation's name)."""
+    return get_spec(template_name).positions
 
 
 def collate(
     examples: Sequence[Encoded],
     *,
     pad_id: int,
-    pad_side: str = "left",
+    pad_side: str = "right",
     positions: str = "1d",
     pad_to_multiple_of: int | None = None,
+    pad_to: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest example.
+    """Pad a batch to its longest example (rounded up to ``pad_to_multiple_of``), or to ``pad_to``.
 
     Returns input_ids (b, t), labels (b, t) (IGNORE_INDEX on padding), attention_mask (b, t) long 1/0,
-    position_ids (b, t) or (b, 2, t) restarting at each example's first real token, and for "2d" also
-    prefix_lengths (b, 1): each row's prompt length before ``<sop>`` (for :func:`packed_attention_mask`).
+    position_ids (b, t) or (b, 2, t) restarting at each example's first real token; segment_ids (b, t) (0 on real
+    tokens, -1 on padding) unless the rows are right-padded 1-D ones; context (b, t) for "2d".
     """
     if not examples:
         raise ValueError("cannot collate an empty batch")
@@ -60,11 +64,16 @@ def collate(
     width = max(len(e.input_ids) for e in examples)
     if pad_to_multiple_of:
         width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    if pad_to is not None:
+        if pad_to < width:
+            raise ValueError(f"pad_to={pad_to} is shorter than the longest example ({width})")
+        width = pad_to
     b = len(examples)
     n_pos = 2 if positions == "2d" else 1
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
+    seg = torch.full((b, width), -1, dtype=torch.long)
+    ctx = torch.zeros((b, width), dtype=torch.bool)
     pos = torch.zeros((b, n_pos, width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e.input_ids)
@@ -73,12 +82,16 @@ def collate(
         sl = slice(width - n, width) if pad_side == "left" else slice(0, n)
         ids[i, sl] = torch.tensor(e.input_ids, dtype=torch.long)
         labels[i, sl] = torch.tensor(e.labels, dtype=torch.long)
-        mask[i, sl] = 1
+        seg[i, sl] = 0
         pos[i, :, sl] = torch.tensor(sample_positions(e, positions), dtype=torch.long)
-    out = {"input_ids": ids, "labels": labels, "attention_mask": mask,
+        if positions == "2d":
+            ctx[i, sl] = torch.tensor(_context_flags(e))
+    out = {"input_ids": ids, "labels": labels, "attention_mask": (seg >= 0).long(),
            "position_ids": pos if n_pos == 2 else pos[:, 0]}  # fmt: skip
+    if pad_side == "left" or positions == "2d":
+        out["segment_ids"] = seg
     if positions == "2d":
-        out["prefix_lengths"] = torch.tensor([[e.prefix_length] for e in examples], dtype=torch.long)
+        out["context"] = ctx
     return out
 
 
@@ -127,9 +140,8 @@ def collate_packed(
     """Packed rows -> tensors, padded on the right to the longest row (or ``pad_to``).
 
     Returns input_ids, labels, attention_mask (b, t) as :func:`collate`; position_ids restarting at every sample;
-    seq_ids (b, t): the sample's index within its row, -1 on padding; prefix_lengths (b, S) per sample (0 unless
-    "2d"); and attn_mask, the bool (b, 1, t, t) mask from :func:`packed_attention_mask`. The first label of every
-    sample is IGNORE_INDEX, so the loss never asks the last token of one sample to predict the next sample.
+    segment_ids (b, t): the sample's index within its row, -1 on padding; context (b, t) for "2d". The first label
+    of every sample is IGNORE_INDEX, so the loss never asks the last token of one sample to predict the next sample.
     """
     if not rows:
         raise ValueError("cannot collate an empty batch")
@@ -139,13 +151,12 @@ def collate_packed(
             raise ValueError(f"pad_to={pad_to} is shorter than the longest packed row ({width})")
         width = pad_to
     b = len(rows)
-    n_seg = max(len(r.examples) for r in rows)
     n_pos = 2 if positions == "2d" else 1
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
     seq_ids = torch.full((b, width), -1, dtype=torch.long)
+    ctx = torch.zeros((b, width), dtype=torch.bool)
     pos = torch.zeros((b, n_pos, width), dtype=torch.long)
-    prefix = torch.zeros((b, n_seg), dtype=torch.long)
     for i, row in enumerate(rows):
         start = 0
         for j, e in enumerate(row.examples):
@@ -157,46 +168,16 @@ def collate_packed(
             labels[i, sl] = lab
             seq_ids[i, sl] = j
             pos[i, :, sl] = torch.tensor(sample_positions(e, positions), dtype=torch.long)
-            prefix[i, j] = e.prefix_length if positions == "2d" else 0
+            if positions == "2d":
+                ctx[i, sl] = torch.tensor(_context_flags(e))
             start += n
-    return {
+    out = {
         "input_ids": ids,
         "labels": labels,
         "attention_mask": (seq_ids >= 0).long(),
         "position_ids": pos if n_pos == 2 else pos[:, 0],
-        "seq_ids": seq_ids,
-        "prefix_lengths": prefix,
-        "attn_mask": packed_attention_mask(seq_ids, causal=True, prefix_lengths=prefix if positions == "2d" else None),
+        "segment_ids": seq_ids,
     }
-
-
-def packed_attention_mask(
-    segment_ids: torch.Tensor, causal: bool = True, prefix_lengths: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Bool (b, 1, t, t) mask, True where query q may attend key k: same sample only, causal within it.
-
-    segment_ids (b, t): sample index per token, -1 (any negative) on padding. prefix_lengths (b, S) long: per
-    sample, the number of its first tokens that every token of that sample sees (v1's prefix-LM: the prompt up
-    to ``<sop>``); None or 0 = purely causal. A padding query sees only itself, so no softmax row is empty.
-    """
-    b, t = segment_ids.shape
-    seg = segment_ids
-    valid = seg >= 0  # (b, t)
-    same = (seg[:, :, None] == seg[:, None, :]) & valid[:, :, None] & valid[:, None, :]  # (b, q, k)
-    if causal:
-        idx = torch.arange(t, device=seg.device)
-        visible = idx[None, :, None] >= idx[None, None, :]  # (1, q, k): k <= q
-        if prefix_lengths is not None:
-            # position of each token within its sample: index minus the index where its segment starts
-            new = torch.ones_like(seg, dtype=torch.bool)
-            new[:, 1:] = seg[:, 1:] != seg[:, :-1]
-            start = torch.where(new, idx[None, :].expand(b, t), torch.zeros_like(seg))
-            start = torch.cummax(start, dim=1).values  # (b, t)
-            offset = idx[None, :] - start
-            plen = torch.gather(prefix_lengths, 1, seg.clamp(min=0))  # (b, t): prefix length of the token's sample
-            in_prefix = valid & (offset < plen)  # (b, t)
-            visible = visible | in_prefix[:, None, :]
-        same = same & visible
-    eye = torch.eye(t, dtype=torch.bool, device=seg.device)[None]
-    same = same | (eye & ~valid[:, :, None])
-    return same[:, None]  # (b, 1, t, t)
+    if positions == "2d":
+        out["context"] = ctx
+    return out

@@ -17,15 +17,18 @@ def build_model(
 ) -> nn.Module:
     """The model class for ``config.arch``, uninitialised on ``device`` (use "meta" before loading weights).
 
-    ``generation`` matters only where two generations share an architecture but not every detail: ChatGLM2's
-    rotary table (built in the compute precision, positions interpolated by ``rope_ratio``) differs from
-    ChatGLM3/GLM-4's (base scaled by ``rope_ratio``).
+    ``generation`` sets what two generations sharing an architecture do differently (``spec.configure``: ChatGLM2's
+    rotary table differs from ChatGLM3/GLM-4's); without it the config's own ``rope_style`` (else the
+    architecture's default) holds.
     """
+    if generation is not None:
+        from glmtune.models.spec import configure
+
+        config = configure(config, generation)
     if config.arch == "glm":
         from glmtune.models.glm import GLMForCausalLM
 
         return GLMForCausalLM(config, device=device, dtype=dtype)
     from glmtune.models.chatglm import ChatGLMForCausalLM
 
-    style = "chatglm2" if generation == "chatglm2" else "chatglm3"
-    return ChatGLMForCausalLM(config, device=device, dtype=dtype, rope_style=style)
+    return ChatGLMForCausalLM(config, device=device, dtype=dtype)

@@ -1,19 +1,25 @@
-"""Attention pieces shared by both architecture families: the KV cache and the SDPA call.
+"""Attention pieces shared by both architecture families: the KV cache and the attention call.
 
-Layouts: queries (b, n_head, s, d); keys/values (b, n_kv, t, d). A boolean mask is True where a query may
-attend (SDPA's convention), shaped (b, 1, s, t).
+Layouts: queries (b, n_head, s, d); keys/values (b, n_kv, t, d). Masks come from :mod:`glmtune.models.masks`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from glmtune.models.masks import ALL, AttentionMask
 
 
-class KVCache:
-    """Preallocated keys/values for every layer; ``length`` tokens (prefix included) are filled.
+class KVCache(nn.Module):
+    """Static key/value buffers for every layer, indexed by slot: (layers, b, n_kv, max_len, d) each.
 
-    Shape per layer: (b, n_kv, max_len, d). Filling writes in place, so decoding does not reallocate.
+    Tokens are written to the slots their layout names (``write``), so a decode step has fixed shapes and can be
+    captured as a CUDA graph: the slot is a device tensor, never a Python number. Beside the keys the cache keeps,
+    per row and slot, what the mask builder needs: the segment of the key there (``-1`` = empty, ``masks.ALL`` = a
+    P-Tuning prefix key, which occupies the first slots) and whether it is in its sample's bidirectional context.
+    ``length`` counts the slots filled in order, for callers that let the cache pick the next free slots.
     """
 
     def __init__(
@@ -27,67 +33,48 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.length = 0  # tokens stored so far, the same in every layer
+        super().__init__()
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.register_buffer("keys", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("segments", torch.full((batch_size, max_len), -1, dtype=torch.long, device=device),
+                             persistent=False)  # fmt: skip
+        self.register_buffer("context", torch.zeros((batch_size, max_len), dtype=torch.bool, device=device),
+                             persistent=False)  # fmt: skip
+        self.register_buffer("rows", torch.arange(batch_size, device=device)[:, None], persistent=False)
         self.max_len = max_len
-        # Static mode (fixed-shape decode steps, CUDA-graph friendly): a (1,) long tensor on the cache's device,
-        # the slot the next token goes to; ``update`` then writes there and returns the whole buffers.
-        self.write_pos: torch.Tensor | None = None
+        self.length = 0  # slots 0 .. length-1 were filled in order (by next_slots)
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (b, n_kv, s, d) after the current ``length`` and return all keys/values so far.
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
 
-        ``length`` is advanced by :meth:`advance` once every layer has been updated.
-        """
-        if self.write_pos is not None:
-            self.keys[layer].index_copy_(2, self.write_pos, k)
-            self.values[layer].index_copy_(2, self.write_pos, v)
-            return self.keys[layer], self.values[layer]
-        start, end = self.length, self.length + k.shape[2]
+    def next_slots(self, s: int) -> torch.Tensor:
+        """The next ``s`` free slots of every row, (b, s); advances ``length``."""
+        start, end = self.length, self.length + s
         if end > self.max_len:
             raise RuntimeError(f"KV cache is full: {end} tokens > max_len {self.max_len}")
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.length = end
+        return torch.arange(start, end, device=self.keys.device).expand(self.batch_size, s)
 
-    def advance(self, n: int) -> None:
-        self.length += n
+    def write_tokens(self, slots: torch.Tensor, segments: torch.Tensor, context: torch.Tensor | None) -> None:
+        """Record the segment/context of the tokens going to ``slots`` (b, s)."""
+        self.segments[self.rows, slots] = segments
+        self.context[self.rows, slots] = context if context is not None else False
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in ``index`` (e.g. to drop finished sequences)."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store k, v (b, n_kv, s, d) at ``slots`` (b, s); returns this layer's whole buffers (b, n_kv, max_len, d)."""
+        self.keys[layer][self.rows, :, slots] = k.transpose(1, 2)
+        self.values[layer][self.rows, :, slots] = v.transpose(1, 2)
+        return self.keys[layer], self.values[layer]
 
-
-def cached_tokens(cache: KVCache | None, n_prefix: int) -> int:
-    """Tokens already in ``cache`` besides the P-Tuning prefix (0 without a cache, or in static mode)."""
-    if cache is None or cache.write_pos is not None:
-        return 0
-    past = cache.length - n_prefix
-    if past < 0:
-        raise ValueError(
-            f"the KV cache holds {cache.length} tokens, fewer than the {n_prefix} P-Tuning prefix tokens; "
-            "create it with model.new_cache()"
-        )
-    return past
-
-
-def explicit_mask(attn_mask: torch.Tensor, cache: KVCache | None, past: int, s: int, n_prefix: int) -> torch.Tensor:
-    """A caller's bool mask (b, 1, s, past + s) or (b, 1, s, P + past + s) -> with the prefix columns, and no empty
-    rows. In static mode it must cover the whole cache: (b, 1, s, cache.max_len)."""
-    mask = attn_mask.bool()
-    if cache is not None and cache.write_pos is not None:
-        if mask.shape[-1] != cache.max_len:
-            raise ValueError(f"attn_mask has {mask.shape[-1]} key columns, expected the cache's {cache.max_len}")
-        return mask
-    if mask.shape[-1] == past + s and n_prefix:
-        ones = torch.ones((*mask.shape[:-1], n_prefix), dtype=torch.bool, device=mask.device)
-        mask = torch.cat([ones, mask], dim=-1)
-    if mask.shape[-1] != n_prefix + past + s:
-        raise ValueError(f"attn_mask has {mask.shape[-1]} key columns, expected {past + s} (+ prefix)")
-    return mask | ~mask.any(-1, keepdim=True)
+    def write_prefix(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put P-Tuning keys/values (one (b, n_kv, P, d) pair per layer) in the first P slots, seen by every query."""
+        n = prefix[0][0].shape[2]
+        slots = self.next_slots(n)
+        for i, (k, v) in enumerate(prefix):
+            self.write(i, k, v, slots)
+        self.write_tokens(slots, torch.full_like(slots, ALL), torch.ones_like(slots, dtype=torch.bool))
 
 
 def expand_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -99,10 +86,14 @@ def expand_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
     return x[:, :, None].expand(b, n_kv, n_head // n_kv, t, d).reshape(b, n_head, t, d)
 
 
-def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, is_causal: bool = False
-) -> torch.Tensor:
-    """SDPA with grouped KV heads. q (b, h, s, d); k, v (b, n_kv, t, d); mask bool (b, 1, s, t) or None."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Scaled dot-product attention with grouped KV heads. q (b, h, s, d); k, v (b, n_kv, t, d) -> (b, h, s, d)."""
     n_head = q.shape[1]
+    if mask.block is not None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(q, k, v, block_mask=mask.block, enable_gqa=k.shape[1] != n_head)
+    if mask.dense is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != n_head)
     k, v = expand_kv(k, n_head), expand_kv(v, n_head)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)

@@ -1,22 +1,32 @@
 """What both architecture families (``glm.py``, ``chatglm.py``) share, so neither file repeats the other.
 
 ``CausalLMBase`` holds the family-independent parts of a model: random and missing-tensor initialisation, the KV
-cache (which starts with the P-Tuning prefix keys/values), the rotary-table cache, the checks every forward makes on
-its inputs, and ``forward`` = ``hidden_states`` + output layer. A family supplies the rest through a few hooks:
-``hidden_states``, ``output_embeddings``, ``_inv_freq``, ``_build_rope``, ``_num_cache_heads`` and
-``_position_shape``, plus ``_after_materialize`` where it must re-tie weights.
+cache (which starts with the P-Tuning prefix keys/values), the rotary-table cache, the forward pass over a
+:class:`~glmtune.models.layout.SequenceLayout` (layout -> mask -> blocks -> final norm) and ``forward`` =
+``hidden_states`` + output layer. A family supplies the rest through a few hooks: ``output_embeddings``,
+``_embed``, ``_blocks``, ``_final_norm``, ``_rope``, ``_inv_freq``, ``_build_rope`` and ``_num_cache_heads``, plus
+``_after_materialize`` where it must re-tie weights.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from glmtune.models.attention import KVCache, cached_tokens
+from glmtune.models.attention import KVCache
 from glmtune.models.config import GLMConfig
+from glmtune.models.layout import (
+    SequenceLayout,
+    context_from_ids,
+    next_positions,
+    positions_from_mask,
+)
+from glmtune.models.masks import BACKENDS, AttentionMask, build_mask
 
 
 class CausalLMBase(nn.Module):
@@ -25,13 +35,24 @@ class CausalLMBase(nn.Module):
     def __init__(self, config: GLMConfig) -> None:
         super().__init__()
         self.config = config
-        self._rope: dict[tuple[torch.dtype, torch.device], tuple[int, Any]] = {}  # -> (positions covered, table)
+        self._rope_tables: dict[tuple[torch.dtype, torch.device], tuple[int, Any]] = {}  # -> (positions, table)
+        self.attention_backend = "sdpa"  # or "flex" (FlexAttention; pays off under torch.compile)
 
     # ---- hooks ----------------------------------------------------------------------------------------------------
     def output_embeddings(self) -> nn.Linear:
         raise NotImplementedError
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache=None, attn_mask=None):
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def _final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _rope(self, positions: torch.Tensor, table: Any) -> Any:
+        """The family's rotary operands for ``positions`` from its ``table``."""
         raise NotImplementedError
 
     def _inv_freq(self, rot_dim: int) -> torch.Tensor:
@@ -42,9 +63,6 @@ class CausalLMBase(nn.Module):
         raise NotImplementedError
 
     def _num_cache_heads(self) -> int:
-        raise NotImplementedError
-
-    def _position_shape(self, b: int, s: int) -> tuple[int, ...]:
         raise NotImplementedError
 
     def _after_materialize(self) -> None:
@@ -63,7 +81,7 @@ class CausalLMBase(nn.Module):
         if any(t.is_meta for t in self._tensors()):
             self.to_empty(device=device or "cpu")
             self._after_materialize()
-            self._rope.clear()
+            self._rope_tables.clear()
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, t in self._named_tensors():
             t.copy_(self._initial_value(name, t, std, gen))
@@ -157,51 +175,125 @@ class CausalLMBase(nn.Module):
             dtype=dtype, device=device,
         )  # fmt: skip
         if n_prefix:
-            for i, (k, v) in enumerate(self.prefix_key_values(batch_size, dtype=dtype, device=device)):
-                cache.update(i, k, v)
-            cache.advance(n_prefix)
+            cache.write_prefix(self.prefix_key_values(batch_size, dtype=dtype, device=device))
         return cache
 
-    # ---- rotary tables --------------------------------------------------------------------------------------------
-    def prepare_static_decode(self, max_position: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Build the rotary table up to ``max_position`` now, so fixed-shape decode steps never resize it."""
-        self._rope_table(max_position + 1, dtype, device)
+    # ---- positions and rotary tables ------------------------------------------------------------------------------
+    def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions of (b, s) prompt ids, left-padded where ``attention_mask`` is 0 (``positions_from_mask``)."""
+        return positions_from_mask(input_ids, attention_mask, self.config)
+
+    def next_position_ids(self, last: torch.Tensor) -> torch.Tensor:
+        """Positions of the last token -> those of the next (``layout.next_positions``)."""
+        return next_positions(last)
+
+    def reserve_positions(self, n: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Build the rotary table for ``n`` positions now, so later steps (captured, compiled) never resize it."""
+        self._rope_table(n, dtype, torch.device(device))
 
     def _rope_table(self, n: int, dtype: torch.dtype, device: torch.device) -> Any:
-        """The family's rotary table for at least ``n`` positions, built once per dtype/device and grown by doubling."""
+        """The family's rotary table for at least ``n`` positions (and ``seq_length``), built once per dtype/device
+        and grown by doubling."""
         key = (dtype, device)
-        entry = self._rope.get(key)
+        entry = self._rope_tables.get(key)
         if entry is None or entry[0] < n:
             size = max(n, self.config.seq_length, 2 * (entry[0] if entry is not None else 0))
             entry = (size, self._build_rope(size, dtype, device))
-            self._rope[key] = entry
+            self._rope_tables[key] = entry
         return entry[1]
 
+    def set_attention_backend(self, backend: str) -> None:
+        """ "sdpa" (default) or "flex": the form masks take (``masks.build_mask``); flex pays off under compile."""
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+        self.attention_backend = backend
+
     # ---- forward --------------------------------------------------------------------------------------------------
-    def _check_inputs(
+    def make_layout(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        cache: KVCache | None,
-    ) -> tuple[torch.Tensor, int, bool]:
-        """Validate a forward's inputs; returns (position_ids, tokens already cached, static decode step)."""
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        segment_ids: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+    ) -> SequenceLayout:
+        """The layout of a forward given the convenience arguments (one sample per row, left padding marked 0 in
+        ``attention_mask`` (b, cached + s); or packed rows through ``segment_ids`` (b, s), -1 on padding)."""
         b, s = input_ids.shape
-        static = cache is not None and cache.write_pos is not None  # fixed-shape decode step (see KVCache)
-        past = cached_tokens(cache, self.n_prefix())
+        n_prefix = self.n_prefix()
+        past = 0 if cache is None else cache.length - n_prefix
+        if past < 0:
+            raise ValueError(f"the KV cache holds {cache.length} tokens, fewer than the {n_prefix} P-Tuning prefix "
+                             "tokens; create it with model.new_cache()")  # fmt: skip
         if attention_mask is not None and tuple(attention_mask.shape) != (b, past + s):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected (batch, cached + new tokens) = "
                 f"{(b, past + s)}"
             )
+        new_mask = attention_mask[:, past:] if attention_mask is not None else None
+        max_position = None
         if position_ids is None:
             if past:
                 raise ValueError("position_ids are required once the cache holds tokens (use next_position_ids)")
-            position_ids = self.prompt_position_ids(input_ids, attention_mask)
-        want = self._position_shape(b, s)
+            position_ids = positions_from_mask(input_ids, new_mask, self.config)
+            max_position = s
+        want = (b, 2, s) if self.config.arch == "glm" else (b, s)
         if tuple(position_ids.shape) != want:
             raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {want}")
-        return position_ids, past, static
+        if context is None and segment_ids is None:  # one sample per row: v1's context ends at its <sop>
+            context = context_from_ids(input_ids, self.config, starts_sample=past == 0)
+        if segment_ids is None and new_mask is not None:
+            segment_ids = torch.where(new_mask.bool(), 0, -1)
+        return SequenceLayout(position_ids, segment_ids, context, max_position=max_position)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        layout: SequenceLayout | None = None,
+    ) -> torch.Tensor:
+        """input_ids (b, s) -> final hidden states (b, s, H) (after the final norm), in the model's dtype.
+
+        Give ``layout`` (``glmtune.models.layout``), or let :meth:`make_layout` build it: attention_mask (b, cached +
+        s), 1 for real tokens, 0 for padding; position_ids (b, s) / (b, 2, s), computed when None and nothing is
+        cached; segment_ids (b, s) for packed rows (sample index in the row, -1 on padding); context (b, s) bool for
+        v1's bidirectional prompt (computed from ``<sop>`` when None). With ``cache`` the tokens' keys/values go to
+        the layout's slots (default: the cache's next free slots) and attention covers the whole cache.
+        """
+        if layout is None:
+            layout = self.make_layout(input_ids, attention_mask, position_ids, cache, segment_ids, context)
+        b, s = input_ids.shape
+        if layout.shape != (b, s):
+            raise ValueError(f"layout is for {layout.shape} tokens, input_ids are {(b, s)}")
+        n_prefix = self.n_prefix()
+        h = self._embed(input_ids)  # (b, s, H)
+        n = layout.max_position + 1 if layout.max_position is not None else 0
+        rope = self._rope(layout.positions, self._rope_table(n, h.dtype, h.device))
+        slots = None
+        if cache is not None:
+            slots = layout.slots if layout.slots is not None else cache.next_slots(s)
+            segments = layout.segments if layout.segments is not None else torch.zeros_like(slots)
+            cache.write_tokens(slots, segments, layout.context)
+            layout = replace(layout, slots=slots, segments=segments)
+        backend = self.attention_backend if cache is None else "sdpa"  # decode steps: a small dense mask
+        mask = build_mask(layout, n_prefix=n_prefix, cache=cache, backend=backend, device=h.device)
+        prefix = None
+        if n_prefix and cache is None:
+            prefix = self.prefix_key_values(b, dtype=h.dtype, device=h.device)
+        checkpointing = self.transformer.gradient_checkpointing and self.training and cache is None
+        for i, layer in enumerate(self._blocks()):
+            layer_prefix = prefix[i] if prefix is not None else None
+            if checkpointing:
+                h = checkpoint(layer, h, rope, mask, None, None, layer_prefix, use_reentrant=False)
+            else:
+                h = layer(h, rope, mask, cache, slots, layer_prefix)
+        return self._final_norm(h)
 
     def forward(
         self,
@@ -209,14 +301,21 @@ class CausalLMBase(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        attn_mask: torch.Tensor | None = None,
+        *,
+        segment_ids: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        layout: SequenceLayout | None = None,
         logits_to_keep: int | None = None,
     ) -> torch.Tensor:
         """input_ids (b, s) -> logits (b, s', vocab) in the model's dtype (s' = logits_to_keep or s).
 
         The arguments are those of :meth:`hidden_states`.
         """
-        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, attn_mask)
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, segment_ids=segment_ids,
+                               context=context, layout=layout)  # fmt: skip
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.output_embeddings()(h)
+
+
+__all__ = ["AttentionMask", "CausalLMBase"]

@@ -34,11 +34,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from glmtune.models.attention import KVCache, attend, explicit_mask
+from glmtune.models.attention import KVCache, attend
 from glmtune.models.base import CausalLMBase
 from glmtune.models.config import GLMConfig
+from glmtune.models.masks import AttentionMask
 from glmtune.models.prefix import make_prefix_encoder
 
 log = logging.getLogger(__name__)
@@ -137,8 +137,9 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,  # (b, s, H)
         rope: torch.Tensor,  # (b, s, 1, r/2, 2)
-        mask: torch.Tensor | None,  # bool (b, 1, s, t), or None = causal over s == t
+        mask: AttentionMask,
         cache: KVCache | None,
+        slots: torch.Tensor | None,  # (b, s) cache slots of the tokens, with a cache
         prefix_kv: tuple[torch.Tensor, torch.Tensor] | None,  # (b, n_kv, P, d) each, when there is no cache
     ) -> torch.Tensor:
         b, s, _ = x.shape
@@ -153,12 +154,11 @@ class SelfAttention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, h, s, d)
         if cache is not None:
-            k, v = cache.update(self.layer_id, k, v)  # (b, n_kv, t, d), prefix included
+            k, v = cache.write(self.layer_id, k, v, slots)  # (b, n_kv, max_len, d), prefix included
         elif prefix_kv is not None:
             k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
             v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
-        causal = mask is None and k.shape[2] == s
-        out = attend(q, k, v, mask, is_causal=causal)  # (b, h, s, d)
+        out = attend(q, k, v, mask)  # (b, h, s, d)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.n_head * d))
 
 
@@ -185,9 +185,9 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = _norm(config, kw)
         self.mlp = MLP(config, **kw)
 
-    def forward(self, h, rope, mask, cache, prefix_kv):  # h (b, s, H)
+    def forward(self, h, rope, mask, cache, slots, prefix_kv):  # h (b, s, H)
         x = self.input_layernorm(h)
-        h = self.self_attention(x, rope, mask, cache, prefix_kv) + (x if self.post_ln_residual else h)
+        h = self.self_attention(x, rope, mask, cache, slots, prefix_kv) + (x if self.post_ln_residual else h)
         y = self.post_attention_layernorm(h)
         return self.mlp(y) + (y if self.post_ln_residual else h)
 
@@ -221,23 +221,20 @@ class ChatGLMModel(nn.Module):
 
 # ---- the model ------------------------------------------------------------------------------------------------------
 class ChatGLMForCausalLM(CausalLMBase):
-    """ChatGLM2/3 and GLM-4. ``forward`` returns logits; see the module docstring for the semantics."""
+    """ChatGLM2/3 and GLM-4. ``forward`` returns logits; see the module docstring for the semantics.
 
-    def __init__(
-        self,
-        config: GLMConfig,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        rope_style: RopeStyle = "chatglm3",
-    ) -> None:
+    The rotary variant is ``config.rope`` ("chatglm2" or "chatglm3"; ``spec.configure`` sets it per generation)."""
+
+    def __init__(self, config: GLMConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+                 ) -> None:  # fmt: skip
         super().__init__(config)
         if config.arch != "chatglm":
             raise ValueError(f"ChatGLMForCausalLM is the ChatGLM2+ model; config.arch is {config.arch!r}")
-        if rope_style not in ("chatglm2", "chatglm3"):
-            raise ValueError(f"rope_style must be 'chatglm2' or 'chatglm3', got {rope_style!r}")
-        self.rope_style = rope_style
         self.transformer = ChatGLMModel(config, device=device, dtype=dtype)
+
+    @property
+    def rope_style(self) -> str:
+        return self.config.rope
 
     # ---- weights --------------------------------------------------------------------------------------------------
     def output_embeddings(self) -> nn.Linear:
@@ -253,98 +250,23 @@ class ChatGLMForCausalLM(CausalLMBase):
     def _inv_freq(self, rot_dim: int) -> torch.Tensor:
         return rope_inv_freq(rot_dim)
 
-    # ---- positions and cache --------------------------------------------------------------------------------------
-    def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(b, s) -> (b, s) positions: 0, 1, … over the real tokens, 0 on left padding."""
-        if attention_mask is None:
-            return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape)
-        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-    def next_position_ids(self, last: torch.Tensor) -> torch.Tensor:
-        """(b, 1) position of the last token -> that of the next."""
-        return last + 1
-
+    # ---- the family's pieces of the forward (``CausalLMBase.hidden_states``) --------------------------------------
     def _num_cache_heads(self) -> int:
         return self.config.num_kv_heads
-
-    def _position_shape(self, b: int, s: int) -> tuple[int, ...]:
-        return (b, s)
 
     def _build_rope(self, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         cfg = self.config
         return rope_table(n, cfg.head_dim // 2, dtype, device, rope_ratio=cfg.rope_ratio, style=self.rope_style)
 
-    # ---- masks ----------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _attention_mask(
-        attention_mask: torch.Tensor | None,  # (b, past + s) or None
-        b: int,
-        s: int,
-        past: int,
-        n_prefix: int,
-        device: torch.device,
-    ) -> torch.Tensor | None:
-        """bool (b, 1, s, P + past + s), True = may attend; None when plain causal attention is exact."""
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if not padded and past == 0 and n_prefix == 0:
-            return None  # causal fast path
-        if not padded and s == 1:
-            return None  # one new token sees everything cached
-        t = past + s
-        q_pos = torch.arange(past, t, device=device)[:, None]
-        k_pos = torch.arange(t, device=device)[None, :]
-        allowed = (k_pos <= q_pos)[None].expand(b, s, t)  # (b, s, t)
-        if padded:
-            allowed = allowed & attention_mask.bool()[:, None, :]
-            if past == 0 and n_prefix == 0:
-                # The original lets a padding query see every key; its output is never read.
-                allowed = allowed | ~attention_mask.bool()[:, past:, None]
-        if n_prefix:
-            allowed = torch.cat([torch.ones((b, s, n_prefix), dtype=torch.bool, device=device), allowed], dim=2)
-        return allowed[:, None]
+    def _rope(self, positions: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return table[positions].unsqueeze(2)  # (b, s, 1, r/2, 2)
 
-    # ---- forward --------------------------------------------------------------------------------------------------
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids (b, s) -> final hidden states (b, s, H) (after the final norm), in the model's dtype.
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.transformer.embedding(input_ids)
 
-        attention_mask: (b, past + s), 1 for real tokens, 0 for padding (``past`` = tokens already in ``cache``, the
-            P-Tuning prefix not counted). position_ids: (b, s); computed with ``prompt_position_ids`` when None and
-            nothing is cached. attn_mask: bool (b, 1, s, past + s) or (b, 1, s, P + past + s), True = may attend,
-            replacing the causal/padding mask (packed training); prefix columns are added when absent.
-        """
-        tr = self.transformer
-        b, s = input_ids.shape
-        n_prefix = self.n_prefix()
-        position_ids, past, static = self._check_inputs(input_ids, attention_mask, position_ids, cache)
+    def _blocks(self) -> nn.ModuleList:
+        return self.transformer.encoder.layers
 
-        h = tr.embedding(input_ids)  # (b, s, H)
-        # static steps must not sync with the host: the table was sized beforehand (prepare_static_decode)
-        table = self._rope_table(0 if static else int(position_ids.max()) + 1, h.dtype, h.device)
-        rope = table[position_ids].unsqueeze(2)  # (b, s, 1, r/2, 2)
-
-        if attn_mask is None:
-            mask = self._attention_mask(attention_mask, b, s, past, n_prefix, h.device)
-        else:
-            mask = explicit_mask(attn_mask, cache, past, s, n_prefix)
-
-        prefix = None
-        if n_prefix and cache is None:
-            prefix = self.prefix_key_values(b, dtype=h.dtype, device=h.device)
-        for i, layer in enumerate(tr.encoder.layers):
-            layer_prefix = prefix[i] if prefix is not None else None
-            if tr.gradient_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, rope, mask, None, layer_prefix, use_reentrant=False)
-            else:
-                h = layer(h, rope, mask, cache, layer_prefix)
-        if cache is not None and not static:
-            cache.advance(s)
-        if tr.encoder.final_layernorm is not None:
-            h = tr.encoder.final_layernorm(h)
-        return h
+    def _final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        norm = self.transformer.encoder.final_layernorm
+        return norm(h) if norm is not None else h

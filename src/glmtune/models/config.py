@@ -64,6 +64,9 @@ class GLMConfig:
     # v1 only
     position_encoding_2d: bool = True
     quantization_bit: int = 0
+    # Not a config.json key: the rotary variant (``spec.RopeStyle``), which v2 and v3 config files do not tell
+    # apart; ``spec.configure`` sets it from the generation. None = the architecture's default.
+    rope_style: str | None = None
     # Everything else from config.json, written back as it was.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +82,13 @@ class GLMConfig:
     @property
     def qkv_size(self) -> int:
         return (self.num_attention_heads + 2 * self.num_kv_heads) * self.head_dim
+
+    @property
+    def rope(self) -> str:
+        """The rotary variant: ``rope_style``, else "glm2d" for v1 and "chatglm3" for ChatGLM2+."""
+        if self.rope_style is not None:
+            return self.rope_style
+        return "glm2d" if self.arch == "glm" else "chatglm3"
 
     @property
     def vocab_size(self) -> int:
@@ -99,6 +109,9 @@ class GLMConfig:
             raise bad("kv_channels", "must be a multiple of 4 (rotary covers half of each head in pairs)")
         if self.pre_seq_len is not None and self.pre_seq_len <= 0:
             raise bad("pre_seq_len", f"must be positive or null, got {self.pre_seq_len}")
+        allowed = ("glm2d",) if self.arch == "glm" else ("chatglm2", "chatglm3")
+        if self.rope_style is not None and self.rope_style not in allowed:
+            raise bad("rope_style", f"must be one of {allowed} for arch {self.arch!r}, got {self.rope_style!r}")
 
     # ---- JSON in/out ---------------------------------------------------------------------------------
     @classmethod
@@ -116,7 +129,7 @@ class GLMConfig:
         required = ("num_layers", "hidden_size", "num_attention_heads", "padded_vocab_size")
         values: dict[str, Any] = {"arch": arch}
         extra: dict[str, Any] = {}
-        field_names = {f.name for f in dataclasses.fields(cls)} - {"arch", "extra"}
+        field_names = {f.name for f in dataclasses.fields(cls)} - {"arch", "extra", "rope_style"}
         inverse = {v: k for k, v in key_map.items()}
         for key, value in raw.items():
             name = key_map.get(key, key)
@@ -161,7 +174,7 @@ class GLMConfig:
         """The original config.json keys: v1 names for v1, v2 names for v2+, unknown keys as read."""
         out: dict[str, Any] = {"model_type": "chatglm"}
         out.update(self.extra)
-        skip = {"arch", "extra"} | (set() if self.arch == "glm" else set(_V1_ONLY))
+        skip = {"arch", "extra", "rope_style"} | (set() if self.arch == "glm" else set(_V1_ONLY))
         if self.arch == "glm":
             skip |= _V2_ONLY
         inverse = {v: k for k, v in _V1_KEYS.items()} if self.arch == "glm" else {}

@@ -43,11 +43,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from glmtune.models.attention import KVCache, attend, explicit_mask
+from glmtune.models.attention import KVCache, attend
 from glmtune.models.base import CausalLMBase
 from glmtune.models.config import GLMConfig
+from glmtune.models.masks import AttentionMask
 from glmtune.models.prefix import make_prefix_encoder
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,9 @@ class SelfAttention(nn.Module):
         self,
         x: torch.Tensor,  # (b, s, H)
         rope: torch.Tensor,  # (2, 2, b, s, 1, d/2): [cos, sin] x [position, block position]
-        mask: torch.Tensor | None,  # bool (b, 1, s, t)
+        mask: AttentionMask,
         cache: KVCache | None,
+        slots: torch.Tensor | None,  # (b, s) cache slots of the tokens, with a cache
         prefix_kv: tuple[torch.Tensor, torch.Tensor] | None,  # (b, n_head, P, d) each, when there is no cache
     ) -> torch.Tensor:
         b, s, _ = x.shape
@@ -129,7 +130,7 @@ class SelfAttention(nn.Module):
         k = apply_rope_2d(k, rope[0], rope[1])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, h, s, d)
         if cache is not None:
-            k, v = cache.update(self.layer_id, k, v)  # (b, h, t, d), prefix included
+            k, v = cache.write(self.layer_id, k, v, slots)  # (b, h, max_len, d), prefix included
         elif prefix_kv is not None:
             k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
             v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
@@ -161,9 +162,9 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, **kw)
         self.mlp = MLP(config, **kw)
 
-    def forward(self, h, rope, mask, cache, prefix_kv):  # h (b, s, H)
+    def forward(self, h, rope, mask, cache, slots, prefix_kv):  # h (b, s, H)
         x = self.input_layernorm(h)
-        h = x * self.alpha + self.attention(x, rope, mask, cache, prefix_kv)
+        h = x * self.alpha + self.attention(x, rope, mask, cache, slots, prefix_kv)
         y = self.post_attention_layernorm(h)
         return y * self.alpha + self.mlp(y)
 
@@ -226,117 +227,27 @@ class GLMForCausalLM(CausalLMBase):
     def _inv_freq(self, rot_dim: int) -> torch.Tensor:
         return rope_inv_freq(rot_dim)
 
-    # ---- positions and cache --------------------------------------------------------------------------------------
-    def prompt_position_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(b, s) prompt ids (left-padded where ``attention_mask`` is 0) -> (b, 2, s) position / block position ids."""
-        cfg = self.config
-        b, s = input_ids.shape
-        pos = torch.zeros((b, 2, s), dtype=torch.long)
-        rows = input_ids.tolist()
-        keep = attention_mask.bool().tolist() if attention_mask is not None else [[True] * s] * b
-        for i in range(b):
-            idx = [j for j in range(s) if keep[i][j]]
-            seq = [rows[i][j] for j in idx]
-            n = len(seq)
-            context = seq.index(cfg.bos_token_id) if cfg.bos_token_id in seq else n
-            mask_token = cfg.gmask_token_id if cfg.gmask_token_id in seq else cfg.mask_token_id
-            p = list(range(n))
-            if mask_token in seq:
-                p[context:] = [seq.index(mask_token)] * (n - context)
-            block = [0] * context + list(range(1, n - context + 1))
-            if idx:
-                cols = torch.tensor(idx)
-                pos[i, 0, cols] = torch.tensor(p)
-                pos[i, 1, cols] = torch.tensor(block)
-        return pos.to(input_ids.device)
-
-    def next_position_ids(self, last: torch.Tensor) -> torch.Tensor:
-        """(b, 2, 1) position ids of the last token -> those of the next: same position, block position + 1."""
-        nxt = last.clone()
-        nxt[:, 1] += 1
-        return nxt
-
+    # ---- the family's pieces of the forward (``CausalLMBase.hidden_states``) --------------------------------------
     def _num_cache_heads(self) -> int:
         return self.config.num_attention_heads
-
-    def _position_shape(self, b: int, s: int) -> tuple[int, ...]:
-        return (b, 2, s)
 
     def _build_rope(self, n: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_table(n, self.config.head_dim // 2, dtype, device)
 
+    def _rope(self, positions: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        cos, sin = table
+        pos = positions.transpose(0, 1)  # (2 [pos, block], b, s)
+        return torch.stack([F.embedding(pos, cos), F.embedding(pos, sin)]).unsqueeze(-2)  # (2, 2, b, s, 1, d/2)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.transformer.word_embeddings(input_ids)
+
+    def _blocks(self) -> nn.ModuleList:
+        return self.transformer.layers
+
+    def _final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        return self.transformer.final_layernorm(h)
+
     def _after_materialize(self) -> None:
         if self.config.tie_word_embeddings and self.lm_head.weight is not self.transformer.word_embeddings.weight:
             self.tie_weights()
-
-    # ---- masks ----------------------------------------------------------------------------------------------------
-    def _attention_mask(
-        self,
-        input_ids: torch.Tensor,  # (b, s)
-        attention_mask: torch.Tensor | None,  # (b, past + s)
-        past: int,
-        n_prefix: int,
-    ) -> torch.Tensor:
-        """bool (b, 1, s, P + past + s): True where a query may attend (prefix-LM over the tokens, prefix always)."""
-        b, s = input_ids.shape
-        t = past + s
-        device = input_ids.device
-        is_bos = input_ids == self.config.bos_token_id
-        first_bos = torch.where(is_bos.any(1), is_bos.int().argmax(1) + past, t if past == 0 else 0)  # (b,)
-        q_pos = torch.arange(past, t, device=device)[:, None]  # (s, 1)
-        k_pos = torch.arange(t, device=device)[None, :]  # (1, t)
-        allowed = (k_pos <= q_pos)[None] | (k_pos[None] < first_bos[:, None, None])  # (b, s, t)
-        if attention_mask is not None:
-            allowed = allowed & attention_mask.bool()[:, None, :]
-        if n_prefix:
-            allowed = torch.cat([torch.ones((b, s, n_prefix), dtype=torch.bool, device=device), allowed], dim=2)
-        # A padding query that may see nothing would give NaN; let it see everything (it is never read).
-        allowed = allowed | ~allowed.any(-1, keepdim=True)
-        return allowed[:, None]
-
-    # ---- forward --------------------------------------------------------------------------------------------------
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        attn_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids (b, s) -> final hidden states (b, s, H), after the final LayerNorm, in the model's dtype.
-
-        attention_mask: (b, past + s), 1 for real tokens, 0 for padding (``past`` = tokens already in ``cache``,
-            the P-Tuning prefix not counted). position_ids: (b, 2, s); computed with ``prompt_position_ids`` when
-            None and nothing is cached yet. attn_mask: bool (b, 1, s, past + s) or (b, 1, s, P + past + s),
-            True = may attend, replacing the prefix-LM mask (the prefix columns are added when absent).
-        """
-        tr = self.transformer
-        b, s = input_ids.shape
-        n_prefix = self.n_prefix()
-        position_ids, past, static = self._check_inputs(input_ids, attention_mask, position_ids, cache)
-
-        h = tr.word_embeddings(input_ids)  # (b, s, H)
-        # static steps must not sync with the host: the table was sized beforehand (prepare_static_decode)
-        cos, sin = self._rope_table(0 if static else int(position_ids.max()) + 1, h.dtype, h.device)
-        rope = torch.stack(
-            [F.embedding(position_ids.transpose(0, 1), cos), F.embedding(position_ids.transpose(0, 1), sin)]
-        )
-        rope = rope.unsqueeze(-2)  # (2 [cos, sin], 2 [pos, block], b, s, 1, d/2)
-
-        if attn_mask is None:
-            mask = self._attention_mask(input_ids, attention_mask, past, n_prefix)
-        else:
-            mask = explicit_mask(attn_mask, cache, past, s, n_prefix)
-
-        prefix = None
-        if n_prefix and cache is None:
-            prefix = self.prefix_key_values(b, dtype=h.dtype, device=h.device)
-        for i, layer in enumerate(tr.layers):
-            layer_prefix = prefix[i] if prefix is not None else None
-            if tr.gradient_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, rope, mask, None, layer_prefix, use_reentrant=False)
-            else:
-                h = layer(h, rope, mask, cache, layer_prefix)
-        if cache is not None and not static:
-            cache.advance(s)
-        return tr.final_layernorm(h)

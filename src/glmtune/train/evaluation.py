@@ -16,7 +16,7 @@ from glmtune.train.data import encode_options
 from glmtune.train.distributed import DistInfo, all_reduce_sum
 from glmtune.train.loss import count_targets
 from glmtune.train.state import Progress
-from glmtune.train.step import MODEL_INPUTS
+from glmtune.train.step import device_inputs
 
 EvalHook = Callable[[nn.Module], dict[str, float]]
 
@@ -31,9 +31,8 @@ def evaluate_loss(
     total = torch.zeros((), dtype=torch.float64, device=info.device)
     n = 0
     for batch in batches:
-        inputs = {k: v.to(info.device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
         with autocast:
-            total += net(**inputs).detach().double()
+            total += net(**device_inputs(batch, info.device)).detach().double()
         n += count_targets(batch["labels"])
     net.train(was_training)
     total_sum, n_sum = all_reduce_sum(info, [float(total), float(n)])
