@@ -125,13 +125,20 @@ def time_steps(
     steps: int,
     profile_steps: int,
 ) -> Timing:
-    """Run ``warmup`` steps, then time ``steps`` steps, then profile ``profile_steps`` more (CUDA only).
+    """Run ``warmup`` steps (and one of each batch shape still unseen), then time ``steps`` steps, then profile
+    ``profile_steps`` more (CUDA only).
 
     ``batches[i]`` is consumed by ``step`` and holds ``tokens[i]`` useful tokens; batches are cycled.
     """
     n = len(batches)
+    seen = set()
     for i in range(warmup):
         step(batches[i % n])
+        seen.add(_shape(batches[i % n]))
+    for i in range(warmup, warmup + steps + profile_steps):  # every shape once before timing: compiles stay out
+        if _shape(batches[i % n]) not in seen:
+            step(batches[i % n])
+            seen.add(_shape(batches[i % n]))
     sync(device)
     start = time.perf_counter()
     done = 0
@@ -146,6 +153,10 @@ def time_steps(
         k, ms = profile_kernels(lambda: [step(batches[i % n]) for i in range(first, first + profile_steps)], device)
         timing.kernels_per_step, timing.kernel_ms_per_step = k / profile_steps, ms / profile_steps
     return timing
+
+
+def _shape(batch) -> tuple:
+    return tuple(tuple(v.shape) for v in batch.values()) if isinstance(batch, dict) else ()
 
 
 def profile_kernels(run: Callable[[], object], device: torch.device) -> tuple[int, float]:

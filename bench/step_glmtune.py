@@ -4,15 +4,19 @@ trainer is made of (``LMLoss``, ``trainable_parameters``, ``build_optimizer``, a
 of the token-normalised loss, loss read back, clipping, AdamW, zero_grad). The learning-rate schedule is left out
 (a host-side multiply per step).
 
+Batches come from the trainer's own ``Batcher`` (``make_batcher``), so they have its padding side, bucketed
+widths and fixed packed shapes, whatever those are when the benchmark runs. ``compile``: None follows the
+trainer's default (``train.compile``), True/False force it; the trainer's ``compile_blocks`` where it exists,
+else each transformer block wrapped in ``torch.compile`` here (``GlmtuneStep.compile_mode`` says which).
+
 This is the one file to adapt when the trainer changes: ``GlmtuneStep.__call__`` must stay one optimizer step of
-the real trainer on one micro-batch. ``compile``: each transformer block wrapped in ``torch.compile`` (regional
-compilation: one compiled graph serves every layer); replace it with the trainer's own ``train.compile`` once that
-exists.
+the real trainer on one micro-batch.
 """
 
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 
 import torch
 from benchlib import random_fill
@@ -20,7 +24,9 @@ from benchlib import random_fill
 from glmtune.adapters import build_method
 from glmtune.models import build_model
 from glmtune.models.config import GLMConfig
-from glmtune.train.config import OptimConfig
+from glmtune.templates import Encoded, get_template
+from glmtune.train.config import DataConfig, OptimConfig
+from glmtune.train.data import Batcher, make_batcher
 from glmtune.train.distributed import DistInfo
 from glmtune.train.loop import LMLoss, build_optimizer, trainable_parameters
 from glmtune.train.loss import count_targets
@@ -29,6 +35,27 @@ try:
     from glmtune.train.step import TrainStep
 except ImportError:  # the trainer before its step became an object
     TrainStep = None
+try:
+    from glmtune.train import compile as train_compile
+except ImportError:  # before train.compile
+    train_compile = None
+
+
+def default_compile(device: torch.device) -> bool:
+    """Whether the trainer compiles by default on ``device``."""
+    if train_compile is None:
+        return False
+    return train_compile.use_compile(OptimConfig().compile, device)
+
+
+def glmtune_batcher(
+    examples: list[Encoded], *, packing: bool, pack_length: int | None, batch_size: int, seed: int, fixed_shapes: bool
+) -> Batcher:
+    """The trainer's batcher over ``examples`` (ChatGLM3 template, pad id 0, one process, no accumulation)."""
+    kw = {"fixed_shapes": fixed_shapes} if "fixed_shapes" in inspect.signature(make_batcher).parameters else {}
+    return make_batcher(examples, cfg=DataConfig(packing=packing, pack_length=pack_length), batch_size=batch_size,
+                        grad_accum=1, world_size=1, seed=seed, tokenizer=SimpleNamespace(pad_id=0),
+                        template=get_template("chatglm3"), **kw)  # fmt: skip
 
 
 def glmtune_model(cfg: GLMConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
@@ -54,7 +81,7 @@ class GlmtuneStep:
         device: torch.device,
         precision: torch.dtype,
         gradient_checkpointing: bool = False,
-        compile: bool = False,
+        compile: bool | None = None,
         lr: float = 3e-4,
         max_grad_norm: float = 1.0,
     ) -> None:
@@ -73,10 +100,14 @@ class GlmtuneStep:
         self.net = LMLoss(self.model, opt.loss_chunk_tokens)
         self.inputs = set(inspect.signature(self.net.forward).parameters)
         self.compile_mode = None
-        if compile:
-            for block in _blocks(self.model):
-                block.compile()
-            self.compile_mode = "each transformer block torch.compile'd by the bench"
+        if default_compile(device) if compile is None else compile:
+            if train_compile is not None:
+                train_compile.compile_blocks(self.model)
+                self.compile_mode = "train.compile (compile_blocks)"
+            else:
+                for block in _blocks(self.model):
+                    block.compile()
+                self.compile_mode = "each transformer block torch.compile'd by the bench"
         self.train_step = None
         if TrainStep is not None:
             self.train_step = TrainStep(self.net, self.params, self.optimizer, info=DistInfo(device=device),

@@ -45,11 +45,11 @@ from benchlib import (  # noqa: E402
     useful_tokens,
     write_json,
 )
+from step_glmtune import default_compile  # noqa: E402
 
 from glmtune.data.collate import collate, collate_packed  # noqa: E402
 from glmtune.models import build_model  # noqa: E402
 from glmtune.models.config import GLMConfig, preset  # noqa: E402
-from glmtune.train.data import make_units  # noqa: E402
 
 log = logging.getLogger("train_speed")
 
@@ -67,7 +67,7 @@ class Run:
     method: str = "lora"
     model: str = "6b"  # "6b" | "1.5b"
     checkpointing: bool = False
-    compile: bool = False
+    compile: bool | None = None  # None: the implementation's default (glmtune: train.compile's; transformers: off)
 
     @property
     def id(self) -> str:
@@ -81,7 +81,7 @@ RUNS = [
     Run("adgen-lora", GLMTUNE, "packed", "adgen-packed"),
     Run("packed-4x1024-lora", HF, "eager", "packed"),
     Run("packed-4x1024-lora", HF, "compile", "packed", compile=True),
-    Run("packed-4x1024-lora", GLMTUNE, "eager", "packed"),
+    Run("packed-4x1024-lora", GLMTUNE, "eager", "packed", compile=False),
     Run("packed-4x1024-lora", GLMTUNE, "compile", "packed", compile=True),
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
     Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
@@ -100,35 +100,43 @@ def model_config(name: str, tiny: bool) -> GLMConfig:
     return cfg
 
 
-def make_batches(kind: str, examples, *, samples: int, rows: int, pack_length: int, n: int, seed: int):
-    """(collated batches, useful tokens of each, units of each) for ``n`` steps of data ``kind``.
+@dataclass
+class Batches:
+    """The batches of ``n`` steps: the same samples for every implementation, each collated as its trainer does."""
 
-    Each step's units are a seeded sample of the pool without replacement (the trainer's shuffle, in short);
-    padded batches are padded on the left (ChatGLM's side) to their longest sample, packed rows of 1024 to
-    exactly ``pack_length`` (fixed shapes for the compiled runs)."""
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "adgen-padded":
-        units, per = list(examples), samples
-    elif kind == "adgen-packed":  # glmtune's default for the recipe: rows of up to the longest sample
-        units, per = make_units(list(examples), packing=True, pack_length=None), rows
-    elif kind == "packed":
-        units, per = make_units(list(examples), packing=True, pack_length=pack_length), rows
-    else:
+    glmtune: list[dict]  # glmtune's Batcher.collate (its padding side, bucketed widths, fixed packed shapes)
+    hf: list[dict]  # right-padded to the longest sample; packed rows to exactly pack_length (fixed shapes)
+    tokens: list[int]  # useful tokens of each step
+    samples: list[int]  # samples of each step
+
+
+def make_batches(
+    kind: str, examples, *, samples: int, rows: int, pack_length: int, n: int, seed: int, fixed_shapes: bool = False
+) -> Batches:
+    """Batches of data ``kind`` for ``n`` steps, in the order glmtune's trainer takes them from ``examples``.
+
+    "adgen-padded": ``samples`` samples a step; "adgen-packed": ``rows`` rows of up to the longest sample (glmtune's
+    default for the ADGEN recipe); "packed": ``rows`` rows of ``pack_length`` tokens."""
+    from step_glmtune import glmtune_batcher
+
+    packing = kind != "adgen-padded"
+    if kind not in ("adgen-padded", "adgen-packed", "packed"):
         raise ValueError(f"unknown data kind {kind!r}")
-    batches, tokens, shapes = [], [], []
-    order = torch.randperm(len(units), generator=gen).tolist()
+    length = pack_length if kind == "packed" else None
+    per = rows if packing else samples
+    batcher = glmtune_batcher(list(examples), packing=packing, pack_length=length, batch_size=per, seed=seed,
+                              fixed_shapes=fixed_shapes)  # fmt: skip
+    out = Batches([], [], [], [])
     for i in range(n):
-        if (i + 1) * per > len(order):
-            order += torch.randperm(len(units), generator=gen).tolist()
-        chosen = [units[j] for j in order[i * per : (i + 1) * per]]
-        if kind == "adgen-padded":
-            batch = collate(chosen, pad_id=0, pad_side="left", positions="1d")
+        (units,) = batcher.step_units(i, 0)
+        out.glmtune.append(batcher.collate(units))
+        if packing:
+            out.hf.append(collate_packed(units, pad_id=0, pad_to=length))
         else:
-            batch = collate_packed(chosen, pad_id=0, positions="1d", pad_to=pack_length if kind == "packed" else None)
-        batches.append(batch)
-        tokens.append(useful_tokens(chosen))
-        shapes.append((tuple(batch["input_ids"].shape), sum(len(getattr(u, "examples", [u])) for u in chosen)))
-    return batches, tokens, shapes
+            out.hf.append(collate(units, pad_id=0, pad_side="right"))
+        out.tokens.append(useful_tokens(units))
+        out.samples.append(sum(len(getattr(u, "examples", [u])) for u in units))
+    return out
 
 
 def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.dtype):
@@ -144,12 +152,13 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
                        gradient_checkpointing=run.checkpointing, compile=run.compile)  # fmt: skip
 
 
-def measure(run: Run, cfg: GLMConfig, data, args, device: torch.device, precision: torch.dtype) -> dict:
+def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device, precision: torch.dtype) -> dict:
     from peer_hf import hf_batch
 
-    batches, tokens, shapes = data
     if run.impl == HF:
-        batches = [hf_batch(b, packed=run.data != "adgen-padded") for b in batches]
+        batches = [hf_batch(b, packed=run.data != "adgen-padded") for b in data.hf]
+    else:
+        batches = data.glmtune
     n_params = non_embedding_params(build_model(cfg, device="meta"))
     flops_per_token = (6 if run.method == "full" else 4) * n_params
     impl = "transformers" if (run.impl == HF and run.method == "full") else run.impl
@@ -159,6 +168,7 @@ def measure(run: Run, cfg: GLMConfig, data, args, device: torch.device, precisio
     t0 = time.perf_counter()
     step = build_step(run, cfg, device, precision)
     row["build_s"] = time.perf_counter() - t0
+    row["compiled"] = bool(getattr(step, "compile_mode", None)) if run.impl == GLMTUNE else bool(run.compile)
     if getattr(step, "compile_mode", None):
         row["compile_mode"] = step.compile_mode
     losses = []
@@ -167,11 +177,10 @@ def measure(run: Run, cfg: GLMConfig, data, args, device: torch.device, precisio
         losses.append(step(batch))
 
     t0 = time.perf_counter()
-    timing = time_steps(one, batches, tokens, device=device, warmup=args.warmup, steps=args.steps,
+    timing = time_steps(one, batches, data.tokens, device=device, warmup=args.warmup, steps=args.steps,
                         profile_steps=args.profile_steps)  # fmt: skip
     row["run_s"] = time.perf_counter() - t0
-    n = args.steps
-    widths = [s[0][1] for s in shapes[args.warmup : args.warmup + n]]
+    timed = range(args.warmup, args.warmup + args.steps)
     row.update({
         "useful_tokens_per_s": timing.useful_tokens_per_s,
         "mfu": mfu(flops_per_token, timing.useful_tokens_per_s, args.peak_tflops if device.type == "cuda" else None),
@@ -180,10 +189,10 @@ def measure(run: Run, cfg: GLMConfig, data, args, device: torch.device, precisio
         "kernels_per_step": timing.kernels_per_step,
         "step_ms": timing.step_ms,
         "kernel_ms_per_step": timing.kernel_ms_per_step,
-        "rows_per_step": shapes[0][0][0],
-        "mean_width": sum(widths) / len(widths),
-        "samples_per_step": sum(s[1] for s in shapes[args.warmup : args.warmup + n]) / n,
-        "useful_tokens_per_step": sum(tokens[(args.warmup + i) % len(tokens)] for i in range(n)) / n,
+        "rows_per_step": batches[0]["input_ids"].shape[0],
+        "mean_width": sum(batches[i]["input_ids"].shape[1] for i in timed) / len(timed),
+        "samples_per_step": sum(data.samples[i] for i in timed) / len(timed),
+        "useful_tokens_per_step": sum(data.tokens[i] for i in timed) / len(timed),
         "first_loss": float(losses[0]),
         "last_loss": float(losses[-1]),
     })  # fmt: skip
@@ -191,7 +200,7 @@ def measure(run: Run, cfg: GLMConfig, data, args, device: torch.device, precisio
 
 
 COLUMNS = [
-    ("setting", "setting", ""), ("impl", "impl", ""), ("variant", "variant", ""),
+    ("setting", "setting", ""), ("impl", "impl", ""), ("variant", "variant", ""), ("compiled", "compiled", ""),
     ("rows x width", "shape", ""), ("samples/step", "samples_per_step", ".1f"),
     ("useful tok/s", "useful_tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"), ("step ms", "step_ms", ".1f"),
     ("GPU busy", "gpu_busy", ".0%"), ("kernels/step", "kernels_per_step", ",.0f"), ("peak GiB", "peak_gib", ".1f"),
@@ -204,7 +213,8 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             shown.append({**r, "variant": f"{r['variant']} (failed: {r['error'][:80]})"})
         else:
-            shown.append({**r, "shape": f"{r['rows_per_step']} x {r['mean_width']:.0f}"})
+            shown.append({**r, "shape": f"{r['rows_per_step']} x {r['mean_width']:.0f}",
+                          "compiled": "yes" if r["compiled"] else "no"})  # fmt: skip
     return markdown_table(shown, COLUMNS)
 
 
@@ -238,16 +248,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "warmup": args.warmup, "steps": args.steps, "profile_steps": args.profile_steps, "seed": args.seed,
             "command": " ".join(sys.argv)}  # fmt: skip
     n_batches = args.warmup + args.steps + args.profile_steps
-    data_cache: dict[tuple[str, str], tuple] = {}
+    data_cache: dict[tuple, Batches] = {}
     rows: list[dict] = []
     order = {r.id: i for i, r in enumerate(RUNS)}
-    for run in sorted(runs, key=lambda r: r.compile):  # compiled runs last: the slowest to start
+    for run in sorted(runs, key=lambda r: r.compile is True):  # compiled runs last: the slowest to start
         cfg = model_config(run.model, args.tiny)
-        key = (run.data, run.model)
+        # glmtune's batcher makes fixed shapes when its step is compiled (as the trainer does)
+        fixed = run.impl == GLMTUNE and (default_compile(device) if run.compile is None else run.compile)
+        key = (run.data, run.model, fixed)
         if key not in data_cache:
             pool = adgen_examples(args.pool, vocab=cfg.padded_vocab_size, seed=args.seed)
             data_cache[key] = make_batches(run.data, pool, samples=args.samples, rows=args.rows,
-                                           pack_length=args.pack_length, n=n_batches, seed=args.seed)  # fmt: skip
+                                           pack_length=args.pack_length, n=n_batches, seed=args.seed,
+                                           fixed_shapes=fixed)  # fmt: skip
         log.info("run %s", run.id)
         try:
             row = measure(run, cfg, data_cache[key], args, device, precision)
@@ -255,8 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             log.exception("run %s failed", run.id)
             row = {"id": run.id, "setting": run.setting, "impl": run.impl, "variant": run.variant,
                    "error": f"{type(e).__name__}: {e}"[:500]}  # fmt: skip
-        if run.compile:
-            torch._dynamo.reset()
+        torch._dynamo.reset()  # compiled code of one run must not serve (or count against) the next
         free_memory()  # the run's model and optimizer went with measure()'s frame
         rows.append(row)
         log.info("%s", {k: v for k, v in row.items() if k not in ("setting", "impl", "variant")})

@@ -39,17 +39,26 @@ def test_adgen_examples_lengths_labels_and_seed():
     assert min(prompts) < 30 and max(prompts) > 50  # the whole range is drawn, not one length
 
 
+@pytest.mark.parametrize("fixed_shapes", [False, True])
 @pytest.mark.parametrize("kind", ["adgen-padded", "adgen-packed", "packed"])
-def test_useful_tokens_are_the_real_tokens(kind):
+def test_both_sides_get_the_same_samples_and_useful_tokens_are_the_real_ones(kind, fixed_shapes):
     pool = benchlib.adgen_examples(40, vocab=512, seed=0)
-    batches, tokens, shapes = train_speed.make_batches(kind, pool, samples=4, rows=3, pack_length=400, n=5, seed=1)
-    assert len(batches) == len(tokens) == 5
-    for batch, n, (shape, samples) in zip(batches, tokens, shapes, strict=True):
-        assert n == int(batch["attention_mask"].sum()) and 0 < n < batch["input_ids"].numel()  # padding not counted
-        assert shape == tuple(batch["input_ids"].shape)
-        assert samples == (4 if kind == "adgen-padded" else int(batch["seq_ids"].max(dim=1).values.add(1).sum()))
+    data = train_speed.make_batches(kind, pool, samples=4, rows=3, pack_length=400, n=5, seed=1,
+                                    fixed_shapes=fixed_shapes)  # fmt: skip
+    assert len(data.glmtune) == len(data.hf) == len(data.tokens) == len(data.samples) == 5
+    for ours, theirs, n, samples in zip(data.glmtune, data.hf, data.tokens, data.samples, strict=True):
+        for batch in (ours, theirs):
+            real = batch["attention_mask"].bool()
+            assert n == int(real.sum()) and 0 < n < real.numel()  # padding is not counted
+            starts = int(((batch["position_ids"] == 0) & real).sum())  # every sample starts at position 0
+            assert starts == samples
+        # the same tokens go to both sides, whatever side each pads on
+        assert sorted(ours["input_ids"][ours["attention_mask"].bool()].tolist()) == sorted(
+            theirs["input_ids"][theirs["attention_mask"].bool()].tolist())  # fmt: skip
+        if kind == "adgen-padded":
+            assert samples == 4
         if kind == "packed":
-            assert shape == (3, 400)  # fixed width for the compiled runs
+            assert theirs["input_ids"].shape == (3, 400)  # fixed width for the compiled peer
 
 
 def test_mfu_counts_parameters_without_the_input_embedding():
@@ -86,10 +95,11 @@ def test_transformers_peer_gives_glmtunes_loss_from_the_same_weights(kind):
     missing, unexpected = hf.load_state_dict(peer_hf.hf_state_dict(model), strict=False)
     assert not unexpected and all(k.endswith("inv_freq") for k in missing)
     pool = benchlib.adgen_examples(12, vocab=cfg.padded_vocab_size, seed=2)
-    (batch,), _, _ = train_speed.make_batches(kind, pool, samples=3, rows=2, pack_length=256, n=1, seed=0)
+    data = train_speed.make_batches(kind, pool, samples=3, rows=2, pack_length=256, n=1, seed=0)
+    batch = data.hf[0]  # glmtune gets the same samples as its own trainer collates them
     model.eval(), hf.eval()
     with torch.no_grad():
-        ours = _glmtune_loss(model, batch)
+        ours = _glmtune_loss(model, data.glmtune[0])
         theirs = hf(**peer_hf.hf_batch(batch, packed=kind != "adgen-padded")).loss
     assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
     if kind == "packed":  # the peer really keeps samples apart: one causal mask over the whole row differs
