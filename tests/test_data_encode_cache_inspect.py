@@ -68,13 +68,14 @@ def test_cache_hit_and_invalidation(tmp_path):
 
     def build():
         calls.append(1)
-        return [Encoded([1, 2, 3], [IGNORE_INDEX, 2, 3], 1), Encoded([4], [IGNORE_INDEX])]
+        return [Encoded([1, 2, 3], [IGNORE_INDEX, 2, 3], 1), Encoded([4], [IGNORE_INDEX])], {"truncated": ["d:line 1"]}
 
     opts = EncodeOptions(max_source_length=8)
     key = cache_key([data], [tokfile], "chatglm3", {"encode": opts, "read": ReadOptions()})
-    first, hit1 = cached_encode(tmp_path / "cache", key, build)
-    second, hit2 = cached_encode(tmp_path / "cache", key, build)
+    first, notes1, hit1 = cached_encode(tmp_path / "cache", key, build)
+    second, notes2, hit2 = cached_encode(tmp_path / "cache", key, build)
     assert (hit1, hit2, len(calls)) == (False, True, 1)
+    assert notes1 == notes2 == {"truncated": ["d:line 1"]}  # the encoding's notes come back with a cache hit
     assert [(e.input_ids, e.labels, e.prefix_length) for e in second] == [
         (e.input_ids, e.labels, e.prefix_length) for e in first
     ]
@@ -96,7 +97,7 @@ def test_cache_round_trip_and_corrupt_file(tmp_path):
     assert [(e.input_ids, e.labels, e.prefix_length) for e in back] == expect
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "tokenized-k.npz").write_bytes(b"garbage")
-    got, hit = cached_encode(tmp_path / "c", "k", lambda: exs)
+    got, _, hit = cached_encode(tmp_path / "c", "k", lambda: (exs, {}))
     assert not hit and len(got) == 2 and len(load_encoded(tmp_path / "c" / "tokenized-k.npz")) == 2
 
 

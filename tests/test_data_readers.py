@@ -223,4 +223,4 @@ def test_parquet_reads_like_json(tmp_path):
     from_json, _ = read_samples(src)
     assert report.format == "columns" and len(from_parquet) == len(from_json) == len(records)
     assert [s.messages for s in from_parquet] == [s.messages for s in from_json]
-    assert from_parquet[3].origin.endswith("adgen.parquet:row 3")
+    assert from_parquet[3].origin.endswith("adgen.parquet:row 4")  # 1-based, as lines and CSV rows

@@ -17,6 +17,10 @@ reproduces the token layout of the original THUDM code by default:
   content)``; tools render as a system block first (``tokenizer_config.json`` chat template); training as
   ``finetune_demo/finetune.py`` (same shifted mask as v3; observation turns are not trained there).
 
+Default lengths (``official_lengths``: max_source_length/max_input_length, max_target_length/max_output_length)
+are the official scripts' defaults: v1/v2 1024/128 (``ptuning/arguments.py``), v3 256/512 and GLM-4 512/512
+(``finetune_demo/configs/lora.yaml``).
+
 Labels follow the Hugging Face convention: aligned with ``input_ids`` (not shifted), ``IGNORE_INDEX`` where no
 loss is taken; the loss compares logits at position ``i`` with ``labels[i + 1]``.
 """
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from glmtune.tokenizers.base import Tokenizer
@@ -87,6 +91,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     prefix_length: int = 0  # tokens before <sop> that every token may attend to (v1 prefix-LM); 0 = causal only
+    truncated: bool = field(default=False, compare=False)  # some of the conversation was cut by the length limits
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -132,6 +137,7 @@ class Template:
 
     name: str = ""
     pad_side: str = "left"  # the original tokenizers pad on the left (training collators included)
+    official_lengths: tuple[int, int] = (1024, 128)  # default (max_source_length, max_target_length)
 
     def encode_prompt(
         self, tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool = True
@@ -160,6 +166,7 @@ class Template:
 # ---- ChatGLM-6B (v1) ---------------------------------------------------------------------------------------
 class ChatGLMTemplate(Template):
     name = "chatglm"
+    official_lengths = (1024, 128)  # ptuning/arguments.py: max_source_length, max_target_length
 
     @staticmethod
     def build_prompt(query: str, history: list[tuple[str, str]], rounds: bool = False) -> str:
@@ -187,11 +194,14 @@ class ChatGLMTemplate(Template):
         prefix, history, query, answer = _split_single_turn(messages)
         a = tokenizer.encode(prefix + self.build_prompt(query, history, rounds=o.history_rounds))
         b = tokenizer.encode(answer)
+        truncated = False
         if o.max_source_length is not None and len(a) > o.max_source_length - 1:
             keep = max(o.max_source_length - 1, 0)
             a = a[len(a) - keep :] if o.truncation == "keep_question" else a[:keep]
+            truncated = True
         if o.max_target_length is not None and len(b) > o.max_target_length - 2:
             b = b[: max(o.max_target_length - 2, 0)]
+            truncated = True
         sop = tokenizer.special_id("<sop>")
         ids = a + [tokenizer.special_id("[gMASK]"), sop] + b + [tokenizer.special_id("<eop>")]
         context = len(a) + 1  # index of <sop>: the original's input_ids.index(bos_token_id)
@@ -200,7 +210,7 @@ class ChatGLMTemplate(Template):
             labels = ids[:context] + labels[context:]
         if o.ignore_pad_token_for_loss:
             labels = [IGNORE_INDEX if t == tokenizer.pad_id else t for t in labels]
-        return Encoded(ids, labels, prefix_length=context)
+        return Encoded(ids, labels, prefix_length=context, truncated=truncated)
 
     def stop_ids(self, tokenizer: Tokenizer) -> list[int]:
         return [tokenizer.special_id("<eop>")]
@@ -222,6 +232,7 @@ class ChatGLMTemplate(Template):
 # ---- ChatGLM2-6B (v2) --------------------------------------------------------------------------------------
 class ChatGLM2Template(Template):
     name = "chatglm2"
+    official_lengths = (1024, 128)  # ptuning/arguments.py: max_source_length, max_target_length
 
     @staticmethod
     def build_prompt(query: str, history: list[tuple[str, str]]) -> str:
@@ -246,19 +257,22 @@ class ChatGLM2Template(Template):
         prefix, history, query, answer = _split_single_turn(messages)
         head = tokenizer.prefix_ids()
         text = tokenizer.encode(prefix + self.build_prompt(query, history))
+        truncated = False
         if o.max_source_length is not None and len(head) + len(text) > o.max_source_length:
             keep = max(o.max_source_length - len(head), 0)  # the specials count towards max_source_length
             text = text[len(text) - keep :] if o.truncation == "keep_question" else text[:keep]
+            truncated = True
         b = tokenizer.encode(answer)
-        if o.max_target_length is not None:
+        if o.max_target_length is not None and len(b) > o.max_target_length:
             b = b[: o.max_target_length]
+            truncated = True
         a = head + text
         ids = a + b + [tokenizer.eos_id]
         prompt_labels = [IGNORE_INDEX] * len(head) + text if o.train_on_prompt else [IGNORE_INDEX] * len(a)
         labels = prompt_labels + b + [tokenizer.eos_id]
         if o.ignore_pad_token_for_loss:
             labels = [IGNORE_INDEX if t == tokenizer.pad_id else t for t in labels]
-        return Encoded(ids, labels)
+        return Encoded(ids, labels, truncated=truncated)
 
     def postprocess(self, text: str, original: bool = True) -> str:
         text = text.strip()
@@ -322,9 +336,11 @@ class _RoleTemplate(Template):
         ids.append(tokenizer.eos_id)
         shifted = [False, *mask]  # the official [False, *loss_masks]: the eos closes the last trained turn
         labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, shifted, strict=True)]
+        truncated = False
         if o.max_source_length is not None and o.max_target_length is not None:
             max_length = o.max_source_length + o.max_target_length + 1
             if len(ids) > max_length:
+                truncated = True
                 if o.truncation == "keep_question":
                     n_head = len(tokenizer.prefix_ids())
                     cut = len(ids) - max_length
@@ -332,7 +348,7 @@ class _RoleTemplate(Template):
                     labels = [IGNORE_INDEX] * n_head + labels[n_head + cut :]
                 else:
                     ids, labels = ids[:max_length], labels[:max_length]
-        return Encoded(ids, labels)
+        return Encoded(ids, labels, truncated=truncated)
 
     def stop_ids(self, tokenizer: Tokenizer) -> list[int]:
         return [tokenizer.eos_id, tokenizer.special_id("<|user|>"), tokenizer.special_id("<|observation|>")]
@@ -354,6 +370,7 @@ CHATGLM3_TOOL_PROMPT = "Answer the following questions as best as you can. You h
 
 class ChatGLM3Template(_RoleTemplate):
     name = "chatglm3"
+    official_lengths = (256, 512)  # finetune_demo/configs/lora.yaml: max_input_length, max_output_length
     # finetune_hf.py trains every role but system and user (observation turns included).
     untrained_roles = ("system", "user")
 
@@ -397,6 +414,7 @@ def glm4_tools_text(tools: list[dict[str, Any]]) -> str:
 
 class GLM4Template(_RoleTemplate):
     name = "glm4"
+    official_lengths = (512, 512)  # finetune_demo/configs/lora.yaml: max_input_length, max_output_length
     untrained_roles = ("system", "user", "observation", "tool")  # finetune.py: observation takes no loss
     prefix_text = "[gMASK]<sop>"
 

@@ -1,5 +1,7 @@
 """Tokenized datasets cached on disk, keyed by everything that decides the ids: file content, tokenizer files,
-template, read and encode options. A changed file or setting gives another key, so a stale cache is never read."""
+template, read and encode options. A changed file or setting gives another key, so a stale cache is never read.
+Beside the examples a cache file keeps the encoding's notes (what was dropped or cut, as JSON), so a run that
+reads the cache reports the same as the run that wrote it."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from glmtune.templates import Encoded
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1  # bump when the encoding code changes what it produces
+CACHE_FORMAT = 2  # bump when the encoding code changes what it produces
 
 
 def _file_digest(path: Path) -> str:
@@ -52,7 +54,8 @@ def cache_key(
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def save_encoded(path: str | Path, examples: list[Encoded]) -> None:
+def save_encoded(path: str | Path, examples: list[Encoded], notes: dict[str, Any] | None = None) -> None:
+    """Examples (and JSON-serialisable ``notes``) into one .npz file, written atomically."""
     lengths = np.array([len(e.input_ids) for e in examples], dtype=np.int64)
     buf = io.BytesIO()
     np.savez(
@@ -61,8 +64,15 @@ def save_encoded(path: str | Path, examples: list[Encoded]) -> None:
         labels=np.array([t for e in examples for t in e.labels], dtype=np.int64),
         lengths=lengths,
         prefix_lengths=np.array([e.prefix_length for e in examples], dtype=np.int64),
+        notes=np.frombuffer(json.dumps(notes or {}, ensure_ascii=False).encode(), dtype=np.uint8),
     )
     atomic_write_bytes(path, buf.getvalue())
+
+
+def load_notes(path: str | Path) -> dict[str, Any]:
+    """The notes saved with the examples ({} when there are none)."""
+    with np.load(path) as z:
+        return json.loads(z["notes"].tobytes().decode()) if "notes" in z.files else {}
 
 
 def load_encoded(path: str | Path) -> list[Encoded]:
@@ -76,19 +86,20 @@ def load_encoded(path: str | Path) -> list[Encoded]:
 
 
 def cached_encode(
-    cache_dir: str | Path | None, key: str, build: Callable[[], list[Encoded]]
-) -> tuple[list[Encoded], bool]:
-    """The cached examples under ``key`` if present (hit=True), else ``build()`` saved there. No dir: no cache."""
+    cache_dir: str | Path | None, key: str, build: Callable[[], tuple[list[Encoded], dict[str, Any]]]
+) -> tuple[list[Encoded], dict[str, Any], bool]:
+    """(examples, notes, hit): the cached ones under ``key`` if present (hit=True), else ``build()`` -> (examples,
+    notes) saved there. No dir: no cache."""
     if cache_dir is None:
-        return build(), False
+        return *build(), False
     path = Path(cache_dir) / f"tokenized-{key}.npz"
     if path.is_file():
         try:
-            examples = load_encoded(path)
+            examples, notes = load_encoded(path), load_notes(path)
             log.info("tokenized data from cache %s (%d examples)", path, len(examples))
-            return examples, True
+            return examples, notes, True
         except (OSError, ValueError, KeyError) as e:
             log.warning("ignoring unreadable cache %s (%s); encoding again", path, e)
-    examples = build()
-    save_encoded(path, examples)
-    return examples, False
+    examples, notes = build()
+    save_encoded(path, examples, notes)
+    return examples, notes, False

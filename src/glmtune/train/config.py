@@ -10,13 +10,20 @@ relative to the current folder. The resolved config (absolute paths, every defau
 folder's ``config.yaml`` holds, so a run can be resumed from anywhere.
 
 Method options sit beside ``method.name`` (``method: {name: lora, rank: 8}``); they are checked against the
-method's option dataclass when the adapters package provides it, and by ``build_method`` in any case.
+method's option dataclass when the adapters package provides it, and by ``build_method`` in any case. Options of
+another method (LoRA's ``rank`` after ``method.name=ptuning`` on the command line) are dropped with a warning.
+
+Lengths: ``data.max_source_length``/``max_target_length`` left unset (null) are the generation's official defaults
+(v1/v2 1024/128 as ``ptuning/arguments.py``, ChatGLM3 256/512 and GLM-4 512/512 as ``finetune_demo``); no example
+and no packed row is ever longer than the model's ``seq_length`` (config.json).
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Scheduler = Literal["linear", "cosine", "constant"]
@@ -47,19 +56,20 @@ class DataConfig:
     role_tag: str | None = None
     content_tag: str | None = None
     role_map: dict[str, str] | None = None
-    skip_bad: bool = False  # skip (and count) records that cannot be used instead of stopping
+    skip_bad: bool = False  # leave out records that cannot be used (logged, listed in dropped_samples.jsonl)
+    encoding: str = "utf-8"  # text encoding of the data files (gb18030 for GBK files from Excel); a BOM wins
     max_samples: int | None = None  # use only the first N training records
     max_dev_samples: int | None = None
-    # encoding (defaults reproduce each generation's official script)
-    max_source_length: int | None = None  # v1/v2 max_source_length, v3/GLM-4 max_input_length
-    max_target_length: int | None = None  # v1/v2 max_target_length, v3/GLM-4 max_output_length
+    # encoding (defaults reproduce each generation's official script); every example is cut to the model's seq_length
+    max_source_length: int | None = None  # v1/v2 max_source_length, v3/GLM-4 max_input_length; null: the official
+    max_target_length: int | None = None  # default (v1/v2 1024/128, ChatGLM3 256/512, GLM-4 512/512)
     train_on_prompt: bool = False
     mask_history: bool = False
     truncation: Literal["official", "keep_question"] = "official"
     ignore_pad_token_for_loss: bool = True
     # batching
     packing: bool = True  # several examples per row (attention kept per example); false: dynamic padding
-    pack_length: int | None = None  # tokens per packed row; default: the longest training example
+    pack_length: int | None = None  # tokens per packed row (at most seq_length); default: the longest example
     cache_dir: str | None = None  # tokenized-data cache; default: <output_dir>/tokenized
 
 
@@ -88,6 +98,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # the schedule's floor, as a fraction of learning_rate
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     gradient_checkpointing: bool = False
+    compile: Literal["auto"] | bool = "auto"  # torch.compile each block; auto: on CUDA (YAML on/off = true/false)
     loss_chunk_tokens: int = 1024  # tokens per chunk of the output layer + loss (memory ~ chunk * vocab)
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
 
@@ -96,7 +107,7 @@ class OptimConfig:
 class EvalConfig:
     every_steps: int | None = None  # dev loss every N steps (and at the end); None: only at the end
     batch_size: int = 8
-    metric: str = "loss"  # what picks the best checkpoint: "loss" (lower is better) or a generation metric
+    metric: str = "loss"  # the best checkpoint's measure: "loss" (lower is better) or rouge-1/rouge-2/rouge-l/bleu-4
     patience: int | None = None  # stop after this many evaluations without improvement
     generate_every_steps: int | None = None  # ROUGE/BLEU on generated replies every N steps
     generate_examples: int = 50
@@ -170,6 +181,9 @@ def load_config(
         key, value = parse_override(item)
         _set_dotted(raw, key, _Raw(value), item)
         origins[key] = f"{CLI} ({item!r})"
+        parts = key.split(".")
+        for i in range(1, len(parts)):  # a section the file does not have (a typo: trian.x=1) came from here
+            origins.setdefault(".".join(parts[:i]), f"{CLI} ({item!r})")
     cfg = _build(TrainConfig, raw, "", origins, source)
     _resolve_paths(cfg, origins, path.parent if path is not None else None)
     validate(cfg, origins, source, check_files=check_files)
@@ -274,6 +288,11 @@ def _build_method(raw: dict[str, Any], prefix: str, origins: dict[str, str], sou
         src = _origin(origins, full, source)
         if fields is not None:
             if key not in fields:
+                owners = [m for m in METHODS if m != name and key in (method_option_fields(m) or {})]
+                if owners:  # e.g. the file's LoRA options after method.name=ptuning on the command line
+                    log.warning("%s: '%s' is an option of method %s, not of %r: dropped", src, full,
+                                " and ".join(repr(m) for m in owners), name)  # fmt: skip
+                    continue
                 raise ConfigError(_unknown(str(key), ["name", *fields], prefix, src, what=f"option of method {name!r}"))
             opts[key] = coerce(value, fields[key], full, src)
         else:
@@ -476,8 +495,14 @@ def validate(cfg: TrainConfig, origins: dict[str, str], source: str, *, check_fi
     if (e.patience or e.every_steps) and not (d.dev or d.dev_split):
         key = "eval.patience" if e.patience else "eval.every_steps"
         raise fail(key, "needs a dev set: set data.dev (files) or data.dev_split")
-    if e.metric != "loss" and not e.generate_every_steps:
-        raise fail("eval.metric", f"is {e.metric!r}, a generation metric: set eval.generate_every_steps too")
+    _check_metric(e, fail)
+    try:
+        is_text = getattr(codecs.lookup(d.encoding), "_is_text_encoding", True)
+    except LookupError:
+        is_text = None
+    if not is_text:
+        raise fail("data.encoding", f"{d.encoding!r} is not a text encoding Python knows; e.g. utf-8, gb18030 "
+                                    "(GBK files), utf-16, big5")  # fmt: skip
     if d.format == "columns" and not d.columns:
         raise fail("data.columns", "is needed with data.format 'columns' (prompt/response[/history] field names)")
     if not check_files:
@@ -495,6 +520,31 @@ def validate(cfg: TrainConfig, origins: dict[str, str], source: str, *, check_fi
         for f in files:
             if not Path(f).is_file():
                 raise fail(key, f"file not found: {f}")
+
+
+GENERATION_METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")  # what eval.generate_every_steps measures
+
+
+def _check_metric(e: EvalConfig, fail: typing.Callable[[str, str], ConfigError]) -> None:
+    """``eval.metric`` must be one that will be measured: the dev loss, or a generation metric when generation
+    evaluation is on. Another name (a custom eval hook's, through the Python API) only gets a warning."""
+    known = ("loss", *GENERATION_METRICS)
+    if e.metric == "loss":
+        return
+    if e.metric in GENERATION_METRICS:
+        if not e.generate_every_steps:
+            raise fail("eval.metric", f"is {e.metric!r}, a generation metric: set eval.generate_every_steps too")
+        return
+    plain = e.metric.lower().replace("_", "-").replace(" ", "")
+    close = [k for k in known if k.replace("-", "") == plain.replace("-", "")]
+    close = close or difflib.get_close_matches(plain, known, n=1, cutoff=0.6)
+    if close or not e.generate_every_steps or "rouge" in plain or "bleu" in plain or "loss" in plain:
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        names = ", ".join(map(repr, GENERATION_METRICS))
+        raise fail("eval.metric", f"unknown metric {e.metric!r}; {hint}the metrics are 'loss' (the dev loss) and, "
+                                  f"with eval.generate_every_steps, {names}")  # fmt: skip
+    log.warning("eval.metric %r is none of the built-in metrics (loss, %s): only a custom eval hook can measure it",
+                e.metric, ", ".join(GENERATION_METRICS))  # fmt: skip
 
 
 # ---- resume -------------------------------------------------------------------------------------------------
