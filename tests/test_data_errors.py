@@ -120,6 +120,9 @@ def test_dropped_records_listed_with_where_and_why(tmp_path, caplog):
     assert report.dropped[0] == Dropped(f"{p}:line 2", "field 'summary': missing")
     assert report.dropped[1] == Dropped(f"{p}:line 3", "field 'content': empty text")
     assert report.dropped[2].where == f"{p}:line 4"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"{p}:line 2: field 'summary': missing; {p}:line 3: field 'content': empty text;" in warning
+    assert warning.endswith("… and 4 more")  # the first five named, all nine in the run folder's list
     run = tmp_path / "run"
     assert read_dropped(write_dropped(run, report.dropped)) == report.dropped
     write_dropped(run, [])  # a later start with nothing dropped leaves no stale list behind

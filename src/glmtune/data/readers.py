@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from glmtune.data.dropped import Dropped
+from glmtune.data.dropped import Dropped, describe
 from glmtune.data.messages import RecordError, Sample, validate_messages
 from glmtune.templates import CHATGLM3_TOOL_PROMPT, Message
 
@@ -455,7 +455,7 @@ def read_samples(path: str | Path, options: ReadOptions | None = None) -> tuple[
             report.dropped.append(Dropped(e.where or where, str(e).removeprefix(f"{e.where}: ")))
     report.format = fmt
     if report.skipped:
-        log.warning("%s", report.summary())
+        log.warning("%s: %s", report.summary(), describe([f"{d.where}: {d.reason}" for d in report.dropped]))
     if not samples:
         raise ValueError(f"{path}: no usable records ({report.summary()})")
     return samples, report

@@ -21,7 +21,7 @@ import torch
 
 from glmtune.data.cache import cache_key, cached_encode
 from glmtune.data.collate import PackedRow, collate, collate_packed, pack, position_kind
-from glmtune.data.dropped import Dropped, log_dropped, write_dropped
+from glmtune.data.dropped import Dropped, write_dropped
 from glmtune.data.encode import EncodeReport, encode_samples, fit_lengths, log_encode_report
 from glmtune.data.messages import Sample
 from glmtune.data.readers import ReadOptions, read_samples
@@ -65,8 +65,8 @@ def _read_all(files: Sequence[str], opts: ReadOptions, limit: int | None, droppe
     samples: list[Sample] = []
     for f in files:
         got, report = read_samples(f, opts)
-        log.info("%s", report.summary())
-        log_dropped(report.dropped, report.records)
+        if not report.dropped:  # else read_samples warned, naming the first records left out
+            log.info("%s", report.summary())
         dropped += report.dropped
         samples += got
         if limit is not None and len(samples) >= limit:
