@@ -221,5 +221,20 @@ def test_too_few_packed_rows_says_what_to_change(tmp_path):
         make_batcher(ds.train, cfg=cfg, batch_size=4, grad_accum=2, world_size=1, seed=0, tokenizer=tok, template=t)
     msg = str(err.value)
     assert "packed rows (of up to 256 tokens, from 8 examples)" in msg, msg
-    for setting in ("data.packing=false", "data.pack_length", "data.max_source_length", "train.batch_size"):
+    for setting in ("data.packing=false", "data.max_source_length", "longest example, 256 tokens", "train.batch_size"):
         assert setting in msg
+    cfg.pack_length = 256
+    with pytest.raises(ValueError, match=r"shorter rows: lower data.pack_length \(now 256\)"):
+        make_batcher(ds.train, cfg=cfg, batch_size=4, grad_accum=2, world_size=1, seed=0, tokenizer=tok, template=t)
+
+
+def test_fit_lengths_gives_each_side_up_to_half():
+    from glmtune.data.encode import fit_lengths
+
+    def fit(src, tgt, n=256):
+        o = fit_lengths(EncodeOptions(src, tgt), n)
+        return o.max_source_length, o.max_target_length
+
+    assert fit(64, 128) == (64, 128)  # fits: unchanged
+    assert fit(256, 512) == (127, 128) and fit(1024, 128) == (127, 128)
+    assert fit(64, 512) == (64, 191) and fit(5000, 100) == (155, 100)

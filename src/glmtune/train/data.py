@@ -249,9 +249,10 @@ def make_batcher(
         if cfg.packing:
             row = max(u.length for u in units)
             what = f"packed rows (of up to {row} tokens, from {len(examples)} examples)"
-            size = f"data.pack_length {cfg.pack_length}" if cfg.pack_length else "the longest example"
-            fix = (f"set data.packing=false, or get more, shorter rows (their length is {size}: lower "
-                   f"data.pack_length or data.max_source_length / data.max_target_length), or {fix}")  # fmt: skip
+            shorter = (f"lower data.pack_length (now {cfg.pack_length})" if cfg.pack_length else
+                       f"lower data.max_source_length / data.max_target_length (rows are as long as the longest "
+                       f"example, {row} tokens)")  # fmt: skip
+            fix = f"set data.packing=false, or get more, shorter rows: {shorter}, or {fix}"
         raise ValueError(
             f"{len(units)} training {what} are fewer than one global batch of {batcher.global_batch} "
             f"(train.batch_size {batch_size} x train.grad_accum {grad_accum} x {world_size} processes): {fix}"
