@@ -92,13 +92,18 @@ _OPTIONS: dict[str, type] = {"lora": LoraOptions, "ptuning": PTuningOptions, "fr
 METHOD_NAMES: tuple[str, ...] = tuple(_OPTIONS)
 
 
-def method_options(name: str, options: Mapping[str, Any] | Any | None = None) -> Any:
-    """The option dataclass of method ``name`` from a mapping (unknown keys: ValueError naming them)."""
+def options_class(name: str) -> type:
+    """The option dataclass of method ``name`` (ValueError naming the nearest method for an unknown name)."""
     if name not in _OPTIONS:
         close = difflib.get_close_matches(str(name), METHOD_NAMES, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown method {name!r}{hint} (choose one of {', '.join(METHOD_NAMES)})")
-    cls = _OPTIONS[name]
+    return _OPTIONS[name]
+
+
+def method_options(name: str, options: Mapping[str, Any] | Any | None = None) -> Any:
+    """The option dataclass of method ``name`` from a mapping (unknown keys: ValueError naming them)."""
+    cls = options_class(name)
     if isinstance(options, cls):
         return options
     values = dict(options or {})
@@ -140,4 +145,5 @@ __all__ = [
     "PTuningOptions",
     "build_method",
     "method_options",
+    "options_class",
 ]

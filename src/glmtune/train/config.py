@@ -10,8 +10,8 @@ relative to the current folder. The resolved config (absolute paths, every defau
 folder's ``config.yaml`` holds, so a run can be resumed from anywhere.
 
 Method options sit beside ``method.name`` (``method: {name: lora, rank: 8}``); they are checked against the
-method's option dataclass when the adapters package provides it, and by ``build_method`` in any case. Options of
-another method (LoRA's ``rank`` after ``method.name=ptuning`` on the command line) are dropped with a warning.
+method's option dataclass (``glmtune.adapters``). Options of another method (LoRA's ``rank`` after
+``method.name=ptuning`` on the command line) are dropped with a warning.
 
 Lengths: ``data.max_source_length``/``max_target_length`` left unset (null) are the generation's official defaults
 (v1/v2 1024/128 as ``ptuning/arguments.py``, ChatGLM3 256/512 and GLM-4 512/512 as ``finetune_demo``); no example
@@ -32,11 +32,12 @@ from typing import Any, Literal
 
 import yaml
 
+from glmtune.adapters import METHOD_NAMES, options_class
+
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Scheduler = Literal["linear", "cosine", "constant"]
-METHODS = ("lora", "ptuning", "freeze", "full")
 CLI = "command line"
 
 
@@ -286,35 +287,20 @@ def _build_method(raw: dict[str, Any], prefix: str, origins: dict[str, str], sou
     for key, value in raw.items():
         full = f"{prefix}{key}"
         src = _origin(origins, full, source)
-        if fields is not None:
-            if key not in fields:
-                owners = [m for m in METHODS if m != name and key in (method_option_fields(m) or {})]
-                if owners:  # e.g. the file's LoRA options after method.name=ptuning on the command line
-                    log.warning("%s: '%s' is an option of method %s, not of %r: dropped", src, full,
-                                " and ".join(repr(m) for m in owners), name)  # fmt: skip
-                    continue
-                raise ConfigError(_unknown(str(key), ["name", *fields], prefix, src, what=f"option of method {name!r}"))
-            opts[key] = coerce(value, fields[key], full, src)
-        else:
-            opts[key] = _parse_raw(value) if isinstance(value, _Raw) else value
+        if key not in fields:
+            owners = [m for m in METHOD_NAMES if m != name and key in method_option_fields(m)]
+            if owners:  # e.g. the file's LoRA options after method.name=ptuning on the command line
+                log.warning("%s: '%s' is an option of method %s, not of %r: dropped", src, full,
+                            " and ".join(repr(m) for m in owners), name)  # fmt: skip
+                continue
+            raise ConfigError(_unknown(str(key), ["name", *fields], prefix, src, what=f"option of method {name!r}"))
+        opts[key] = coerce(value, fields[key], full, src)
     return MethodConfig(name=name, options=opts)
 
 
-def method_option_fields(name: str) -> dict[str, Any] | None:
-    """{option: type} of a method's option dataclass (``glmtune.adapters``), None when it cannot be found."""
-    class_names = {"lora": "LoraOptions", "ptuning": "PTuningOptions", "freeze": "FreezeOptions",
-                   "full": "FullOptions"}  # fmt: skip
-    try:
-        import glmtune.adapters as adapters
-    except ImportError:
-        return None
-    cls = getattr(adapters, class_names.get(name, ""), None)
-    if cls is None or not dataclasses.is_dataclass(cls):
-        return None
-    try:
-        return dict(typing.get_type_hints(cls))
-    except Exception:  # an annotation we cannot resolve: leave the checks to build_method
-        return {f.name: Any for f in dataclasses.fields(cls)}
+def method_option_fields(name: str) -> dict[str, Any]:
+    """{option: type} of a method's option dataclass (``glmtune.adapters``)."""
+    return dict(typing.get_type_hints(options_class(name)))
 
 
 def _unknown(key: str, names: list[str], prefix: str, source: str, what: str = "key") -> str:
