@@ -224,3 +224,20 @@ def test_row_seeds_make_rows_independent_and_batch_invariant():
     assert own == alone
     with pytest.raises(ValueError, match="row_seeds"):
         generate(m, same, gen, stop_ids=[], pad_id=0, row_seeds=[1])
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_decoder_reuses_its_buffers_and_gives_fresh_results(model, sample):
+    """A Decoder keeps its cache and step between calls; each call gives what a fresh generation gives."""
+    from glmtune.generate import Decoder
+
+    _, pad = _stop_pad(model)
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=sample, temperature=0.9, top_p=0.9, seed=7,
+                           repetition_penalty=1.2)  # fmt: skip
+    decoder = Decoder(model)
+    first, second = _prompts(model, seed=4), _prompts(model, seed=5)
+    for prompts in (first, second, first):
+        assert generate(model, prompts, cfg, stop_ids=[], pad_id=pad, decoder=decoder) == generate(
+            model, prompts, cfg, stop_ids=[], pad_id=pad
+        )
+    assert len(decoder._slots) == 1  # same batch size, cache bucket and settings: one set of buffers

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from glmtune.generate import GenerationConfig, generate_stream
+from glmtune.generate import Decoder, GenerationConfig, generate_stream
 from glmtune.pretrained import Pretrained
 from glmtune.templates import Message
 from glmtune.tokenizers.base import Tokenizer
@@ -85,6 +85,7 @@ class ChatSession:
     postprocess: bool = True  # the generation's original response clean-up (v1 punctuation, v3 metadata line)
     history: list[Message] = field(default_factory=list)
     dropped_turns: int = 0  # oldest turns the last reply had to forget to fit the model's context
+    _decoder: Decoder | None = field(default=None, repr=False)
 
     def clear(self) -> None:
         self.history.clear()
@@ -132,8 +133,10 @@ class ChatSession:
     def _stream(self, query: str, prompt: list[int], gen: GenerationConfig) -> Iterator[str]:
         p = self.pretrained
         text = ReplyText(p.tokenizer, self._clean if self.postprocess else None)
+        if self._decoder is None:  # kept from turn to turn: buffers and the captured decode step are reused
+            self._decoder = Decoder(p.model)
         stream = generate_stream(p.model, [prompt], gen, stop_ids=p.template.stop_ids(p.tokenizer),
-                                 pad_id=p.tokenizer.pad_id)  # fmt: skip
+                                 pad_id=p.tokenizer.pad_id, decoder=self._decoder)  # fmt: skip
         try:
             for step in stream:
                 t = int(step[0])

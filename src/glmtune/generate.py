@@ -119,21 +119,41 @@ def choose_next(
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
 class DecodeState:
-    """What one decode step reads and updates in place, on the device (so a captured step can be replayed)."""
+    """What one decode step reads and updates in place, on the device (so a captured step can be replayed).
 
-    def __init__(self, first: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seen: torch.Tensor,
-                 seeds: torch.Tensor, stop: torch.Tensor, max_new_tokens: int) -> None:  # fmt: skip
-        b = first.shape[0]
-        device = first.device
-        self.ids = first[:, None].clone()  # (b, 1): the token fed to the next step
-        self.positions = positions.clone()  # (b, 1) | (b, 2, 1): its position
-        self.slots = slots.clone()  # (b, 1): its cache slot
-        self.seen, self.seeds, self.stop = seen, seeds, stop
-        self.step = torch.ones((), dtype=torch.long, device=device)  # steps done (the prompt's forward was step 0)
-        self.done = self._stopped(first)
-        self.out = torch.full((b, max_new_tokens), -1, dtype=torch.long, device=device)  # tokens, -1 once stopped
+    Allocated once per batch shape and reloaded for every generation (``load``), so a captured step stays valid."""
+
+    def __init__(self, b: int, vocab: int, n_stop: int, position_shape: tuple[int, ...], max_new_tokens: int,
+                 device: torch.device) -> None:  # fmt: skip
+        def longs(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.long, device=device)
+
+        self.ids = longs(b, 1)  # the token fed to the next step
+        self.positions = longs(*position_shape)  # (b, 1) | (b, 2, 1): its position
+        self.slots = longs(b, 1)  # its cache slot
+        self.seen = torch.zeros((b, vocab), dtype=torch.bool, device=device)  # for the repetition penalty
+        self.seeds = longs(b)
+        self.stop = longs(n_stop)
+        self.step = longs()  # steps done (the prompt's forward was step 0)
+        self.done = torch.zeros((b,), dtype=torch.bool, device=device)
+        self.out = longs(b, max_new_tokens)  # the chosen tokens, -1 once a row stopped
+        self.segments = longs(b, 1)
+        self.rows = torch.arange(b, device=device)
+        self.true = torch.ones((b,), dtype=torch.bool, device=device)
+
+    def load(self, first: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seen: torch.Tensor,
+             seeds: torch.Tensor, stop: torch.Tensor) -> None:  # fmt: skip
+        """Start a generation whose prompt's forward chose ``first`` (b,)."""
+        self.ids.copy_(first[:, None])
+        self.positions.copy_(positions)
+        self.slots.copy_(slots)
+        self.seen.copy_(seen)
+        self.seeds.copy_(seeds)
+        self.stop.copy_(stop)
+        self.step.fill_(1)
+        self.done.copy_(self._stopped(first))
+        self.out.fill_(-1)
         self.out[:, 0] = torch.where(self.done, -1, first)
-        self.segments = torch.zeros((b, 1), dtype=torch.long, device=device)
 
     def _stopped(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens[:, None] == self.stop[None, :]).any(-1)
@@ -142,7 +162,7 @@ class DecodeState:
         """Store the chosen tokens at column ``step`` and move every input on by one token."""
         self.done |= self._stopped(next_ids)
         self.out.index_copy_(1, self.step[None], torch.where(self.done, -1, next_ids)[:, None])
-        self.seen[torch.arange(next_ids.shape[0], device=next_ids.device), next_ids] = True
+        self.seen[self.rows, next_ids] = self.true  # a device tensor: a CUDA graph captures no host copy
         self.ids.copy_(next_ids[:, None])
         self.positions.copy_(next_positions(self.positions))
         self.slots += 1
@@ -190,7 +210,105 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
-@torch.inference_mode()
+@dataclass
+class _Slot:
+    cache: Any
+    state: DecodeState
+    step: DecodeStep
+    rope: Any  # the rotary table the step was captured with
+
+
+class Decoder:
+    """Generation for one model that keeps its decode buffers — KV cache, step state and the captured CUDA graph —
+    from one call to the next (chat turns, eval batches, a server), so the step is captured once per batch size,
+    cache bucket (prompt + new tokens, rounded up to ``cache_multiple``) and sampling setting, not per call.
+
+    Holds at most ``max_entries`` of them (the oldest dropped). Only for the model it was made for, unchanged."""
+
+    def __init__(self, model: nn.Module, *, decode: str = "auto", cache_multiple: int = 64, max_entries: int = 4
+                 ) -> None:  # fmt: skip
+        if decode not in DECODE_MODES:
+            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        self.model = model
+        self.device, self.dtype = _model_device_dtype(model)
+        self.decode = decode if decode != "auto" else ("graph" if self.device.type == "cuda" else "eager")
+        self.cache_multiple = cache_multiple
+        self.max_entries = max_entries
+        self._slots: dict[tuple, _Slot] = {}
+
+    def _slot(self, key: tuple, b: int, cache_len: int, n_stop: int, cfg: GenerationConfig) -> _Slot:
+        model = self.model
+        rope = model._rope_table(0, self.dtype, self.device)
+        slot = self._slots.pop(key, None)
+        if slot is not None and slot.rope is rope:  # a regrown rotary table would leave the graph stale
+            self._slots[key] = slot  # most recent last
+            return slot
+        while len(self._slots) >= self.max_entries:
+            self._slots.pop(next(iter(self._slots)))
+        cache = model.new_cache(b, cache_len, device=self.device, dtype=self.dtype)
+        shape = (b, 2, 1) if model.config.arch == "glm" else (b, 1)
+        state = DecodeState(b, model.config.padded_vocab_size, n_stop, shape, cfg.max_new_tokens, self.device)
+        step = DecodeStep(model, cache, state, cfg, 0, use_graph=self.decode == "graph")
+        self._slots[key] = slot = _Slot(cache, state, step, rope)
+        return slot
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompts: Sequence[Sequence[int]],
+        cfg: GenerationConfig,
+        *,
+        stop_ids: Sequence[int],
+        pad_id: int,
+        row_seeds: Sequence[int] | None = None,
+        stream_every: int | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """See :func:`generate_stream`."""
+        cfg.validate()
+        model, device = self.model, self.device
+        n_prefix = model.n_prefix()
+        input_ids, layout = prompt_layout(prompts, model.config, pad_id, start_slot=n_prefix)
+        b, s = input_ids.shape
+        input_ids, layout = input_ids.to(device), layout.to(device)
+        cache_len = -(-(s + cfg.max_new_tokens) // self.cache_multiple) * self.cache_multiple
+        # the rotary table covers every position the cache can hold, so it is built before any capture
+        model.reserve_positions(max(layout.max_position, s) + cache_len + 1, self.dtype, device)
+        if stream_every is None:
+            stream_every = 4 if device.type == "cuda" else 1
+
+        seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        seeds = list(row_seeds) if row_seeds is not None else [seed] * b
+        if len(seeds) != b:
+            raise ValueError(f"row_seeds has {len(seeds)} seeds for {b} prompts")
+        seeds_t = torch.tensor([int(x) for x in seeds], dtype=torch.long, device=device)
+        seen = torch.zeros((b, model.config.padded_vocab_size), dtype=torch.bool, device=device)
+        if cfg.repetition_penalty != 1.0:  # the prompt's real tokens (padding points at the row's last token)
+            seen.scatter_(1, torch.where(layout.segments >= 0, input_ids, input_ids[:, -1:]), True)
+        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+
+        key = (b, cache_len, len(stop), cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k,
+               cfg.repetition_penalty)  # fmt: skip
+        slot = self._slot(key, b, cache_len, len(stop), cfg)
+        cache, state = slot.cache, slot.state
+        cache.reset()
+        if n_prefix:
+            cache.write_prefix(model.prefix_key_values(b, dtype=self.dtype, device=device))
+        logits = model(input_ids, cache=cache, layout=layout, logits_to_keep=1)[:, -1].float()
+        first = choose_next(logits, cfg, seen, seeds_t, torch.zeros((), dtype=torch.long, device=device))
+        seen[torch.arange(b, device=device), first] = True
+        state.load(first, next_positions(layout.positions[..., -1:]), layout.slots[:, -1:] + 1, seen, seeds_t, stop)
+        shown = 0
+        for step in range(1, cfg.max_new_tokens + 1):
+            if step == cfg.max_new_tokens or step % stream_every == 0:
+                out, done = state.out[:, shown:step].cpu(), bool(state.done.all())
+                for j in range(out.shape[1]):
+                    yield out[:, j]
+                shown = step
+                if done or step == cfg.max_new_tokens:
+                    return
+            slot.step()
+
+
 def generate_stream(
     model: nn.Module,
     prompts: Sequence[Sequence[int]],
@@ -201,6 +319,7 @@ def generate_stream(
     decode: str = "auto",
     row_seeds: Sequence[int] | None = None,
     stream_every: int | None = None,
+    decoder: Decoder | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (b,) long on CPU, until each row has stopped or max_new_tokens.
 
@@ -210,51 +329,11 @@ def generate_stream(
     row_seeds: one sampling seed per prompt (default: every row uses ``cfg.seed``), e.g. seed + example index so
     examples of one batch draw independently while each row still gives what it gives alone with its seed.
     stream_every: steps between copies of the new tokens to the host (default 1 on the CPU, 4 on CUDA).
+    decoder: a :class:`Decoder` of this model to reuse buffers and captured steps from (``decode`` is then its own).
     """
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
-    cfg.validate()
-    device, dtype = _model_device_dtype(model)
-    n_prefix = model.n_prefix()
-    input_ids, layout = prompt_layout(prompts, model.config, pad_id, start_slot=n_prefix)
-    b, s = input_ids.shape
-    input_ids, layout = input_ids.to(device), layout.to(device)
-    vocab = model.config.padded_vocab_size
-    max_position = layout.max_position + cfg.max_new_tokens + 1
-    model.reserve_positions(max_position + 1, dtype, device)
-    if decode == "auto":
-        decode = "graph" if device.type == "cuda" else "eager"
-    if stream_every is None:
-        stream_every = 4 if device.type == "cuda" else 1
-
-    seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    seeds = list(row_seeds) if row_seeds is not None else [seed] * b
-    if len(seeds) != b:
-        raise ValueError(f"row_seeds has {len(seeds)} seeds for {b} prompts")
-    seeds_t = torch.tensor([int(x) for x in seeds], dtype=torch.long, device=device)
-    seen = torch.zeros((b, vocab), dtype=torch.bool, device=device)
-    if cfg.repetition_penalty != 1.0:  # the prompt's real tokens (padding points at the row's last token)
-        seen.scatter_(1, torch.where(layout.segments >= 0, input_ids, input_ids[:, -1:]), True)
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-
-    cache = model.new_cache(b, s + cfg.max_new_tokens, device=device, dtype=dtype)
-    logits = model(input_ids, cache=cache, layout=layout, logits_to_keep=1)[:, -1].float()
-    first = choose_next(logits, cfg, seen, seeds_t, torch.zeros((), dtype=torch.long, device=device))
-    seen[torch.arange(b, device=device), first] = True
-    last = layout.positions[..., -1:]
-    state = DecodeState(first, next_positions(last), layout.slots[:, -1:] + 1, seen, seeds_t, stop,
-                        cfg.max_new_tokens)  # fmt: skip
-    step_fn = DecodeStep(model, cache, state, cfg, max_position, use_graph=decode == "graph")
-    shown = 0
-    for step in range(1, cfg.max_new_tokens + 1):
-        if step == cfg.max_new_tokens or step % stream_every == 0:
-            out, done = state.out[:, shown:step].cpu(), bool(state.done.all())
-            for j in range(out.shape[1]):
-                yield out[:, j]
-            shown = step
-            if done or step == cfg.max_new_tokens:
-                return
-        step_fn()
+    decoder = decoder if decoder is not None else Decoder(model, decode=decode)
+    return decoder.stream(prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, row_seeds=row_seeds,
+                          stream_every=stream_every)  # fmt: skip
 
 
 def generate(
@@ -267,11 +346,12 @@ def generate(
     on_token: Callable[[torch.Tensor], None] | None = None,
     decode: str = "auto",
     row_seeds: Sequence[int] | None = None,
+    decoder: Decoder | None = None,
 ) -> list[list[int]]:
     """Generate for a batch of prompts; returns each row's new tokens (stop token excluded)."""
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in generate_stream(
-        model, prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, decode=decode, row_seeds=row_seeds
+        model, prompts, cfg, stop_ids=stop_ids, pad_id=pad_id, decode=decode, row_seeds=row_seeds, decoder=decoder
     ):
         if on_token is not None:
             on_token(step)

@@ -24,7 +24,7 @@ from pathlib import Path
 from torch import nn
 
 from glmtune.data.encode import EvalExample
-from glmtune.generate import GenerationConfig, generate
+from glmtune.generate import Decoder, GenerationConfig, generate
 from glmtune.io import atomic_write_text
 from glmtune.templates import Template
 from glmtune.tokenizers.base import Tokenizer
@@ -77,6 +77,7 @@ def generate_predictions(
     gen.validate()
     stop_ids = template.stop_ids(tokenizer)
     order = length_order(examples, indices)
+    decoder = Decoder(model)  # buffers and the captured decode step, reused from batch to batch
     out: list[Prediction] = []
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
@@ -87,7 +88,7 @@ def generate_predictions(
         # text whatever the batch size or a resume
         seeds = [gen.seed + i for i in batch] if gen.seed is not None else None
         tokens = generate(model, [examples[i].prompt_ids for i in batch], gen, stop_ids=stop_ids,
-                          pad_id=tokenizer.pad_id, row_seeds=seeds)  # fmt: skip
+                          pad_id=tokenizer.pad_id, row_seeds=seeds, decoder=decoder)  # fmt: skip
         done = [
             Prediction(
                 index=i,

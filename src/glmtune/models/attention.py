@@ -49,6 +49,12 @@ class KVCache(nn.Module):
     def batch_size(self) -> int:
         return self.keys.shape[1]
 
+    def reset(self) -> None:
+        """Empty every slot (the buffers stay: a captured decode step keeps pointing at them)."""
+        self.segments.fill_(-1)
+        self.context.fill_(False)
+        self.length = 0
+
     def next_slots(self, s: int) -> torch.Tensor:
         """The next ``s`` free slots of every row, (b, s); advances ``length``."""
         start, end = self.length, self.length + s
@@ -60,7 +66,8 @@ class KVCache(nn.Module):
     def write_tokens(self, slots: torch.Tensor, segments: torch.Tensor, context: torch.Tensor | None) -> None:
         """Record the segment/context of the tokens going to ``slots`` (b, s)."""
         self.segments[self.rows, slots] = segments
-        self.context[self.rows, slots] = context if context is not None else False
+        # tensors on the device only: a Python scalar would be a host copy, which a CUDA graph cannot capture
+        self.context[self.rows, slots] = context if context is not None else torch.zeros_like(slots, dtype=torch.bool)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store k, v (b, n_kv, s, d) at ``slots`` (b, s); returns this layer's whole buffers (b, n_kv, max_len, d)."""
@@ -77,15 +84,6 @@ class KVCache(nn.Module):
         self.write_tokens(slots, torch.full_like(slots, ALL), torch.ones_like(slots, dtype=torch.bool))
 
 
-def expand_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
-    """(b, n_kv, t, d) -> (b, n_head, t, d): query head h uses KV group h // (n_head // n_kv)."""
-    n_kv = x.shape[1]
-    if n_kv == n_head:
-        return x
-    b, _, t, d = x.shape
-    return x[:, :, None].expand(b, n_kv, n_head // n_kv, t, d).reshape(b, n_head, t, d)
-
-
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads. q (b, h, s, d); k, v (b, n_kv, t, d) -> (b, h, s, d)."""
     n_head = q.shape[1]
@@ -95,5 +93,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
         return flex_attention(q, k, v, block_mask=mask.block, enable_gqa=k.shape[1] != n_head)
     if mask.dense is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != n_head)
-    k, v = expand_kv(k, n_head), expand_kv(v, n_head)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
+    n_kv = k.shape[1]
+    if n_kv == n_head:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
+    # Grouped KV under a mask: fold each group's query heads into the query length instead of copying the keys
+    # and values to every head (the copy would be (b, n_head, t, d) per layer and step).
+    b, _, s, d = q.shape
+    g = n_head // n_kv
+    qg = q.reshape(b, n_kv, g * s, d)  # heads h = kv * g + j, so (kv, j, s) -> (kv, j * s + s)
+    m = mask.dense[:, :, None].expand(b, 1, g, s, mask.dense.shape[-1]).reshape(b, 1, g * s, -1)
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=m).reshape(b, n_head, s, d)
