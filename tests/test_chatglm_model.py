@@ -119,6 +119,7 @@ def test_prefix_matches_reference(projection):
     assert (got - plain).abs().max() > 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_packed_rows_equal_separate_samples(backend):
     m = _model()
