@@ -1,0 +1,61 @@
+"""``train.compile``: each transformer block compiled in place with ``torch.compile`` (``dynamic=False``).
+
+Compiling a block fuses its elementwise work (norms, rotary, the SwiGLU/GeLU, the LoRA path, the dtype casts)
+into a few kernels. ``nn.Module.compile`` compiles in place, so parameter and state-dict names stay the original
+ones and checkpoints are the same files. Every block shares one compiled graph per input shape; the trainer keeps
+the shapes few (packed rows padded to ``pack_length``, padded batches rounded up to ``train.data.bucket_width``).
+Evaluation and generation run the blocks eagerly (:func:`eager`): their shapes change at every call.
+
+``auto`` compiles on CUDA, not on the CPU (where compiling costs more than it saves on small runs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+BACKEND: str | Callable[..., Any] = "inductor"  # the tests use "aot_eager" (same graphs, no code generation)
+RECOMPILE_LIMIT = 32  # compiled variants of the block's code kept (shapes x mask kinds); dynamo's default is 8
+
+
+def use_compile(setting: str | bool, device: torch.device) -> bool:
+    """``train.compile`` (auto, true, false) on ``device``."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"train.compile must be auto, true or false, got {setting!r}")
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer blocks, in order."""
+    blocks = getattr(model, "_blocks", None)
+    if callable(blocks):
+        return blocks()
+    tr = model.transformer
+    return tr.encoder.layers if hasattr(tr, "encoder") else tr.layers
+
+
+def compile_blocks(model: nn.Module, *, backend: str | Callable[..., Any] | None = None) -> int:
+    """Compile every transformer block in place (names unchanged); returns how many."""
+    blocks = transformer_blocks(model)
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    for block in blocks:
+        block.compile(backend=backend or BACKEND, dynamic=False)
+    log.info("compiled %d transformer blocks (torch.compile, backend %s)", len(blocks), backend or BACKEND)
+    return len(blocks)
+
+
+@contextmanager
+def eager() -> Iterator[None]:
+    """Run compiled modules eagerly inside (evaluation, generation: shapes vary from call to call)."""
+    with torch.compiler.set_stance("force_eager"):
+        yield

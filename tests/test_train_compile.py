@@ -1,0 +1,145 @@
+"""``train.compile``: compiled and eager steps give the same losses (every method, v1 and v2+, packed and padded),
+an exact resume holds with compile on, names in checkpoints do not change, and recompiles stay few."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from glmtune.data.collate import PackedRow
+from glmtune.templates import Encoded
+from glmtune.train import compile as train_compile
+from glmtune.train.config import ConfigError, resume_config
+from glmtune.train.data import Batcher, bucket_width
+from train_support import ADGEN_DEV, run, small_config, tiny_model, train_losses
+
+FAST = ("train.max_steps=3", "data.max_samples=12", "method.dropout=0.0", "log.every_steps=2")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture
+def backend(monkeypatch: pytest.MonkeyPatch):
+    """aot_eager: the graphs torch.compile captures, run without code generation (fast on the CPU)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(train_compile, "BACKEND", "aot_eager")
+    yield
+    torch._dynamo.reset()
+
+
+def _graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _tensor_names(folder: Path) -> dict[str, list[str]]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            out[f.name] = sorted(st.keys())
+    return out
+
+
+# every method once, each family packed and padded: (generation, method, packing, evaluate)
+CASES = [
+    ("chatglm3", "lora", "true", True),
+    ("chatglm2", "freeze", "false", False),
+    ("chatglm", "ptuning", "false", False),
+    ("chatglm", "full", "true", False),
+]
+OPTIONS = {"freeze": ["method.trainable_layers=1"], "ptuning": ["method.pre_seq_len=4"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("generation", "method", "packing", "evaluate"), CASES)
+def test_compiled_and_eager_steps_give_the_same_losses(models: Path, tmp_path: Path, backend, generation: str,
+                                                       method: str, packing: str, evaluate: bool) -> None:  # fmt: skip
+    model = tiny_model(models, generation)
+    dev = (f"data.dev={ADGEN_DEV}", "data.max_dev_samples=3", "eval.every_steps=2") if evaluate else ()
+    common = (*FAST, f"method.name={method}", f"data.packing={packing}", *OPTIONS.get(method, []), *dev)
+    eager = run(small_config(model, tmp_path / "eager", *common, "train.compile=false"))
+    assert _graphs() == 0
+    compiled = run(small_config(model, tmp_path / "compiled", *common, "train.compile=true"))
+    assert _graphs() >= 1  # the blocks did run compiled
+    assert [s for s, _ in compiled.losses] == [1, 2, 3]
+    assert [v for _, v in compiled.losses] == pytest.approx([v for _, v in eager.losses], rel=1e-5, abs=1e-6)
+    if evaluate:
+        assert compiled.best_metric == pytest.approx(eager.best_metric, rel=1e-5)  # dev loss, eager in both
+    assert _tensor_names(tmp_path / "compiled" / "model") == _tensor_names(tmp_path / "eager" / "model")
+
+
+@pytest.mark.slow
+def test_inductor_matches_eager(models: Path, tmp_path: Path) -> None:
+    """The real backend once (CPU inductor generates C++; it needs a compiler, as CI has)."""
+    torch._dynamo.reset()
+    model = tiny_model(models)
+    eager = run(small_config(model, tmp_path / "eager", *FAST, "train.compile=false"))
+    compiled = run(small_config(model, tmp_path / "inductor", *FAST, "train.compile=true"))
+    torch._dynamo.reset()
+    assert [v for _, v in compiled.losses] == pytest.approx([v for _, v in eager.losses], rel=1e-5, abs=1e-6)
+
+
+def test_exact_resume_with_compile(models: Path, tmp_path: Path, backend) -> None:
+    """A run stopped at step 2 and resumed to 4 has the losses of one that ran through (dropout on: RNG restored)."""
+    model = tiny_model(models)
+    settings = ("train.compile=true", "method.dropout=0.1", "train.scheduler=constant", "save.every_steps=2",
+                "data.max_samples=12")  # fmt: skip
+    whole = run(small_config(model, tmp_path / "whole", *settings, "train.max_steps=4"))
+    run(small_config(model, tmp_path / "parts", *settings, "train.max_steps=2"))
+    resumed = run(resume_config(tmp_path / "parts", ["train.max_steps=4"]), resume=True)
+    assert resumed.steps == 4
+    assert train_losses(tmp_path / "parts") == train_losses(tmp_path / "whole") == whole.losses
+
+
+def test_recompiles_stay_bounded(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Padded batches of many lengths compile once per width bucket, not once per batch."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    monkeypatch.setattr(train_compile, "BACKEND", counter)
+    cfg = small_config(tiny_model(models), tmp_path / "r", "train.compile=true", "data.packing=false",
+                       "train.max_steps=8", "train.batch_size=1", "data.max_samples=16", "log.every_steps=4",
+                       "data.max_source_length=100", "data.max_target_length=60")  # fmt: skip
+    lengths: list[int] = []
+    real = Batcher.collate
+
+    def spy(self, units):
+        batch = real(self, units)
+        lengths.append(max(len(u.input_ids) for u in units))
+        assert batch["input_ids"].shape[1] == bucket_width(lengths[-1])
+        return batch
+
+    monkeypatch.setattr(Batcher, "collate", spy)
+    run(cfg)
+    torch._dynamo.reset()
+    widths = {bucket_width(n) for n in lengths}
+    assert len(set(lengths)) > len(widths) >= 1  # the batches had more lengths than widths
+    assert 1 <= counter.frame_count <= 2 * len(widths)  # (with or without a mask: two graphs per width at most)
+
+
+def test_fixed_shapes_and_buckets() -> None:
+    assert [bucket_width(n) for n in (1, 64, 65, 96, 97, 129, 200, 257, 700, 1025)] == [
+        64, 64, 96, 96, 128, 192, 256, 384, 768, 1536]  # fmt: skip
+    for n in range(1, 3000, 7):
+        w = bucket_width(n)
+        assert n <= w and (w <= 64 or w < 1.5 * n + 1)
+    rows = [PackedRow([Encoded([1] * n, [1] * n)]) for n in (5, 9, 3, 7)]
+    batcher = Batcher(rows, 2, 1, 1, seed=0, pad_id=0, positions="1d", pad_to=12)
+    assert {batcher.collate(mb)["input_ids"].shape for mb in batcher.step_units(0, 0)} == {(2, 12)}
+
+
+def test_config_values(models: Path, tmp_path: Path) -> None:
+    model = tiny_model(models)
+    for text, value in [("on", True), ("off", False), ("true", True), ("auto", "auto")]:
+        assert small_config(model, tmp_path, f"train.compile={text}").train.compile == value
+    with pytest.raises(ConfigError, match="train.compile"):
+        small_config(model, tmp_path, "train.compile=sometimes")
+    assert train_compile.use_compile("auto", torch.device("cpu")) is False
+    assert train_compile.use_compile("auto", torch.device("cuda")) is True
