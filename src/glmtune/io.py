@@ -2,12 +2,44 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+class NoSpaceError(OSError):
+    """The disk (or the quota) filled up while writing a file; the message names it."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_NO_SPACE_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122", "unexpected pos")
+
+
+def is_no_space(e: BaseException) -> bool:
+    """Whether ``e`` is a full disk: ENOSPC/EDQUOT, or how torch.save ("unexpected pos") and safetensors say it."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return isinstance(e, Exception) and any(t in str(e) for t in _NO_SPACE_TEXT)
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Turn a full disk met inside the block into :class:`NoSpaceError` "no space left on device while writing
+    PATH"; other errors pass unchanged."""
+    try:
+        yield
+    except NoSpaceError:
+        raise
+    except Exception as e:
+        if not is_no_space(e):
+            raise
+        raise NoSpaceError(errno.ENOSPC, f"no space left on device while writing {path}") from e
 
 
 def _umask() -> int:

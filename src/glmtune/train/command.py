@@ -1,10 +1,15 @@
-"""``glmtune train CONFIG.yaml [key=value ...]`` and ``glmtune train --resume RUN_DIR [key=value ...]``."""
+"""``glmtune train CONFIG.yaml [key=value ...]`` and ``glmtune train --resume RUN_DIR [--force] [key=value ...]``.
+
+Exit status: 0 done, 1 the run had to stop (a ``TrainError``: out of memory, non-finite losses, a full disk),
+2 bad input, 130 stopped by Ctrl-C (after a checkpoint; the command to resume is printed).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +36,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.learning_rate=2e-2")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--check", action="store_true", help="check the config (keys, types, files) and exit")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even if the training data changed since the checkpoint")  # fmt: skip
     p.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
     from glmtune.train.config import ConfigError, load_config, resume_config
 
+    if args.force and not args.resume:
+        raise ConfigError("--force only goes with --resume (to continue a run on changed training data)")
     overrides = list(args.overrides or [])
     if args.resume:
         if args.config is not None:
@@ -57,13 +66,22 @@ def run_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # rank 0 alone speaks
         logging.getLogger("glmtune").setLevel(logging.WARNING)
 
+    from glmtune.train.interrupt import EXIT_CODE, TrainInterrupted
     from glmtune.train.loop import TrainError, train
 
     try:
-        result = train(cfg, resume=bool(args.resume))
+        result = train(cfg, resume=bool(args.resume), force=args.force)
     except TrainError as e:
         log.error("%s", e)
         return 1
+    except TrainInterrupted as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(e, file=sys.stderr)
+        return EXIT_CODE
+    except KeyboardInterrupt:  # the second Ctrl-C
+        if os.environ.get("RANK", "0") == "0":
+            print("\nstopped by Ctrl-C; the last complete checkpoint is kept", file=sys.stderr)
+        return EXIT_CODE
     if os.environ.get("RANK", "0") == "0":
         print(
             f"run folder: {result.run_dir}\nfinal model: {result.model_dir}\nloss curve: {result.run_dir / 'loss.png'}"

@@ -35,15 +35,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from glmtune.adapters.base import Method
+from glmtune.io import NoSpaceError, writing
 from glmtune.pretrained import load_pretrained
 from glmtune.train import distributed, evaluation
-from glmtune.train.compile import compile_blocks, eager, use_compile
 from glmtune.train.config import TrainConfig
 from glmtune.train.data import dev_batches, load_datasets, make_batcher
 from glmtune.train.distributed import DistInfo, barrier
 from glmtune.train.evaluation import EvalHook
+from glmtune.train.interrupt import StopRequest, TrainInterrupted, no_space_message, resume_command
 from glmtune.train.metrics import MetricsWriter
-from glmtune.train.run_folder import check_output_dir, clear_run, run_info, save_with_tokenizer, write_run_files
+from glmtune.train.resume_check import check_same_data, data_fingerprint, data_record
+from glmtune.train.run_folder import (
+    check_output_dir,
+    drop_previous,
+    remove_leftovers,
+    restore_previous,
+    run_info,
+    save_with_tokenizer,
+    set_aside,
+    write_run_files,
+)
 from glmtune.train.schedule import LRSchedule, build_scheduler, warmup_steps_for
 from glmtune.train.setup import (
     build_optimizer,
@@ -85,7 +96,7 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) of the steps this call ran
     best_metric: float | None = None
     best_step: int | None = None
-    stop_reason: str = "done"  # "done" | "early_stopping"
+    stop_reason: str = "done"  # "done" | "early_stopping" (a Ctrl-C raises TrainInterrupted)
     model_dir: Path | None = None
 
 
@@ -93,24 +104,30 @@ def train(
     cfg: TrainConfig,
     *,
     resume: bool = False,
+    force: bool = False,
     method: Method | None = None,
     eval_hook: EvalHook | None = None,
     on_step: StepCallback | None = None,
 ) -> TrainResult:
-    """Train as ``cfg`` says, in ``cfg.output_dir``; ``resume=True`` continues the run from its last checkpoint.
+    """Train as ``cfg`` says, in ``cfg.output_dir``; ``resume=True`` continues the run from its last checkpoint
+    (``force=True``: even when the training data changed since, with a warning).
 
     ``method``: a ready method object instead of ``build_method(cfg.method.name, cfg.method.options)``.
     ``eval_hook(model) -> {metric: value}``: generation metrics, run on rank 0 every ``eval.generate_every_steps``
     (default: ROUGE/BLEU on the dev set when that is set). ``on_step(step, {"loss", "lr"})`` runs on every rank
-    after each step's bookkeeping (it makes the trainer read the loss back every step).
+    after each step's bookkeeping (it makes the trainer read the loss back every step). A Ctrl-C stops the run
+    after the current step with a checkpoint and raises :class:`TrainInterrupted`; a full disk is a ``TrainError``.
     """
     info = distributed.setup(cfg.train.device)
     try:
-        trainer = Trainer(cfg, info, resume=resume, method=method, eval_hook=eval_hook, on_step=on_step)
+        trainer = Trainer(cfg, info, resume=resume, force=force, method=method, eval_hook=eval_hook, on_step=on_step)
         trainer.setup()
         return trainer.run()
     except torch.cuda.OutOfMemoryError as e:
         raise oom_error(e, cfg) from e
+    except NoSpaceError as e:
+        run_dir = Path(cfg.output_dir)
+        raise TrainError(no_space_message(e, run_dir, latest_checkpoint(run_dir), info.world_size)) from e
     finally:
         distributed.teardown(info)
 
@@ -162,9 +179,10 @@ def to_host(values: list[torch.Tensor | float]) -> list[float]:
 class Trainer:
     """One run. ``setup()`` builds everything (model, data, optimizer, resumed state), ``run()`` trains."""
 
-    def __init__(self, cfg: TrainConfig, info: DistInfo, *, resume: bool = False, method: Method | None = None,
-                 eval_hook: EvalHook | None = None, on_step: StepCallback | None = None) -> None:  # fmt: skip
-        self.cfg, self.info, self.resume = cfg, info, resume
+    def __init__(self, cfg: TrainConfig, info: DistInfo, *, resume: bool = False, force: bool = False,
+                 method: Method | None = None, eval_hook: EvalHook | None = None,
+                 on_step: StepCallback | None = None) -> None:  # fmt: skip
+        self.cfg, self.info, self.resume, self.force = cfg, info, resume, force
         self.method, self.eval_hook, self.on_step = method, eval_hook, on_step
         self.run_dir = Path(cfg.output_dir)
         self.progress = Progress()
@@ -175,26 +193,39 @@ class Trainer:
 
     # ---- setup ------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        self.prepare_run_dir()
+        """Everything that can fail on the user's files (model, data, checkpoint) runs before the run folder is
+        touched: with ``overwrite`` the previous run is set aside only then, and put back if the start fails."""
+        self.check_run_dir()
         self.load_model()
-        self.compile()
-        self.write_run_files()
         self.load_data()
         self.build_optimization()
         if self.resume:
             self.restore()
-        self.start()
+        self.replace_previous()
+        try:
+            self.write_run_files()
+            self.start()
+        except BaseException:
+            if self.info.is_main and self.previous is not None:
+                restore_previous(self.run_dir)
+            raise
 
-    def prepare_run_dir(self) -> None:
+    def check_run_dir(self) -> None:
+        """Refuse a folder that is not ours to write; remove what writes of a killed run left behind."""
         run_dir, info = self.run_dir, self.info
         check_output_dir(run_dir, resume=self.resume, overwrite=self.cfg.overwrite)
         barrier(info)
         if info.is_main:
-            if not self.resume and run_dir.is_dir() and self.cfg.overwrite:
-                clear_run(run_dir)
-            if self.resume:
-                remove_stale(run_dir)
+            remove_leftovers(run_dir)
+            remove_stale(run_dir)
         barrier(info)
+
+    def replace_previous(self) -> None:
+        """``overwrite``: the previous run's files into ``.previous-run/``, deleted once this run's model exists."""
+        self.previous = None
+        if not self.resume and self.cfg.overwrite and self.info.is_main:
+            self.previous = set_aside(self.run_dir)
+        barrier(self.info)
 
     def load_model(self) -> None:
         """The base model in the training precision, the method set up on it (same seed on every rank)."""
@@ -222,12 +253,6 @@ class Trainer:
         log.info("method %s: trainable parameters %s of %s (%.4f%%); precision %s", method.name, f"{n_train:,}",
                  f"{n_all:,}", 100.0 * n_train / max(n_all, 1), self.precision)  # fmt: skip
 
-    def compile(self) -> None:
-        """``train.compile``: the transformer blocks compiled in place (names unchanged), fixed batch shapes."""
-        self.compiled = use_compile(self.cfg.train.compile, self.info.device)
-        if self.compiled:
-            compile_blocks(self.model)
-
     def write_run_files(self) -> None:
         if self.info.is_main:
             desc = run_info(base_model=self.cfg.model, generation=self.pretrained.generation,
@@ -250,11 +275,12 @@ class Trainer:
         self.datasets = datasets
         self.batcher = make_batcher(datasets.train, cfg=cfg.data, batch_size=t.batch_size, grad_accum=t.grad_accum,
                                     world_size=info.world_size, seed=cfg.seed, tokenizer=self.tokenizer,
-                                    template=self.template, fixed_shapes=self.compiled)  # fmt: skip
+                                    template=self.template)  # fmt: skip
         self.total = t.max_steps or t.epochs * self.batcher.steps_per_epoch
         self.dev = dev_batches(datasets.dev, batch_size=cfg.eval.batch_size, rank=info.rank, world_size=info.world_size,
                                tokenizer=self.tokenizer, template=self.template)  # fmt: skip
         self.has_dev = bool(datasets.dev)
+        self.fingerprint = data_fingerprint(datasets.train)
         log.info("%d steps (%d per epoch, global batch %d %s)", self.total, self.batcher.steps_per_epoch,
                  self.batcher.global_batch, "packed rows" if cfg.data.packing else "examples")  # fmt: skip
 
@@ -276,13 +302,7 @@ class Trainer:
             log.warning("%s has no complete checkpoint yet: starting from step 0", run_dir)
             return
         ck = read_checkpoint(ckpt_path)
-        saved, batcher = ck.trainer["data"], self.batcher
-        if (saved["units"], saved["global_batch"]) != (len(batcher.units), batcher.global_batch):
-            raise ValueError(
-                f"{ckpt_path}: the checkpoint was written with {saved['units']} training units in global batches "
-                f"of {saved['global_batch']}, this run has {len(batcher.units)} and {batcher.global_batch}; "
-                "resume with the same data and batch settings (or the same number of processes)"
-            )
+        check_same_data(ck.trainer["data"], self.data_record(), ckpt_path, force=self.force)
         load_trainable(self.named, ck.trainable, ckpt_path)
         self.optimizer.load_state_dict(ck.trainer["optimizer"])
         self.scheduler.load_state_dict(ck.trainer["scheduler"])
@@ -325,6 +345,12 @@ class Trainer:
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        with StopRequest(self.info) as stop:
+            self.loop(stop)
+        return self.finish()
+
+    def loop(self, stop: StopRequest) -> None:
+        """The steps; a first Ctrl-C (``stop``) ends them after the current one with a checkpoint."""
         cfg, info, progress = self.cfg, self.info, self.progress
         self.model.train()
         self.result = TrainResult(run_dir=self.run_dir, steps=progress.step)
@@ -338,7 +364,8 @@ class Trainer:
             every = cfg.save.every_steps
             may_save = bool(every) and step % every == 0
             due_log = step % cfg.log.every_steps == 0 or is_last
-            if due_log or due_eval or may_save or is_last or self.on_step is not None:
+            synced = due_log or due_eval or may_save or is_last or self.on_step is not None
+            if synced:
                 self.read_back()
             if due_log:
                 self.log_train()
@@ -356,7 +383,8 @@ class Trainer:
                     log.info("step %d eval: %s%s", step, shown, " (best)" if improved else "")
             stop_early = bool(cfg.eval.patience) and progress.evals_without_improvement >= cfg.eval.patience
             periodic = may_save and progress.bad_steps == 0  # never mid-streak
-            if improved or is_last or stop_early or periodic:
+            saved = improved or is_last or stop_early or periodic
+            if saved:
                 self.save(step)
             if results or is_last:
                 self.writer.plot()
@@ -368,8 +396,22 @@ class Trainer:
                 log.info("early stopping at step %d: no improvement of eval %s in %d evaluations", step,
                          cfg.eval.metric, cfg.eval.patience)  # fmt: skip
                 break
+            if not is_last and stop.due(synced):
+                self.stop_interrupted(saved)
         self.bar.close()
-        return self.finish()
+
+    def stop_interrupted(self, saved: bool) -> None:
+        """Ctrl-C: a checkpoint of the step just done (unless one was written), then :class:`TrainInterrupted`."""
+        step = self.progress.step
+        self.read_back()
+        if not saved:
+            self.save(step)
+        self.writer.plot()
+        self.bar.close()
+        self.writer.close()
+        ckpt = checkpoint_dir(self.run_dir, step)
+        raise TrainInterrupted(step, ckpt if ckpt.is_dir() else latest_checkpoint(self.run_dir),
+                               resume_command(self.run_dir, self.info.world_size))  # fmt: skip
 
     def train_step(self) -> None:
         """One optimizer step on the batches of step ``progress.step``; its numbers are kept for ``read_back``."""
@@ -439,13 +481,8 @@ class Trainer:
 
     def evaluate(self, is_last: bool) -> dict[str, float]:
         """The dev loss and (rank 0's) generation metrics due at this step, shared by every rank."""
-        results: dict[str, float] = {}
-        with eager():  # shapes vary from batch to batch: the compiled blocks run eagerly
-            self._evaluate(results, is_last)
-        return results
-
-    def _evaluate(self, results: dict[str, float], is_last: bool) -> None:
         cfg, info, step = self.cfg, self.info, self.progress.step
+        results: dict[str, float] = {}
         if self.has_dev and ((cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or is_last):
             results["loss"] = evaluation.evaluate_loss(self.net, self.dev, info, self.autocast)
         if self.gen_every and (step % self.gen_every == 0 or is_last):
@@ -456,6 +493,7 @@ class Trainer:
                     scores = {k: float(v) for k, v in self.eval_hook(self.model).items()}
                 self.model.train()
             results.update(distributed.broadcast_object(info, scores) if info.enabled else scores)
+        return results
 
     # ---- saving -----------------------------------------------------------------------------------------------
     def save_model(self, out_dir: Path) -> None:
@@ -468,24 +506,26 @@ class Trainer:
         info, progress = self.info, self.progress
         rngs = distributed.gather_objects(info, rng_state())
         if info.is_main:
-            batcher = self.batcher
             trainer = {
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": rngs,
-                "data": {
-                    "units": len(batcher.units),
-                    "global_batch": batcher.global_batch,
-                    "steps_per_epoch": batcher.steps_per_epoch,
-                    "world_size": info.world_size,
-                },  # fmt: skip
+                "data": self.data_record(),
             }
-            write_checkpoint(checkpoint_dir(self.run_dir, step), save_model=self.save_model, trainable=dict(self.named),
-                             trainer=trainer, progress=progress)  # fmt: skip
+            path = checkpoint_dir(self.run_dir, step)
+            with writing(path):
+                write_checkpoint(path, save_model=self.save_model, trainable=dict(self.named), trainer=trainer,
+                                 progress=progress)  # fmt: skip
             keep = {progress.best_step} if progress.best_step is not None else set()
             prune_checkpoints(self.run_dir, self.cfg.save.keep_last, keep)
         barrier(info)
+
+    def data_record(self) -> dict:
+        """What a checkpoint records of the training data (checked on resume)."""
+        b = self.batcher
+        return data_record(units=len(b.units), global_batch=b.global_batch, steps_per_epoch=b.steps_per_epoch,
+                           world_size=self.info.world_size, fingerprint=self.fingerprint)  # fmt: skip
 
     def finish(self) -> TrainResult:
         """The best weights (else the last) into ``<run>/model``; the result."""
@@ -498,7 +538,9 @@ class Trainer:
                 log.warning("best checkpoint %s is missing; the final model is the last state", best_dir)
         model_dir = run_dir / "model"
         if info.is_main:
-            save_with_tokenizer(self.save_model, model_dir, self.tokenizer.files)
+            with writing(model_dir):
+                save_with_tokenizer(self.save_model, model_dir, self.tokenizer.files)
+            drop_previous(run_dir)  # an overwritten run's files, kept until now
             self.writer.plot()
             log.info("run folder %s: final model in %s%s", run_dir, model_dir,
                      f" (best eval {cfg.eval.metric} {progress.best_metric:.4f} at step {progress.best_step})"

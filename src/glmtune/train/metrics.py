@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from glmtune.io import atomic_path, atomic_write_text
+from glmtune.io import atomic_path, atomic_write_text, writing
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ class MetricsWriter:
             return
         rec = {"step": step, "split": split, **{k: _clean(v) for k, v in values.items()}}
         self.records.append(rec)
-        self._file.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self._file.flush()
+        with writing(self.run_dir / METRICS_FILE):  # a line cut short by a full disk is skipped when read
+            self._file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -111,9 +112,11 @@ class MetricsWriter:
         ax.grid(True, alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        with atomic_path(self.run_dir / PLOT_FILE) as tmp:
-            fig.savefig(tmp, format="png")
-        plt.close(fig)
+        try:
+            with writing(self.run_dir / PLOT_FILE), atomic_path(self.run_dir / PLOT_FILE) as tmp:
+                fig.savefig(tmp, format="png")
+        finally:
+            plt.close(fig)
 
     def close(self) -> None:
         if not self.enabled:
