@@ -38,6 +38,7 @@ from glmtune.adapters.base import Method
 from glmtune.io import NoSpaceError, writing
 from glmtune.pretrained import load_pretrained
 from glmtune.train import distributed, evaluation
+from glmtune.train.compile import compile_blocks, eager, use_compile
 from glmtune.train.config import TrainConfig
 from glmtune.train.data import dev_batches, load_datasets, make_batcher
 from glmtune.train.distributed import DistInfo, barrier
@@ -197,6 +198,7 @@ class Trainer:
         touched: with ``overwrite`` the previous run is set aside only then, and put back if the start fails."""
         self.check_run_dir()
         self.load_model()
+        self.compile()
         self.load_data()
         self.build_optimization()
         if self.resume:
@@ -253,6 +255,12 @@ class Trainer:
         log.info("method %s: trainable parameters %s of %s (%.4f%%); precision %s", method.name, f"{n_train:,}",
                  f"{n_all:,}", 100.0 * n_train / max(n_all, 1), self.precision)  # fmt: skip
 
+    def compile(self) -> None:
+        """``train.compile``: the transformer blocks compiled in place (names unchanged), fixed batch shapes."""
+        self.compiled = use_compile(self.cfg.train.compile, self.info.device)
+        if self.compiled:
+            compile_blocks(self.model)
+
     def write_run_files(self) -> None:
         if self.info.is_main:
             desc = run_info(base_model=self.cfg.model, generation=self.pretrained.generation,
@@ -275,7 +283,7 @@ class Trainer:
         self.datasets = datasets
         self.batcher = make_batcher(datasets.train, cfg=cfg.data, batch_size=t.batch_size, grad_accum=t.grad_accum,
                                     world_size=info.world_size, seed=cfg.seed, tokenizer=self.tokenizer,
-                                    template=self.template)  # fmt: skip
+                                    template=self.template, fixed_shapes=self.compiled)  # fmt: skip
         self.total = t.max_steps or t.epochs * self.batcher.steps_per_epoch
         self.dev = dev_batches(datasets.dev, batch_size=cfg.eval.batch_size, rank=info.rank, world_size=info.world_size,
                                tokenizer=self.tokenizer, template=self.template)  # fmt: skip
@@ -481,8 +489,13 @@ class Trainer:
 
     def evaluate(self, is_last: bool) -> dict[str, float]:
         """The dev loss and (rank 0's) generation metrics due at this step, shared by every rank."""
-        cfg, info, step = self.cfg, self.info, self.progress.step
         results: dict[str, float] = {}
+        with eager():  # shapes vary from batch to batch: the compiled blocks run eagerly
+            self._evaluate(results, is_last)
+        return results
+
+    def _evaluate(self, results: dict[str, float], is_last: bool) -> None:
+        cfg, info, step = self.cfg, self.info, self.progress.step
         if self.has_dev and ((cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or is_last):
             results["loss"] = evaluation.evaluate_loss(self.net, self.dev, info, self.autocast)
         if self.gen_every and (step % self.gen_every == 0 or is_last):
@@ -493,7 +506,6 @@ class Trainer:
                     scores = {k: float(v) for k, v in self.eval_hook(self.model).items()}
                 self.model.train()
             results.update(distributed.broadcast_object(info, scores) if info.enabled else scores)
-        return results
 
     # ---- saving -----------------------------------------------------------------------------------------------
     def save_model(self, out_dir: Path) -> None:
