@@ -2,10 +2,11 @@
 
 Both models are built in the same process with the same shapes (transformers' own port of the architecture,
 ``GlmForCausalLM``: partial rotary, grouped KV heads, SwiGLU) and random bf16 weights drawn on the device. For each
-batch size, greedy decoding of ``--new-tokens`` tokens after a ``--prompt-len`` prompt (no stop token) is timed
-whole, and a 1-token generation of the same prompts gives the prefill time; decode tok/s = (new tokens - 1) /
-(whole - prefill), per sequence and in total. glmtune runs each ``--decode`` mode ("auto" is its default).
-Nothing is downloaded.
+batch size, after a warm-up generation, greedy decoding of ``--new-tokens`` tokens after a ``--prompt-len`` prompt
+(no stop token) is timed whole, and a 1-token generation of the same prompts gives the prefill time; decode
+tok/s = (new tokens - 1) / (whole - prefill), per sequence and in total. glmtune's warm-up has the timed length
+(it captures a CUDA graph per cache size, once; the warm-up time is reported). glmtune runs each ``--decode`` mode
+("auto" is its default). Nothing is downloaded.
 
     PYTHONPATH=src python bench/decode_speed.py --json bench/results/decode_speed.json
 """
@@ -37,8 +38,9 @@ def prompts_for(batch: int, prompt_len: int, vocab: int) -> torch.Tensor:
     return torch.randint(10, vocab - 10, (batch, prompt_len), generator=g)
 
 
-def timed(generate: Callable[[int], int], new_tokens: int, device: torch.device) -> dict:
-    """Prefill (a 1-token run) and whole-run times of ``generate(n) -> tokens made per row``, after a warm-up."""
+def timed(generate: Callable[[int], int], new_tokens: int, device: torch.device, warmup_tokens: int) -> dict:
+    """Prefill (a 1-token run) and whole-run times of ``generate(n) -> tokens made per row``, after a warm-up run of
+    ``warmup_tokens`` (its time is kept: it holds one-time costs such as capturing CUDA graphs for the shapes)."""
 
     def run(n: int) -> tuple[float, int]:
         sync(device)
@@ -47,11 +49,11 @@ def timed(generate: Callable[[int], int], new_tokens: int, device: torch.device)
         sync(device)
         return time.perf_counter() - t, made
 
-    run(8)  # warm-up: kernels, graph capture, allocator
+    warmup_s, _ = run(warmup_tokens)
     first, _ = run(1)
     whole, made = run(new_tokens)
     decode_s = whole - first
-    return {"new_tokens": made, "first_token_s": first, "whole_s": whole, "decode_s": decode_s,
+    return {"new_tokens": made, "warmup_s": warmup_s, "first_token_s": first, "whole_s": whole, "decode_s": decode_s,
             "tokens_per_s_per_seq": (made - 1) / decode_s}  # fmt: skip
 
 
@@ -76,7 +78,8 @@ def hf_generate(model, ids: torch.Tensor) -> Callable[[int], int]:
     return generate
 
 
-COLUMNS = [("impl", "impl", ""), ("batch", "batch", "d"), ("first token s", "first_token_s", ".3f"),
+COLUMNS = [("impl", "impl", ""), ("batch", "batch", "d"), ("warm-up s", "warmup_s", ".2f"),
+           ("first token s", "first_token_s", ".3f"),
            ("decode tok/s per seq", "tokens_per_s_per_seq", ",.1f"),
            ("decode tok/s total", "tokens_per_s_total", ",.1f")]  # fmt: skip
 
@@ -92,13 +95,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--note", default=None, help="kept in the JSON (e.g. the glmtune commit measured)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     cfg = preset(args.preset)
     info = {**device_info(device), "preset": args.preset, "dtype": str(dtype), "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "command": " ".join(sys.argv)}  # fmt: skip
+            "new_tokens": args.new_tokens, "command": " ".join(sys.argv), "note": args.note}  # fmt: skip
     rows: list[dict] = []
 
     def add(row: dict) -> None:
@@ -111,12 +115,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     random_fill(model, device, dtype, seed=0)
     model.eval()
     info["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    # GPU clocks up before the first timed row (one measured run saw the first row 20% slower than its twin)
-    glmtune_generate(model, prompts_for(max(args.batch), args.prompt_len, cfg.padded_vocab_size), args.decode[0])(32)
     for decode in args.decode:
         for b in args.batch:
             ids = prompts_for(b, args.prompt_len, cfg.padded_vocab_size)
-            r = timed(glmtune_generate(model, ids, decode), args.new_tokens, device)
+            # warm-up at the timed length: glmtune captures a CUDA graph per cache size, once
+            r = timed(glmtune_generate(model, ids, decode), args.new_tokens, device, warmup_tokens=args.new_tokens)
             add(
                 {
                     "impl": f"glmtune decode={decode}",
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             hf = hf_model(cfg, device, dtype).eval()
             for b in args.batch:
                 ids = prompts_for(b, args.prompt_len, cfg.padded_vocab_size).to(device)
-                r = timed(hf_generate(hf, ids), args.new_tokens, device)
+                r = timed(hf_generate(hf, ids), args.new_tokens, device, warmup_tokens=8)  # no per-shape setup
                 add({"impl": "transformers GlmForCausalLM", "batch": b, **r,
                      "tokens_per_s_total": b * r["tokens_per_s_per_seq"]})  # fmt: skip
         except Exception as e:  # the comparison is optional; the row says why it is missing

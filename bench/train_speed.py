@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--tiny", action="store_true", help="tiny models (the CPU smoke test)")
     ap.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS, help="for MFU (H200 bf16 dense)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--note", default=None, help="kept in the JSON (e.g. the glmtune commit measured)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device(args.device)
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ap.error(f"no run matches {args.runs}; runs: {', '.join(r.id for r in RUNS)}")
     info = {**device_info(device), "precision": str(precision), "peak_tflops": args.peak_tflops, "tiny": args.tiny,
             "warmup": args.warmup, "steps": args.steps, "profile_steps": args.profile_steps, "seed": args.seed,
-            "command": " ".join(sys.argv)}  # fmt: skip
+            "command": " ".join(sys.argv), "note": args.note}  # fmt: skip
     n_batches = args.warmup + args.steps + args.profile_steps
     data_cache: dict[tuple, Batches] = {}
     rows: list[dict] = []
