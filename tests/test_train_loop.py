@@ -118,6 +118,36 @@ def test_non_finite_losses_skip_then_stop(models: Path, tmp_path: Path, monkeypa
     assert adam_steps == {4.0}  # 5 steps, the NaN one skipped: the optimizer stepped 4 times
 
 
+def test_steps_read_back_only_when_logging(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss is read back at log points only; a streak of non-finite steps between two of them is still found
+    and named by the step where it reached train.max_bad_steps; on_step makes every step read back."""
+    reads: list[int] = []
+    real_to_host = loop.to_host
+    monkeypatch.setattr(loop, "to_host", lambda values: reads.append(len(values)) or real_to_host(values))
+    real_forward = loop.LMLoss.forward
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        out = real_forward(self, *args, **kwargs)
+        return out * float("nan") if (self.training and calls["n"] >= 6) else out
+
+    monkeypatch.setattr(loop.LMLoss, "forward", flaky)
+    cfg = small_config(tiny_model(models), tmp_path / "quiet", "train.max_steps=20", "train.max_bad_steps=3",
+                       "log.every_steps=5", "save.every_steps=null")  # fmt: skip
+    with pytest.raises(TrainError, match=r"stopped at step 8: 3 non-finite losses in a row"):
+        run(cfg)
+    assert reads == [5 * 5, 5 * 5]  # steps 1-5 at the first log point, 6-10 at the second (5 numbers a step)
+    assert list_checkpoints(tmp_path / "quiet") == []
+
+    reads.clear()
+    calls["n"] = -100
+    seen: list[int] = []
+    cfg = small_config(tiny_model(models), tmp_path / "each", "train.max_steps=3", "log.every_steps=5")
+    run(cfg, on_step=lambda step, values: seen.append(step) if math.isfinite(values["loss"]) else None)
+    assert seen == [1, 2, 3] and reads == [5, 5, 5]
+
+
 def test_no_checkpoint_of_a_bad_state(models: Path, tmp_path: Path, monkeypatch) -> None:
     real_forward = loop.LMLoss.forward
     monkeypatch.setattr(loop.LMLoss, "forward", lambda self, *a, **k: real_forward(self, *a, **k) * float("nan"))

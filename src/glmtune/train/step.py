@@ -60,12 +60,20 @@ class StepOutput:
     bad: torch.Tensor  # bool (): non-finite loss or gradients; the update was skipped
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without waiting: a copy to a GPU starts from pinned memory (from pageable memory the
+    copy would wait for the GPU's queue to drain)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def device_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The model inputs of a host batch on ``device`` (copies not waited for), with the loss positions."""
-    inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
+    inputs = {k: to_device(v, device) for k, v in batch.items() if k in MODEL_INPUTS}
     index, targets = loss_targets(batch["labels"])
-    inputs["target_index"] = index.to(device, non_blocking=True)
-    inputs["targets"] = targets.to(device, non_blocking=True)
+    inputs["target_index"] = to_device(index, device)
+    inputs["targets"] = to_device(targets, device)
     return inputs
 
 
@@ -123,7 +131,7 @@ class TrainStep:
         tokens_local = sum(int(b["attention_mask"].sum()) for b in batches)
         if not self.info.enabled:
             return float(n_local), float(tokens_local), 1.0 / max(float(n_local), 1.0)
-        counts = torch.tensor([n_local, tokens_local], dtype=torch.float64).to(self.info.device, non_blocking=True)
+        counts = to_device(torch.tensor([n_local, tokens_local], dtype=torch.float64), self.info.device)
         distributed.all_reduce_(self.info, counts)
         scale = (self.info.world_size / counts[0].clamp(min=1.0)).float()
         return counts[0], counts[1], scale
