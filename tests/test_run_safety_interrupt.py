@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from glmtune.train.config import resume_config
-from glmtune.train.state import list_checkpoints
+from glmtune.train.state import list_checkpoints, read_checkpoint
 from train_support import run, small_config, tiny_model, train_losses
 
 TESTS = Path(__file__).resolve().parent
@@ -96,3 +96,43 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
     assert [s for s, _ in list_checkpoints(out)] == [2]  # the Ctrl-C checkpoint was abandoned, cleanly
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert not (out / "model").exists()
+
+
+DDP_WORKER = """
+import os, signal, sys
+import glmtune.train.step as step
+from glmtune.cli import main
+
+calls = [0]
+real_step = step.TrainStep.__call__
+
+def ctrl_c_on_rank_1(self, batches):
+    calls[0] += 1
+    if calls[0] == 1 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_step(self, batches)
+
+step.TrainStep.__call__ = ctrl_c_on_rank_1
+sys.exit(main(["train", {config!r}]))
+"""
+
+
+@pytest.mark.slow  # two processes over gloo
+@pytest.mark.skipif(sys.platform == "win32" or not __import__("torch").distributed.is_available(), reason="DDP")
+def test_under_ddp_every_rank_stops_after_the_same_step(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path)
+    out = tmp_path / "ddp"
+    # rank 1 alone gets Ctrl-C, in step 1; the ranks agree where they synchronise anyway: step 2 (log.every_steps)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(small_config(model, out, *SETTINGS, "train.device=cpu", "log.every_steps=2").to_yaml(), "utf-8")
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(DDP_WORKER).format(config=str(config)), encoding="utf-8")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0  # torchrun reports its workers' exit status 130 as a failure
+    assert "exitcode  : 130" in proc.stderr or "exit code 130" in proc.stderr.lower(), proc.stderr[-3000:]
+    assert proc.stderr.count("stopped by Ctrl-C after step 2") == 1, proc.stderr[-3000:]  # rank 0 alone says it
+    assert f"torchrun --nproc-per-node 2 -m glmtune train --resume {out}" in proc.stderr
+    assert [s for s, _ in list_checkpoints(out)] == [2] and [s for s, _ in train_losses(out)] == [2]
+    assert len(read_checkpoint(list_checkpoints(out)[0][1]).trainer["rng"]) == 2  # both ranks' RNG: resumable
