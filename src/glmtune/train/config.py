@@ -98,7 +98,7 @@ class OptimConfig:
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0  # the schedule's floor, as a fraction of learning_rate
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Literal["mlp", "half"] | bool = False  # true: every block; mlp, half: less
     compile: Literal["auto"] | bool = "auto"  # torch.compile each block; auto: on CUDA (YAML on/off = true/false)
     loss_chunk_tokens: int = 1024  # tokens per chunk of the output layer + loss (memory ~ chunk * vocab)
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run

@@ -45,6 +45,7 @@ from glmtune.train.distributed import DistInfo, barrier
 from glmtune.train.evaluation import EvalHook
 from glmtune.train.interrupt import StopRequest, TrainInterrupted, no_space_message, resume_command
 from glmtune.train.metrics import MetricsWriter
+from glmtune.train.recompute import apply_checkpointing
 from glmtune.train.resume_check import check_same_data, data_fingerprint, data_record
 from glmtune.train.run_folder import (
     check_output_dir,
@@ -249,8 +250,7 @@ class Trainer:
         self.template = check_template(self.pretrained, cfg.template)
         method.setup(self.model)
         self.named = trainable_parameters(method, self.model)
-        if hasattr(self.model.transformer, "gradient_checkpointing"):
-            self.model.transformer.gradient_checkpointing = cfg.train.gradient_checkpointing
+        apply_checkpointing(self.model, cfg.train.gradient_checkpointing)
         n_train, n_all = count_parameters(self.model, self.named)
         log.info("method %s: trainable parameters %s of %s (%.4f%%); precision %s", method.name, f"{n_train:,}",
                  f"{n_all:,}", 100.0 * n_train / max(n_all, 1), self.precision)  # fmt: skip
