@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from adapter_support import PRESET_IDS, PRESETS, random_ids, randomize, tiny_model
 from glmtune.adapters import build_method
-from glmtune.adapters.merge import export_ptuning, merge_lora_to_checkpoint
 from glmtune.adapters.peft_format import AdapterError
+from glmtune.merge import export_ptuning, merge_lora_to_checkpoint
 from glmtune.models.checkpoint import save_pretrained
 from glmtune.models.config import GLMConfig
 from glmtune.pretrained import load_model
@@ -114,7 +114,7 @@ _RSS_SCRIPT = textwrap.dedent(
     """
     import resource, sys
     import torch
-    from glmtune.adapters.merge import merge_lora_to_checkpoint
+    from glmtune.merge import merge_lora_to_checkpoint
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     merge_lora_to_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], max_shard_bytes=16 * 2**20)
     print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

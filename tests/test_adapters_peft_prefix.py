@@ -17,9 +17,9 @@ from torch import nn
 
 from adapter_support import random_ids, tiny_model
 from glmtune.adapters import build_method
-from glmtune.adapters.merge import export_ptuning
 from glmtune.adapters.peft_prefix import TENSOR_NAME, read_peft_prefix, save_peft_prefix
 from glmtune.adapters.ptuning import PrefixError, load_prefix, read_prefix_checkpoint
+from glmtune.merge import export_ptuning
 from glmtune.models.checkpoint import CheckpointError
 from reference_chatglm import reference_logits
 

@@ -12,7 +12,7 @@ import torch
 
 from adapter_support import random_ids, randomize
 from glmtune.adapters import build_method
-from glmtune.adapters.command import add_parser
+from glmtune.merge_command import add_parser
 from glmtune.pretrained import load_pretrained
 from glmtune.runs import load_for_inference, resolve
 from glmtune.tiny import make_tiny_model_dir
@@ -194,3 +194,13 @@ def test_complete_model_with_a_prefix_loads_it(tmp_path: Path, bases: dict[str, 
     torch.testing.assert_close(_logits(pre.model, ids), _logits(trained.model.eval(), ids), rtol=0, atol=0)
     assert (_logits(pre.model, ids) - _logits(load_pretrained(bases["chatglm3"], dtype="fp32", device="cpu").model,
                                               ids)).abs().max() > 1e-3  # fmt: skip
+
+
+def test_adapters_never_import_runs() -> None:
+    """runs.py loads adapters; nothing in the adapters package may import runs back (no import cycle)."""
+    import glmtune.adapters
+
+    pkg = Path(glmtune.adapters.__file__).parent
+    for path in pkg.glob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "glmtune.runs" not in text and "from glmtune import runs" not in text, path

@@ -64,9 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(p, max_new_tokens=1024, seed=None)
     p.set_defaults(func=cmd_chat)
 
-    from glmtune.adapters.command import add_parser as add_adapter_parsers
     from glmtune.data.command import add_parser as add_data_parser
     from glmtune.evaluate.command import add_parser as add_eval_parser
+    from glmtune.merge_command import add_parser as add_adapter_parsers
     from glmtune.train.command import add_parser as add_train_parser
 
     add_train_parser(sub)

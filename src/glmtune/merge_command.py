@@ -49,7 +49,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from glmtune.adapters.merge import merge_lora_to_checkpoint
+    from glmtune.merge import merge_lora_to_checkpoint
     from glmtune.runs import resolve
 
     r = resolve(args.source, base=args.base)
@@ -64,7 +64,7 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from glmtune.adapters.merge import export_ptuning
+    from glmtune.merge import export_ptuning
 
     out = export_ptuning(args.source, args.out_dir, base=args.base, overwrite=args.overwrite, format=args.format)
     log.info("P-Tuning checkpoint written to %s", out)
