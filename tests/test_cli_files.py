@@ -51,9 +51,13 @@ def test_exported_ptuning_folder_names_its_base(tmp_path):
     assert main(["export", str(prefix), str(tmp_path / "out"), "--base", str(base)]) == 0
     info = json.loads((tmp_path / "out" / "glmtune.json").read_text(encoding="utf-8"))
     assert info["base_model"] == str(base.resolve()) and info["source"] == str(prefix.resolve())
-    # exported again from the exported folder alone, the base is unknown: recorded as such, not copied over
+    # the exported folder alone finds its base again: chat/eval load it without --base, a re-export keeps it
+    from glmtune.runs import load_for_inference
+
+    assert load_for_inference(tmp_path / "out", dtype="fp32", device="cpu").model.n_prefix() == 3
     assert main(["export", str(tmp_path / "out"), str(tmp_path / "again")]) == 0
-    assert json.loads((tmp_path / "again" / "glmtune.json").read_text(encoding="utf-8"))["base_model"] is None
+    again = json.loads((tmp_path / "again" / "glmtune.json").read_text(encoding="utf-8"))["base_model"]
+    assert again == str(base.resolve())
     # PEFT's format has its own field for it
     assert main(["export", str(prefix), str(tmp_path / "peft"), "--format", "peft", "--base", str(base)]) == 0
     peft = json.loads((tmp_path / "peft" / "adapter_config.json").read_text(encoding="utf-8"))

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from glmtune.adapters.peft_format import AdapterError, LoraAdapter, read_lora_adapter
-from glmtune.adapters.ptuning import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_prefix_checkpoint
+from glmtune.adapters.ptuning import CONFIG_NAME, EXPORT_INFO, PREFIX, WEIGHTS_NAME, read_prefix_checkpoint
 from glmtune.io import atomic_write_dir
 from glmtune.models.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -36,7 +36,6 @@ from glmtune.pretrained import DTYPES
 
 log = logging.getLogger(__name__)
 
-EXPORT_INFO = "glmtune.json"  # what `glmtune export` records beside an official P-Tuning folder
 _TRAINING_FILES = {"trainer_state.json", "training_args.bin", "all_results.json", "train_results.json"}
 
 

@@ -159,6 +159,15 @@ def _base_dir(kind: Kind, result: Path, run_dir: Path | None, run: dict[str, Any
             return None
         hint = f" (its 'base_model_name_or_path' {name!r} is not a local folder)" if name else ""
         raise ValueError(f"{result / CONFIG_NAME}: a {what} needs its base model{hint}; pass the folder with --base")
+    from glmtune.adapters.ptuning import EXPORT_INFO
+
+    if kind == "ptuning" and (result / EXPORT_INFO).is_file():  # `glmtune export` recorded the base
+        try:
+            name = json.loads((result / EXPORT_INFO).read_text(encoding="utf-8")).get("base_model")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{result / EXPORT_INFO}: not the JSON object glmtune export writes ({e})") from e
+        if isinstance(name, str) and name and Path(name).is_dir():
+            return Path(name)
     if not required:
         return None
     raise ValueError(f"{result}: a {what} needs its base model; pass the base model folder with --base")

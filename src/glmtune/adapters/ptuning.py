@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "transformer.prefix_encoder."
 WEIGHTS_NAME = "pytorch_model.bin"
+EXPORT_INFO = "glmtune.json"  # what `glmtune export` records beside an official P-Tuning folder (its base)
 SAFETENSORS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 PREFIX_DROPOUT = 0.1  # the original models' dropout on the prefix keys/values (training only)
