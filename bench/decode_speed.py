@@ -84,6 +84,10 @@ COLUMNS = [("impl", "impl", ""), ("batch", "batch", "d"), ("warm-up s", "warmup_
            ("decode tok/s total", "tokens_per_s_total", ",.1f")]  # fmt: skip
 
 
+def table(rows: list[dict]) -> str:
+    return markdown_table([r for r in rows if "error" not in r], COLUMNS)
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="chatglm3-6b")
@@ -108,8 +112,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     def add(row: dict) -> None:
         rows.append(row)
         log.info("%s", row)
-        if args.json:
+        if args.json:  # after every row: a command cut short keeps its rows
             write_json(args.json, {"info": info, "rows": rows})
+            args.json.with_suffix(".md").write_text(table(rows) + "\n")
 
     model = build_model(cfg, device=device, dtype=dtype, generation="chatglm3")
     random_fill(model, device, dtype, seed=0)
@@ -143,11 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except Exception as e:  # the comparison is optional; the row says why it is missing
             log.exception("transformers run failed")
             add({"impl": "transformers GlmForCausalLM", "error": f"{type(e).__name__}: {e}"[:500]})
-    shown = [r for r in rows if "error" not in r]
-    text = markdown_table(shown, COLUMNS)
-    print(text)
-    if args.json:
-        args.json.with_suffix(".md").write_text(text + "\n")
+    print(table(rows))
     return rows
 
 

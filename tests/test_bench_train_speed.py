@@ -110,7 +110,7 @@ def test_transformers_peer_gives_glmtunes_loss_from_the_same_weights(kind):
 
 def test_train_speed_runs_on_cpu(tmp_path):
     out = tmp_path / "train_speed.json"
-    runs = ["adgen-lora/*", "adgen-ptuning/glmtune-padded", "full-1.5b/glmtune-eager"]
+    runs = ["adgen-lora/*", "adgen-ptuning/glmtune-padded", "full-1.5b/glmtune-default"]
     rows = train_speed.main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--profile-steps", "0",
                              "--pool", "24", "--pack-length", "256", "--json", str(out), "--runs", *runs]
                             + ([] if HAS_HF else ["--no-hf"]))  # fmt: skip
