@@ -34,8 +34,9 @@ _SP_SPECIALS = {
 _V1_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
 
 
-def train_sentencepiece(lines: Sequence[str], vocab_size: int = 800) -> bytes:
-    """A byte-fallback BPE SentencePiece model (like the ChatGLM2/3 tokenizer.model), as bytes."""
+def train_sentencepiece(lines: Sequence[str], vocab_size: int = 800, max_piece_length: int = 16) -> bytes:
+    """A byte-fallback BPE SentencePiece model (like the ChatGLM2/3 tokenizer.model), as bytes; pieces have at most
+    ``max_piece_length`` characters."""
     out = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
@@ -50,6 +51,7 @@ def train_sentencepiece(lines: Sequence[str], vocab_size: int = 800) -> bytes:
         hard_vocab_limit=False,
         num_threads=1,
         minloglevel=2,
+        max_sentencepiece_length=max_piece_length,
     )
     return out.getvalue()
 
@@ -116,7 +118,9 @@ def _round_up(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def _tokenizer_files(generation: str, lines: Sequence[str], vocab_size: int) -> tuple[dict[str, bytes], dict]:
+def _tokenizer_files(
+    generation: str, lines: Sequence[str], vocab_size: int, max_piece_length: int = 16
+) -> tuple[dict[str, bytes], dict]:
     """(file name -> contents, config changes) for a tiny tokenizer of ``generation``."""
     if generation == "chatglm":
         model = train_ice_text(lines, vocab_size // 2)
@@ -148,7 +152,7 @@ def _tokenizer_files(generation: str, lines: Sequence[str], vocab_size: int) -> 
         return {"tokenizer.model": ranks_text(ranks).encode(), "tokenizer_config.json": _json(tok_config)}, changes
     if generation not in _SP_SPECIALS:
         raise ValueError(f"tiny model folders are built for chatglm, chatglm2, chatglm3, glm4, not {generation!r}")
-    model = train_sentencepiece(lines, vocab_size)
+    model = train_sentencepiece(lines, vocab_size, max_piece_length)
     sp = spm.SentencePieceProcessor(model_proto=model)
     n_ids = sp.get_piece_size() + len(_SP_SPECIALS[generation])
     tok_config = {"name_or_path": f"tiny-{generation}", "tokenizer_class": "ChatGLMTokenizer", "padding_side": "left",
@@ -162,12 +166,20 @@ def _json(obj: dict) -> bytes:
 
 
 def make_tiny_model_dir(
-    out_dir: str | Path, lines: Sequence[str], *, generation: str = "chatglm3", vocab_size: int = 800, seed: int = 0
+    out_dir: str | Path,
+    lines: Sequence[str],
+    *,
+    generation: str = "chatglm3",
+    vocab_size: int = 800,
+    seed: int = 0,
+    max_piece_length: int = 16,
+    sizes: dict | None = None,
 ) -> Path:
     """Write a tiny model folder of ``generation`` (chatglm, chatglm2, chatglm3, glm4) in the original layout:
-    config.json, model.safetensors, and the tokenizer files (trained on ``lines``)."""
-    files, changes = _tokenizer_files(generation, lines, vocab_size)
-    config = preset(f"tiny-{generation}").replace(**changes)
+    config.json, model.safetensors, and the tokenizer files (trained on ``lines``). ``max_piece_length`` caps the
+    SentencePiece pieces (ChatGLM2/3); ``sizes`` changes the tiny preset's fields (``{"num_layers": 4}``)."""
+    files, changes = _tokenizer_files(generation, lines, vocab_size, max_piece_length)
+    config = preset(f"tiny-{generation}").replace(**{**(sizes or {}), **changes})
     model = build_model(config, generation=generation)
     model.init_weights(seed=seed, std=0.3 if config.arch == "glm" else 0.02)  # see tests/test_generate.py
 
