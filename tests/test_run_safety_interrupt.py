@@ -5,6 +5,7 @@ a second Ctrl-C exits at once, keeping the last complete checkpoint."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from glmtune.train.config import resume_config
+from glmtune.train.distributed import DistInfo
+from glmtune.train.interrupt import StopRequest, resume_command
 from glmtune.train.state import list_checkpoints, read_checkpoint
 from train_support import run, small_config, tiny_model, train_losses
 
@@ -136,3 +139,17 @@ def test_under_ddp_every_rank_stops_after_the_same_step(tmp_path: Path) -> None:
     assert f"torchrun --nproc-per-node 2 -m glmtune train --resume {out}" in proc.stderr
     assert [s for s, _ in list_checkpoints(out)] == [2] and [s for s, _ in train_losses(out)] == [2]
     assert len(read_checkpoint(list_checkpoints(out)[0][1]).trainer["rng"]) == 2  # both ranks' RNG: resumable
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to oneself")
+def test_stop_request_takes_the_first_ctrl_c_and_lets_the_second_through() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest(DistInfo()) as stop:
+        assert not stop.due(synced=False)
+        signal.raise_signal(signal.SIGINT)
+        assert stop.requested and stop.due(synced=False)  # one process: at any step
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+    assert resume_command(Path("/runs/my run")) == "glmtune train --resume '/runs/my run'"
+    assert resume_command(Path("/r"), 4) == "torchrun --nproc-per-node 4 -m glmtune train --resume /r"

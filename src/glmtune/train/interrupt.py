@@ -59,8 +59,8 @@ class StopRequest:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+        if self._installed:  # (None: a handler not set from Python; the default is the closest)
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
             self._installed = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
