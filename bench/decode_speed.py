@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib & co. when 
 
 from benchlib import device_info, free_memory, markdown_table, random_fill, sync, write_json  # noqa: E402
 
-from glmtune.generate import GenerationConfig, generate_stream  # noqa: E402
+from glmtune.generate import Decoder, GenerationConfig, generate_stream  # noqa: E402
 from glmtune.models import build_model  # noqa: E402
 from glmtune.models.config import preset  # noqa: E402
 
@@ -58,11 +58,13 @@ def timed(generate: Callable[[int], int], new_tokens: int, device: torch.device,
 
 
 def glmtune_generate(model, ids: torch.Tensor, decode: str) -> Callable[[int], int]:
+    """glmtune as chat, eval and a server run it: one Decoder kept across calls (buffers and captured step reused)."""
     prompts = ids.tolist()
+    decoder = Decoder(model, decode=decode)
 
     def generate(n: int) -> int:
         cfg = GenerationConfig(max_new_tokens=n, do_sample=False)
-        return sum(1 for _ in generate_stream(model, prompts, cfg, stop_ids=[], pad_id=0, decode=decode))
+        return sum(1 for _ in generate_stream(model, prompts, cfg, stop_ids=[], pad_id=0, decoder=decoder))
 
     return generate
 

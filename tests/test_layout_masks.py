@@ -153,3 +153,38 @@ def test_specs():
         configure(preset("tiny-chatglm2"), "chatglm")
     with pytest.raises(ValueError, match="unknown generation"):
         get_spec("chatglm5")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["tiny-chatglm2", "tiny-chatglm"])
+def test_compiled_flex_blocks_match_eager_sdpa_on_cuda(name):
+    """Compiled blocks with FlexAttention give eager SDPA's loss and gradients on packed rows (fp32, CUDA)."""
+    from glmtune.models import build_model
+    from glmtune.train.compile import compile_blocks
+
+    torch.manual_seed(0)
+    cfg = preset(name)
+    eager_model = build_model(cfg)
+    eager_model.init_weights(seed=3, std=0.3)
+    eager_model = eager_model.cuda()
+    compiled = build_model(cfg)
+    compiled.init_weights(seed=3, std=0.3)
+    compiled = compiled.cuda()
+    compile_blocks(compiled)
+    assert compiled.attention_backend == "flex"
+    seg = torch.tensor([[0] * 50 + [1] * 40 + [2] * 30 + [-1] * 8, [0] * 100 + [1] * 28]).cuda()
+    ids = torch.randint(10, 400, seg.shape).cuda()
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in ([50, 40, 30, 8], [100, 28])]).cuda()
+    kw = {"segment_ids": seg}
+    if cfg.arch == "glm":
+        pos = torch.stack([pos, torch.zeros_like(pos)], 1)
+        kw["context"] = (pos[:, 0] < 5) & (seg >= 0)
+    losses = []
+    for m in (eager_model, compiled):
+        h = m.hidden_states(ids, position_ids=pos, **kw)
+        loss = (h.float() ** 2 * (seg >= 0)[..., None]).mean()
+        loss.backward()
+        losses.append((loss.detach(), m._blocks()[0].mlp.dense_4h_to_h.weight.grad.clone()))
+    torch.testing.assert_close(losses[1][0], losses[0][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(losses[1][1], losses[0][1], rtol=1e-3, atol=1e-5)

@@ -140,7 +140,8 @@ def collate_packed(
     """Packed rows -> tensors, padded on the right to the longest row (or ``pad_to``).
 
     Returns input_ids, labels, attention_mask (b, t) as :func:`collate`; position_ids restarting at every sample;
-    segment_ids (b, t): the sample's index within its row, -1 on padding; context (b, t) for "2d". The first label
+    segment_ids (b, t): the sample's index within its row, -1 on padding (left out when every row holds one sample
+    of 1-D positions: right padding needs no mask); context (b, t) for "2d". The first label
     of every sample is IGNORE_INDEX, so the loss never asks the last token of one sample to predict the next sample.
     """
     if not rows:
@@ -176,8 +177,9 @@ def collate_packed(
         "labels": labels,
         "attention_mask": (seq_ids >= 0).long(),
         "position_ids": pos if n_pos == 2 else pos[:, 0],
-        "segment_ids": seq_ids,
     }
+    if positions == "2d" or any(len(r.examples) > 1 for r in rows):
+        out["segment_ids"] = seq_ids  # else one right-padded sample per row: the causal fast path is exact
     if positions == "2d":
         out["context"] = ctx
     return out
