@@ -63,7 +63,7 @@ def generation_hook(cfg: TrainConfig, pretrained: Pretrained, template: Template
     from glmtune.evaluate.hook import make_generation_eval_hook
     from glmtune.generate import GenerationConfig
 
-    examples = eval_examples(pretrained.tokenizer, template, dev_samples, encode_options(cfg.data))
+    examples = eval_examples(pretrained.tokenizer, template, dev_samples, encode_options(cfg.data, template))
     gen = GenerationConfig(max_new_tokens=cfg.eval.max_new_tokens, do_sample=False)
     return make_generation_eval_hook(pretrained.tokenizer, template, examples, gen,
                                      max_examples=cfg.eval.generate_examples,

@@ -48,7 +48,9 @@ def check_template(pretrained: Pretrained, name: str | None) -> Template:
     name = name or pretrained.generation
     template = get_template(name)
     where = f"{pretrained.path} ({pretrained.generation})"
-    if (name == "chatglm") != (pretrained.config.arch == "glm"):
+    from glmtune.models.spec import get_spec
+
+    if get_spec(name).arch != pretrained.config.arch:
         raise ValueError(f"template {name!r} does not fit the model folder {where}; leave `template` unset")
     try:
         template.encode_example(pretrained.tokenizer, [Message("user", "hi"), Message("assistant", "ok")],
