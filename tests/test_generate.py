@@ -205,9 +205,9 @@ def test_cuda_graph_decode_equals_eager():
         m, prompts, gen, stop_ids=[], pad_id=0, decode="eager"
     )
     sample = GenerationConfig(max_new_tokens=12, do_sample=True, top_p=0.8, top_k=20, repetition_penalty=1.2, seed=3)
-    assert generate(m, prompts, sample, stop_ids=[], pad_id=0, decode="graph") == generate(
-        m, prompts, sample, stop_ids=[], pad_id=0, decode="eager"
-    )
+    eager = generate(m, prompts, sample, stop_ids=[], pad_id=0, decode="eager")
+    assert generate(m, prompts, sample, stop_ids=[], pad_id=0, decode="graph") == eager
+    assert generate(m, prompts, sample, stop_ids=[], pad_id=0, decode="compiled") == eager  # inductor, captured
 
 
 def test_row_seeds_make_rows_independent_and_batch_invariant():
@@ -241,3 +241,17 @@ def test_decoder_reuses_its_buffers_and_gives_fresh_results(model, sample):
             model, prompts, cfg, stop_ids=[], pad_id=pad
         )
     assert len(decoder._slots) == 1  # same batch size, cache bucket and settings: one set of buffers
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_eager_tokens(model):
+    """decode="compiled" (the step through torch.compile; aot_eager here: the same graph, no code generation)."""
+    from glmtune.generate import Decoder
+
+    _, pad = _stop_pad(model)
+    cfg = GenerationConfig(max_new_tokens=5, do_sample=True, top_k=20, top_p=0.9, seed=3, repetition_penalty=1.1)
+    prompts = _prompts(model, seed=6)
+    compiled = Decoder(model, decode="compiled", compile_backend="aot_eager")
+    assert generate(model, prompts, cfg, stop_ids=[], pad_id=pad, decoder=compiled) == generate(
+        model, prompts, cfg, stop_ids=[], pad_id=pad, decode="eager"
+    )

@@ -25,7 +25,7 @@ from torch import nn
 
 from glmtune.models.layout import SequenceLayout, next_positions, prompt_layout
 
-DECODE_MODES = ("auto", "eager", "graph")
+DECODE_MODES = ("auto", "eager", "graph", "compiled")
 
 
 @dataclass
@@ -172,14 +172,18 @@ class DecodeState:
 class DecodeStep:
     """One decode step with fixed shapes: forward one token per row at its slot, choose the next, update the state.
 
-    ``use_graph``: capture the step as a CUDA graph on its first call and replay it after (CUDA only)."""
+    ``use_graph``: capture the step as a CUDA graph on its first call and replay it after (CUDA only).
+    ``compile_backend``: run the step through ``torch.compile`` with this backend first (fusing the hundreds of small
+    elementwise kernels of a step; the compiled step is what the graph captures)."""
 
     def __init__(self, model: nn.Module, cache: Any, state: DecodeState, cfg: GenerationConfig, max_position: int,
-                 *, use_graph: bool) -> None:  # fmt: skip
+                 *, use_graph: bool, compile_backend: str | None = None) -> None:  # fmt: skip
         self.model, self.cache, self.state, self.cfg = model, cache, state, cfg
         self.max_position = max_position
         self.graph: Any = None
         self.use_graph = use_graph and state.ids.device.type == "cuda"
+        self._step = self._run if compile_backend is None else torch.compile(self._run, backend=compile_backend,
+                                                                             dynamic=False)  # fmt: skip
 
     def _run(self) -> None:
         st = self.state
@@ -189,18 +193,18 @@ class DecodeStep:
 
     def __call__(self) -> None:
         if not self.use_graph:
-            self._run()
+            self._step()
         elif self.graph is None:
             # Warm up on a side stream (this runs the real step), then capture the step it will replay. The capture
             # itself runs nothing, so it must not advance the state: it is recorded from the state as it is now.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
-                self._run()
+                self._step()
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self._run()
+                self._step()
         else:
             self.graph.replay()
 
@@ -223,15 +227,18 @@ class Decoder:
     from one call to the next (chat turns, eval batches, a server), so the step is captured once per batch size,
     cache bucket (prompt + new tokens, rounded up to ``cache_multiple``) and sampling setting, not per call.
 
-    Holds at most ``max_entries`` of them (the oldest dropped). Only for the model it was made for, unchanged."""
+    Holds at most ``max_entries`` of them (the oldest dropped). Only for the model it was made for, unchanged.
+    ``decode="compiled"``: the step goes through ``torch.compile`` (``compile_backend``) and, on CUDA, is then captured
+    as a graph; the first generation of each shape pays the compilation (tens of seconds for a 6B model)."""
 
-    def __init__(self, model: nn.Module, *, decode: str = "auto", cache_multiple: int = 64, max_entries: int = 4
-                 ) -> None:  # fmt: skip
+    def __init__(self, model: nn.Module, *, decode: str = "auto", cache_multiple: int = 64, max_entries: int = 4,
+                 compile_backend: str = "inductor") -> None:  # fmt: skip
         if decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         self.model = model
         self.device, self.dtype = _model_device_dtype(model)
         self.decode = decode if decode != "auto" else ("graph" if self.device.type == "cuda" else "eager")
+        self.compile_backend = compile_backend if self.decode == "compiled" else None
         self.cache_multiple = cache_multiple
         self.max_entries = max_entries
         self._slots: dict[tuple, _Slot] = {}
@@ -248,7 +255,8 @@ class Decoder:
         cache = model.new_cache(b, cache_len, device=self.device, dtype=self.dtype)
         shape = (b, 2, 1) if model.config.arch == "glm" else (b, 1)
         state = DecodeState(b, model.config.padded_vocab_size, n_stop, shape, cfg.max_new_tokens, self.device)
-        step = DecodeStep(model, cache, state, cfg, 0, use_graph=self.decode == "graph")
+        step = DecodeStep(model, cache, state, cfg, 0, use_graph=self.decode in ("graph", "compiled"),
+                          compile_backend=self.compile_backend)  # fmt: skip
         self._slots[key] = slot = _Slot(cache, state, step, rope)
         return slot
 
@@ -325,7 +333,8 @@ def generate_stream(
 
     A row that has stopped keeps yielding ``-1``; the stop token itself is not yielded.
     decode: "eager" (each step op by op), "graph" (each step replayed as one CUDA graph: removes the kernel launch
-    cost that bounds small-batch decoding), "auto" (graph on CUDA, else eager). Both give the same tokens.
+    cost that bounds small-batch decoding), "compiled" (the step fused by torch.compile, then captured), "auto"
+    (graph on CUDA, else eager). All give the same tokens.
     row_seeds: one sampling seed per prompt (default: every row uses ``cfg.seed``), e.g. seed + example index so
     examples of one batch draw independently while each row still gives what it gives alone with its seed.
     stream_every: steps between copies of the new tokens to the host (default 1 on the CPU, 4 on CUDA).
