@@ -126,3 +126,17 @@ def test_clipping_and_the_global_token_mean() -> None:
     assert float(out.grad_norm) == pytest.approx(float(norm), rel=1e-5)
     for name, p in ref.named_parameters():
         torch.testing.assert_close(grads[name], p.grad * (0.01 / (float(norm) + 1e-6)), rtol=1e-4, atol=1e-7)
+
+
+def test_a_batch_without_targets_is_skipped() -> None:
+    torch.manual_seed(2)
+    net = ToyLoss()
+    step = _step(net, fused=True)
+    batches = _batches(3)
+    for b in batches:
+        b["labels"][:] = IGNORE_INDEX
+    before = _state(net, step.optimizer)
+    out = step(batches)
+    assert bool(out.bad) and float(out.targets) == 0.0
+    after = _state(net, step.optimizer)
+    assert all(torch.equal(after[k], before[k]) for k in before)

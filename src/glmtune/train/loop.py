@@ -458,7 +458,7 @@ class Trainer:
                 continue
             progress.bad_steps += 1
             log.warning("step %d: non-finite %s; step skipped (%d in a row)", step,
-                        "loss" if not math.isfinite(loss_sum) else "gradients", progress.bad_steps)  # fmt: skip
+                        "loss" if not math.isfinite(loss) else "gradients", progress.bad_steps)  # fmt: skip
             if progress.bad_steps >= self.cfg.train.max_bad_steps:
                 last = latest_checkpoint(self.run_dir)
                 self.bar.close()

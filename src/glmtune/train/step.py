@@ -114,7 +114,7 @@ class TrainStep:
             loss_sum += s.detach()
         if info.enabled:
             distributed.all_reduce_(info, loss_sum)  # every rank takes the same decision below
-        bad = ~torch.isfinite(loss_sum)
+        bad = ~torch.isfinite(loss_sum) | (targets == 0)  # no target in the whole batch: nothing to learn, skipped
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = self._grad_norm()
