@@ -22,7 +22,7 @@ from glmtune.train.loop import TrainError, build_optimizer, trainable_parameters
 from glmtune.train.metrics import read_metrics
 from glmtune.train.schedule import LRSchedule
 from glmtune.train.state import list_checkpoints, read_checkpoint
-from train_support import ADGEN_DEV, run, small_config, tiny_model, train_losses
+from train_support import ADGEN, ADGEN_DEV, run, small_config, tiny_model, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +294,34 @@ def test_generation_metrics_hook_and_best_by_a_generation_metric(models: Path, t
     result = run(cfg, eval_hook=hook)
     assert calls == [False, False, False]  # called in eval mode
     assert (result.best_step, result.best_metric) == (3, 3.0)
+
+
+def test_a_real_run_caps_lengths_at_seq_length_and_lists_dropped_records(
+    models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In `train` itself (not only load_datasets): one outlier record is cut to the model's seq_length (256 on the
+    tiny model) instead of widening every packed row, and the records left out are listed in the run folder."""
+    from glmtune.data.dropped import DROPPED_FILE, read_dropped
+
+    model = tiny_model(models)
+    records = [json.loads(line) for line in ADGEN.read_text(encoding="utf-8").splitlines() if line.strip()][:12]
+    records.append({"content": records[0]["content"], "summary": "长" * 3000})  # the outlier
+    records.append({"content": records[1]["content"], "summary": ""})  # empty response: left out
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    cfg = small_config(model, tmp_path / "run", f"data.train={data}", "data.max_source_length=null",
+                       "data.max_target_length=null", "data.max_samples=null", "train.max_steps=2")  # fmt: skip
+    widths: list[int] = []
+    original = Batcher.collate
+
+    def collate(self, units):
+        batch = original(self, units)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(Batcher, "collate", collate)
+    run(cfg)
+    seq_length = json.loads((model / "config.json").read_text())["seq_length"]
+    assert widths and max(widths) <= seq_length
+    listed = read_dropped(tmp_path / "run" / DROPPED_FILE)
+    assert len(listed) == 1 and listed[0].where == f"{data}:record 14"

@@ -273,10 +273,11 @@ class Trainer:
         cfg, info, t = self.cfg, self.info, self.cfg.train
         cache_dir = cfg.data.cache_dir or str(self.run_dir / "tokenized")
 
-        def load():
-            return load_datasets(cfg.data, self.tokenizer, self.template, seed=cfg.seed, cache_dir=cache_dir)
+        def load(run_dir: Path | None = None):  # rank 0 lists the left-out records in the run folder
+            return load_datasets(cfg.data, self.tokenizer, self.template, seed=cfg.seed, cache_dir=cache_dir,
+                                 max_length=self.pretrained.config.seq_length, run_dir=run_dir)  # fmt: skip
 
-        datasets = load() if info.is_main else None
+        datasets = load(self.run_dir) if info.is_main else None
         barrier(info)
         if not info.is_main:
             datasets = load()
