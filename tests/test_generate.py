@@ -255,3 +255,17 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
     assert generate(model, prompts, cfg, stop_ids=[], pad_id=pad, decoder=compiled) == generate(
         model, prompts, cfg, stop_ids=[], pad_id=pad, decode="eager"
     )
+
+
+def test_eval_decode_choices_are_the_decoder_modes():
+    """The eval command lists the modes without importing torch at start-up; they must stay the Decoder's."""
+    import argparse
+
+    from glmtune.evaluate.command import add_parser
+    from glmtune.generate import DECODE_MODES
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    eval_parser = parser._subparsers._group_actions[0].choices["eval"]
+    (action,) = [a for a in eval_parser._actions if a.dest == "decode"]
+    assert tuple(action.choices) == DECODE_MODES

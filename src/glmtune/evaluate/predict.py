@@ -67,17 +67,19 @@ def generate_predictions(
     batch_size: int = 8,
     indices: Sequence[int] | None = None,
     on_batch: Callable[[list[Prediction]], None] | None = None,
+    decode: str = "auto",
 ) -> list[Prediction]:
     """Generate for ``examples`` (or those at ``indices``) in length-sorted batches; returns them in index order.
 
-    ``on_batch`` receives each finished batch (e.g. to write it out, or to advance a progress bar).
+    ``on_batch`` receives each finished batch (e.g. to write it out, or to advance a progress bar). ``decode``: the
+    :class:`~glmtune.generate.Decoder` mode ("compiled" pays a compilation per batch shape and then decodes faster).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     gen.validate()
     stop_ids = template.stop_ids(tokenizer)
     order = length_order(examples, indices)
-    decoder = Decoder(model)  # buffers and the captured decode step, reused from batch to batch
+    decoder = Decoder(model, decode=decode)  # buffers and the captured decode step, reused from batch to batch
     out: list[Prediction] = []
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
@@ -157,6 +159,7 @@ def predict_to_file(
     batch_size: int = 8,
     on_batch: Callable[[list[Prediction]], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
+    decode: str = "auto",
 ) -> list[Prediction]:
     """Predictions for every example, continuing the file at ``out_path`` if a previous run left one.
 
@@ -188,7 +191,7 @@ def predict_to_file(
                     on_batch(batch)
 
             new = generate_predictions(model, tokenizer, template, examples, gen, batch_size=batch_size,
-                                       indices=todo, on_batch=write)  # fmt: skip
+                                       indices=todo, on_batch=write, decode=decode)  # fmt: skip
         done.update((p.index, p) for p in new)
     result = [done[i] for i in range(len(examples))]
     atomic_write_text(out_path, "".join(p.to_line() for p in result))
