@@ -61,14 +61,6 @@ def default_generation(config: GLMConfig) -> str:
     return "chatglm" if config.arch == "glm" else "chatglm3"
 
 
-def spec_for_config(config: GLMConfig) -> GenerationSpec:
-    """The spec a config was set up for (``configure``), else its architecture's default."""
-    for spec in SPECS.values():
-        if spec.arch == config.arch and spec.rope == config.rope:
-            return spec
-    return get_spec(default_generation(config))
-
-
 def configure(config: GLMConfig, generation: str | None) -> GLMConfig:
     """``config`` with the generation's model-side details set (``rope_style``); checks arch and generation agree."""
     spec = get_spec(generation or default_generation(config))
