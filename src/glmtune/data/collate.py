@@ -21,6 +21,7 @@ from glmtune.models.layout import sample_positions as layout_positions
 from glmtune.models.spec import get_spec
 from glmtune.templates import IGNORE_INDEX, Encoded
 
+
 def sample_positions(ex: Encoded, kind: str) -> list[list[int]]:
     """Position ids of one example: [[p0, p1, …]] for "1d", [[positions], [block positions]] for "2d" (its
     ``<sop>`` at ``prefix_length``, the ``[gMASK]`` right before it, as the templates encode)."""
