@@ -67,12 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     from glmtune.data.command import add_parser as add_data_parser
     from glmtune.evaluate.command import add_parser as add_eval_parser
     from glmtune.merge_command import add_parser as add_adapter_parsers
+    from glmtune.serve.command import add_parser as add_serve_parser
     from glmtune.train.command import add_parser as add_train_parser
 
     add_train_parser(sub)
     add_eval_parser(sub)
     add_adapter_parsers(sub)
     add_data_parser(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser("demo", help="the whole pipeline on a tiny built-in model, on the CPU")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's model and run (default: runs/demo)")
