@@ -58,6 +58,7 @@ class Engine:
         self.context_length = int(pretrained.config.seq_length)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmtune-generate")
         self._lock: asyncio.Lock | None = None
+        self.cancelled = 0  # generations stopped early because their client left
 
     def job(self, req: ChatRequest) -> Job:
         """The prompt and generation settings of a request, or APIError when they do not fit the model."""
@@ -97,6 +98,7 @@ class Engine:
             try:
                 for step in stream:
                     if cancel.is_set():
+                        self.cancelled += 1
                         return
                     t = int(step[0])
                     if t < 0:
