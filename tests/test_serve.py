@@ -278,3 +278,16 @@ def test_a_client_that_leaves_frees_the_server(live_server, monkeypatch):
     assert engine.cancelled == cancelled + 1
     r = httpx.post(url, json={**body, "stream": False, "max_tokens": 3}, headers=AUTH, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_serve_command_loads_the_model_and_binds_localhost(pretrained, monkeypatch):
+    from glmtune.cli import main
+
+    seen: dict = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: seen.update(app=app, **kw))
+    assert main(["serve", str(pretrained.path), "--device", "cpu", "--dtype", "fp32", "--api-key", "k"]) == 0
+    assert (seen["host"], seen["port"]) == ("127.0.0.1", 8000)
+    with TestClient(seen["app"]) as c:
+        assert c.get("/v1/models").status_code == 401
+        models = c.get("/v1/models", headers={"Authorization": "Bearer k"}).json()
+    assert [m["id"] for m in models["data"]] == [pretrained.path.name]
