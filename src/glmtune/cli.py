@@ -7,18 +7,21 @@ import logging
 import sys
 
 from glmtune import __version__
-from glmtune.cli_options import add_model_options, add_sampling_options, check_device, generation_config
+from glmtune.cli_options import (
+    add_model_options,
+    add_sampling_options,
+    check_device,
+    generation_config,
+    load_model_from_args,
+)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from glmtune.chat import ChatSession, line_reader, run_terminal_chat
-    from glmtune.runs import load_for_inference
 
     gen = generation_config(args)
     check_device(args.device)
-    pretrained = load_for_inference(
-        args.model, dtype=args.dtype, device=args.device, generation=args.generation, base=args.base
-    )
+    pretrained = load_model_from_args(args)
     session = ChatSession(pretrained, gen, system=args.system, postprocess=not args.raw)
 
     def write(text: str) -> None:
@@ -67,12 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     from glmtune.data.command import add_parser as add_data_parser
     from glmtune.evaluate.command import add_parser as add_eval_parser
     from glmtune.merge_command import add_parser as add_adapter_parsers
+    from glmtune.quantize_command import add_parser as add_quantize_parser
     from glmtune.serve.command import add_parser as add_serve_parser
     from glmtune.train.command import add_parser as add_train_parser
 
     add_train_parser(sub)
     add_eval_parser(sub)
     add_adapter_parsers(sub)
+    add_quantize_parser(sub)
     add_data_parser(sub)
     add_serve_parser(sub)
 

@@ -11,13 +11,15 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from glmtune.generate import GenerationConfig
+    from glmtune.pretrained import Pretrained
 
 GENERATION_CHOICES = ("chatglm", "chatglm2", "chatglm3", "glm4")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+QUANTIZE_CHOICES = ("none", "int8", "int4")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
-    """--device, --dtype and --generation."""
+    """--device, --dtype, --generation and --quantize."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 … (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                    help="weights dtype (default auto: bf16 on a GPU that has it, fp16 on older GPUs, fp32 on the "
@@ -25,6 +27,18 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--generation", choices=GENERATION_CHOICES,
                    help="override the generation detected from the model folder (ChatGLM2 and 3 share one "
                    "architecture)")  # fmt: skip
+    p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
+                   help="quantize the block linears as they load, in THUDM's format (default none; a folder "
+                   "written by `glmtune quantize` loads quantized as it is)")  # fmt: skip
+
+
+def load_model_from_args(args: argparse.Namespace) -> Pretrained:
+    """The model of ``chat``, ``eval`` and ``serve``: ``runs.load_for_inference`` on ``args.model`` with the
+    ``add_model_options`` options and ``--base``."""
+    from glmtune.runs import load_for_inference
+
+    return load_for_inference(args.model, dtype=args.dtype, device=args.device, generation=args.generation,
+                              base=args.base, quantize=args.quantize)  # fmt: skip
 
 
 def add_sampling_options(

@@ -13,6 +13,7 @@ from torch import nn
 from glmtune.models import build_model
 from glmtune.models.checkpoint import load_weights
 from glmtune.models.config import GENERATIONS, GLMConfig
+from glmtune.models.quant import config_bits, quantize_model_
 from glmtune.templates import Template, get_template
 from glmtune.tokenizers import Tokenizer, load_tokenizer
 
@@ -41,6 +42,25 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
     return DTYPES[name]
 
 
+QUANTIZE = {"none": 0, "int8": 8, "int4": 4}
+
+
+def quantization_bits(config: GLMConfig, quantize: str | None, *, source: str | Path = "config.json") -> int:
+    """The bits to load with: the folder's ``quantization_bit``, else ``quantize`` (none, int8, int4; None: none)."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}")
+    try:
+        stored = config_bits(config)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    wanted = QUANTIZE[quantize or "none"]
+    if stored and wanted and wanted != stored:
+        raise ValueError(
+            f"{source}: the weights are quantized to {stored} bits already; cannot load them as int{wanted}"
+        )
+    return stored or wanted
+
+
 @dataclass
 class Pretrained:
     path: Path
@@ -57,11 +77,13 @@ def load_pretrained(
     dtype: str | torch.dtype | None = "auto",
     device: str | None = "auto",
     generation: str | None = None,
+    quantize: str | None = None,
 ) -> Pretrained:
     """Load config.json, the weight shards (streamed into ``dtype`` on ``device``), the tokenizer and template.
 
     ``generation`` (chatglm, chatglm2, chatglm3, glm4) overrides detection; v2 and v3 share one architecture and
-    are told apart by their tokenizer files.
+    are told apart by their tokenizer files. ``quantize`` (none, int8, int4) quantizes the block linears in THUDM's
+    format as they load; a folder whose config.json has ``quantization_bit`` loads quantized as it is.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -81,7 +103,7 @@ def load_pretrained(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     start = time.perf_counter()
-    model = load_model(model_dir, config, dtype=dt, device=dev, generation=generation)
+    model = load_model(model_dir, config, dtype=dt, device=dev, generation=generation, quantize=quantize)
     log.info("loaded %s (%s) in %.1fs as %s on %s", model_dir, generation, time.perf_counter() - start, dt, dev)
     return Pretrained(model_dir, config, generation, model, tokenizer, get_template(generation))
 
@@ -93,10 +115,20 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     generation: str | None = None,
+    quantize: str | None = None,
 ) -> nn.Module:
-    """Build the model on the meta device and stream the original shards into it (no fp32 copy of the whole)."""
+    """Build the model on the meta device and stream the original shards into it (no fp32 copy of the whole).
+
+    Quantized (config.json's ``quantization_bit``, or ``quantize`` int8/int4): the block linears become
+    ``QuantizedLinear`` on meta first, so int8 weights load as they are and full-precision ones are quantized one
+    tensor at a time."""
+    bits = quantization_bits(config, quantize, source=Path(model_dir) / "config.json")
     model = build_model(config, device="meta", generation=generation)
-    report = load_weights(model, model_dir, dtype=dtype, device=device, **model.checkpoint_rules())
+    rules = model.checkpoint_rules()
+    if bits:
+        quantize_model_(model, bits)
+        rules["keep_dtype"] = [*rules.get("keep_dtype", ()), r"\.weight_scale$"]
+    report = load_weights(model, model_dir, dtype=dtype, device=device, **rules)
     model.init_missing(report.missing_optional, device=device, dtype=dtype)
     model.eval()
     return model

@@ -181,18 +181,20 @@ def load_for_inference(
     generation: str | None = None,
     base: str | Path | None = None,
     merge: bool = True,
+    quantize: str | None = None,
 ) -> Pretrained:
     """Load a model folder, run, checkpoint, PEFT adapter or P-Tuning folder, ready for generation (eval mode).
 
     A LoRA adapter is merged into the weights unless ``merge=False``; a P-Tuning prefix keeps its encoder in float32.
-    ``generation`` overrides the run's (and the detection from the tokenizer files)."""
+    ``generation`` overrides the run's (and the detection from the tokenizer files); ``quantize`` (none, int8,
+    int4) quantizes the base's block linears as they load (``load_pretrained``)."""
     r = resolve(path, base=base)
     generation = generation or r.generation
     if r.kind == "model":
-        pre = load_pretrained(r.result_dir, dtype=dtype, device=device, generation=generation)
+        pre = load_pretrained(r.result_dir, dtype=dtype, device=device, generation=generation, quantize=quantize)
     else:
         assert r.base_dir is not None
-        pre = load_pretrained(r.base_dir, dtype=dtype, device=device, generation=generation)
+        pre = load_pretrained(r.base_dir, dtype=dtype, device=device, generation=generation, quantize=quantize)
         if r.kind == "lora":
             from glmtune.adapters.lora import merge_lora
             from glmtune.adapters.peft_format import load_lora_adapter

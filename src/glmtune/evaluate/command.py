@@ -11,7 +11,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from glmtune.cli_options import add_model_options, add_sampling_options, check_device, generation_config
+from glmtune.cli_options import (
+    add_model_options,
+    add_sampling_options,
+    check_device,
+    generation_config,
+    load_model_from_args,
+)
 from glmtune.data.readers import FORMATS
 from glmtune.evaluate.metrics import check_bleu_kinds, compute_metrics
 
@@ -56,13 +62,6 @@ def _bleu_list(text: str) -> tuple[str, ...]:
         return check_bleu_kinds([k.strip() for k in text.split(",") if k.strip()])
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _load(args: argparse.Namespace):
-    from glmtune.runs import load_for_inference
-
-    return load_for_inference(args.model, dtype=args.dtype, device=args.device, generation=args.generation,
-                              base=args.base)  # fmt: skip
 
 
 def default_out_dir(model: str | Path) -> Path:
@@ -124,7 +123,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     samples, report = read_samples(args.data, ReadOptions(format=args.format))
     log.info("%s", report.summary())
-    pretrained = _load(args)
+    pretrained = load_model_from_args(args)
     examples = eval_examples(pretrained.tokenizer, pretrained.template, samples,
                              EncodeOptions(max_source_length=args.max_source_length))  # fmt: skip
     if args.limit is not None:

@@ -42,6 +42,7 @@ from torch import nn
 
 from glmtune.io import atomic_write_dir, atomic_write_text
 from glmtune.models.config import GLMConfig
+from glmtune.models.quant import QuantizedLinear, quantize_weight
 
 log = logging.getLogger(__name__)
 
@@ -421,17 +422,40 @@ def _target_dtype(
     return dtype if dtype is not None else src
 
 
+def _quantized_owner(slot: _Slot) -> QuantizedLinear | None:
+    """The QuantizedLinear whose int8 ``weight`` this slot is, if any."""
+    mod, attr = slot.owners[0]
+    return mod if isinstance(mod, QuantizedLinear) and attr == "weight" else None
+
+
+def _quantize_on_load(slot: _Slot, src_float: bool) -> QuantizedLinear | None:
+    """The QuantizedLinear to quantize a full-precision checkpoint weight into as it loads, if any."""
+    return _quantized_owner(slot) if src_float else None
+
+
 def _check_tensor(slot: _Slot, ckpt_name: str, shape: tuple[int, ...], src_float: bool, file: Path) -> None:
     expected = tuple(slot.template.shape)
+    qlinear = _quantized_owner(slot)
+    if qlinear is not None and src_float:  # a full-precision weight, quantized as it loads
+        expected = (qlinear.out_features, qlinear.in_features)
     if shape != expected:
+        hint = ""
+        if qlinear is not None:
+            hint = (
+                f" (INT{qlinear.bits}: an int8 weight of shape {_shape(tuple(slot.template.shape))}; does config.json's"
+                " quantization_bit match the weights?)"
+            )
         raise CheckpointError(
             f"{file}: tensor '{ckpt_name}' has shape {_shape(shape)}, the model expects {_shape(expected)}"
             + (f" for '{slot.names[0]}'" if slot.names[0] != ckpt_name else "")
+            + hint
         )
+    if qlinear is not None and not src_float and slot.template.dtype != torch.int8:
+        raise CheckpointError(f"{file}: tensor '{ckpt_name}' must be int8 (a quantized weight)")
     if slot.template.is_floating_point() and not src_float:
         raise CheckpointError(
             f"{file}: tensor '{ckpt_name}' is not floating point but the model's '{slot.names[0]}' is "
-            "(a quantized checkpoint? load it with the quantization options)"
+            "(a quantized checkpoint whose config.json lacks quantization_bit: 4 or 8?)"
         )
 
 
@@ -475,8 +499,11 @@ def _prescan(
             if slot is None:
                 unexpected.append((info.name, path))
                 continue
-            _check_tensor(slot, info.name, info.shape, info.dtype.startswith(("float", "bfloat")), path)
+            src_float = info.dtype.startswith(("float", "bfloat"))
+            _check_tensor(slot, info.name, info.shape, src_float, path)
             covered.add(model_name)
+            if _quantize_on_load(slot, src_float) is not None:
+                covered.add(model_name + "_scale")  # made from the weight as it loads
     if unexpected:
         raise _unexpected_error(unexpected, by_name)
     return covered if complete else None
@@ -596,6 +623,15 @@ def load_weights(
                     raise _unexpected_error([(ckpt_name, path)], by_name)
                 shape, src_dtype = reader.shape_dtype(ckpt_name)
                 _check_tensor(slot, ckpt_name, shape, src_dtype.is_floating_point, path)
+                qlinear = _quantize_on_load(slot, src_dtype.is_floating_point)
+                if qlinear is not None:  # one full-precision weight at a time becomes int8 + scale
+                    full = _read_converted(reader, ckpt_name, device, torch.float32)
+                    q, scale = quantize_weight(full, qlinear.bits)
+                    del full
+                    scale_slot = by_name[model_name + "_scale"]
+                    _put(slot, ckpt_name, q, report, path)
+                    _put(scale_slot, ckpt_name + "_scale", scale.to(scale_slot.template.dtype), report, path)
+                    continue
                 target = _target_dtype(slot, model_name, dtype, src_dtype, keep_re)
                 _put(slot, ckpt_name, _read_converted(reader, ckpt_name, device, target), report, path)
         finally:

@@ -10,7 +10,7 @@ import logging
 import os
 from pathlib import Path
 
-from glmtune.cli_options import add_model_options, check_device
+from glmtune.cli_options import add_model_options, check_device, load_model_from_args
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,9 @@ def run(args: argparse.Namespace) -> int:
     check_device(args.device)
     import uvicorn
 
-    from glmtune.runs import load_for_inference
     from glmtune.serve.app import create_app
 
-    pretrained = load_for_inference(
-        args.model, dtype=args.dtype, device=args.device, generation=args.generation, base=args.base
-    )
+    pretrained = load_model_from_args(args)
     name = args.model_name or Path(args.model).resolve().name
     app = create_app(pretrained, model_name=name, api_key=args.api_key or None)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:

@@ -1,0 +1,150 @@
+"""THUDM's INT4/INT8 weight format (chatglm-6b-int4, chatglm2-6b-int4, ...) and the frozen linear layer that holds it.
+
+A quantized linear stores an int8 ``weight`` and a per-output-row ``weight_scale`` (fp16); the real weight is the
+integer times the scale of its row, with ``scale = absmax(row) / (2^(bits-1) - 1)`` and the integers rounded. INT8
+holds one value per byte, shape (out, in); INT4 two signed 4-bit values per byte, the high nibble first, shape
+(out, in/2). The bias stays as it is. In a block the four linears ``query_key_value``, ``dense``,
+``dense_h_to_4h`` and ``dense_4h_to_h`` are quantized; everything else keeps its dtype.
+
+The forward here is the reference path on any device: dequantize, then multiply (``_matmul``: the seam for a fused
+kernel). The layer has no trainable tensors, but gradients flow through it to its input (adapters over a quantized
+base).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BITS = (4, 8)
+# The block linears THUDM's format quantizes: v1 under transformer.layers.{i}.attention/.mlp, v2+ under
+# transformer.encoder.layers.{i}.self_attention/.mlp.
+QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+QUANTIZED_WEIGHT = re.compile(
+    r"^transformer\.(?:encoder\.)?layers\.\d+\.(?:attention|self_attention|mlp)\."
+    r"(?:query_key_value|dense|dense_h_to_4h|dense_4h_to_h)\.weight$"
+)
+
+
+def check_bits(bits: int) -> int:
+    if bits not in BITS:
+        raise ValueError(f"quantization bits must be 4 or 8, got {bits!r}")
+    return bits
+
+
+def _qmax(bits: int) -> int:
+    return 2 ** (check_bits(bits) - 1) - 1
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """(out, in) int8 values in [-8, 7] -> (out, in/2) int8 bytes, column 2j in the high nibble, 2j+1 in the low."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"INT4 packing needs an even number of columns, got {q.shape[-1]}")
+    q = q.to(torch.int16)
+    return ((q[..., 0::2] << 4) | (q[..., 1::2] & 0x0F)).to(torch.uint8).view(torch.int8)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_int4``: (out, in/2) int8 bytes -> (out, in) int8 values in [-8, 7]."""
+    p = packed.to(torch.int16)
+    high = p >> 4  # arithmetic shift: sign-extended
+    low = ((p & 0x0F) ^ 8) - 8
+    return torch.stack([high, low], dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2).to(torch.int8)
+
+
+def quantize_weight(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A float (out, in) weight -> (int8 weight in the stored layout, fp16 scale per row). Rows of zeros get scale 0."""
+    qmax = _qmax(bits)
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=-1) / qmax).to(torch.float16)  # the stored scale is what dequantizing uses
+    s = scale.float()
+    q = torch.round(w / torch.where(s == 0, 1.0, s)[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+    return (pack_int4(q) if bits == 4 else q), scale
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The real (out, in) weight in ``dtype`` from the stored int8 weight and the per-row scale."""
+    values = unpack_int4(q) if check_bits(bits) == 4 else q
+    return values.to(dtype) * scale.to(dtype)[:, None]
+
+
+def _matmul(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x @ W^T + b with W dequantized: the reference path; a fused dequantize-and-multiply kernel goes here."""
+    w = dequantize_weight(q, scale, bits, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer in THUDM's format: ``weight`` (int8 buffer), ``weight_scale`` (fp16 buffer), ``bias``
+    (a parameter that does not train). State-dict names are the original ones."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        *,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.bits = check_bits(bits)
+        if bits == 4 and in_features % 2:
+            raise ValueError(f"INT4 needs an even number of input features, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        cols = in_features // 2 if bits == 4 else in_features
+        self.register_buffer("weight", torch.empty(out_features, cols, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float16, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
+        """The quantized form of ``linear``; on meta only the shapes are made (weights come from a checkpoint)."""
+        w = linear.weight
+        q = cls(linear.in_features, linear.out_features, bits, bias=linear.bias is not None, device=w.device,
+                dtype=w.dtype)  # fmt: skip
+        if not w.is_meta:
+            weight, scale = quantize_weight(w, bits)
+            q.weight.copy_(weight)
+            q.weight_scale.copy_(scale)
+            if linear.bias is not None:
+                q.bias.data.copy_(linear.bias.detach())
+        return q
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, self.bits, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _matmul(x, self.weight, self.weight_scale, self.bits, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+def quantize_model_(model: nn.Module, bits: int) -> nn.Module:
+    """Swap the block linears THUDM's format quantizes for ``QuantizedLinear`` in place (on meta before loading a
+    checkpoint: a quantized folder loads as it is, a full-precision one is quantized tensor by tensor as it loads)."""
+    check_bits(bits)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}.weight" if name else f"{child_name}.weight"
+            if isinstance(child, nn.Linear) and QUANTIZED_WEIGHT.match(full):
+                setattr(module, child_name, QuantizedLinear.from_linear(child, bits))
+    return model
+
+
+def config_bits(config: object) -> int:
+    """``quantization_bit`` of a GLMConfig (a v1 field; v2+ configs keep it in ``extra``); 0 when not quantized."""
+    bits = getattr(config, "quantization_bit", 0) or getattr(config, "extra", {}).get("quantization_bit", 0) or 0
+    if bits and bits not in BITS:
+        raise ValueError(f"config.json: 'quantization_bit' must be 4 or 8 (or 0), got {bits!r}")
+    return int(bits)
