@@ -214,3 +214,30 @@ def test_quantize_option_reaches_the_loader_from_chat_eval_and_serve(folders, mo
             "--max-new-tokens", "3", "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
     assert seen == [("int8", 8)]
+
+
+def test_lora_adapter_over_a_quantized_base_stays_beside_it(folders, tmp_path):
+    from glmtune.adapters import build_method
+    from glmtune.adapters.lora import LoraLinear
+    from glmtune.runs import load_for_inference
+
+    base = folders["chatglm3"]
+    pre = load_pretrained(base, dtype="float32", device="cpu")
+    method = build_method("lora", {"rank": 2})
+    method.setup(pre.model)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _, p in method.trainable_parameters(pre.model):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    pre.model.eval()
+    adapter = tmp_path / "adapter"
+    method.save(pre.model, adapter, config=pre.model.config, tokenizer_files=pre.tokenizer.files)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(base)}))
+    ids = _ids(pre)
+    ref = _logits(pre, ids)
+    quantized = load_for_inference(adapter, dtype="fp32", device="cpu", quantize="int8")
+    layers = [m for m in quantized.model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(isinstance(m.base_layer, QuantizedLinear) and not m.merged for m in layers)
+    out = _logits(quantized, ids)
+    assert (out - ref).abs().mean() / (ref.max() - ref.min()) < 0.01

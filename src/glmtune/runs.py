@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import torch
 
+from glmtune.models.quant import QuantizedLinear
 from glmtune.pretrained import Pretrained, load_pretrained
 from glmtune.train.run_folder import RUN_FILE, RUN_FORMAT
 from glmtune.train.state import checkpoint_step, latest_checkpoint
@@ -185,9 +186,10 @@ def load_for_inference(
 ) -> Pretrained:
     """Load a model folder, run, checkpoint, PEFT adapter or P-Tuning folder, ready for generation (eval mode).
 
-    A LoRA adapter is merged into the weights unless ``merge=False``; a P-Tuning prefix keeps its encoder in float32.
-    ``generation`` overrides the run's (and the detection from the tokenizer files); ``quantize`` (none, int8,
-    int4) quantizes the base's block linears as they load (``load_pretrained``)."""
+    A LoRA adapter is merged into the weights unless ``merge=False`` or the base is quantized (then it stays beside
+    the frozen quantized layers); a P-Tuning prefix keeps its encoder in float32. ``generation`` overrides the run's
+    (and the detection from the tokenizer files); ``quantize`` (none, int8, int4) quantizes the base's block linears
+    as they load (``load_pretrained``)."""
     r = resolve(path, base=base)
     generation = generation or r.generation
     if r.kind == "model":
@@ -200,7 +202,9 @@ def load_for_inference(
             from glmtune.adapters.peft_format import load_lora_adapter
 
             load_lora_adapter(pre.model, r.result_dir)
-            if merge:
+            if merge and any(isinstance(m, QuantizedLinear) for m in pre.model.modules()):
+                log.info("keeping the LoRA adapter beside the quantized base (it cannot be folded into int weights)")
+            elif merge:
                 merge_lora(pre.model)
         else:
             from glmtune.adapters.ptuning import load_prefix
