@@ -176,6 +176,9 @@ def test_bad_quantized_folders(folders, tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'transformer\.encoder\.layers\.0\..*"
                        r"weight' has shape .*quantization_bit"):  # fmt: skip
         load_pretrained(out, dtype="float32", device="cpu")
+    (out / "config.json").write_text(json.dumps({**config, "quantization_bit": 3}))
+    with pytest.raises(ValueError, match=r"int4/config\.json: 'quantization_bit' must be 4 or 8 \(or 0\), got 3"):
+        load_pretrained(out, dtype="float32", device="cpu")
     # a weight_scale missing
     (out / "config.json").write_text(json.dumps(config))
     sd = read_tensor_file(out / "model.safetensors")

@@ -49,10 +49,7 @@ def quantization_bits(config: GLMConfig, quantize: str | None, *, source: str | 
     """The bits to load with: the folder's ``quantization_bit``, else ``quantize`` (none, int8, int4; None: none)."""
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}")
-    try:
-        stored = config_bits(config)
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
+    stored = config_bits(config, source)
     wanted = QUANTIZE[quantize or "none"]
     if stored and wanted and wanted != stored:
         raise ValueError(

@@ -48,7 +48,7 @@ def quantize_folder(model_dir: str | Path, out_dir: str | Path, bits: int, *, ov
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config_path = model_dir / "config.json"
     config = GLMConfig.from_json(config_path)
-    if stored := config_bits(config):
+    if stored := config_bits(config, config_path):
         raise ValueError(f"{config_path}: the weights are quantized already (quantization_bit {stored})")
     _check_out_dir(out_dir, [model_dir], overwrite)
     raw_config = json.loads(config_path.read_text(encoding="utf-8"))
