@@ -73,8 +73,13 @@ def setup(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, started_group=started)
 
 
-def teardown(info: DistInfo) -> None:
+def teardown(info: DistInfo, *, together: bool = False) -> None:
+    """End the process group we started. ``together``: every rank is known to get here (a finished or a Ctrl-C'd
+    run, where the ranks agreed on the step), so wait for all of them first: a rank tearing down gloo while
+    another still talks to it can abort ("terminate called without an active exception")."""
     if info.started_group and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -121,17 +121,23 @@ def train(
     after the current step with a checkpoint and raises :class:`TrainInterrupted`; a full disk is a ``TrainError``.
     """
     info = distributed.setup(cfg.train.device)
+    together = False  # whether every rank reaches the teardown (then it waits for all of them)
     try:
         trainer = Trainer(cfg, info, resume=resume, force=force, method=method, eval_hook=eval_hook, on_step=on_step)
         trainer.setup()
-        return trainer.run()
+        result = trainer.run()
+        together = True
+        return result
+    except TrainInterrupted:
+        together = True  # the ranks stopped after the same step
+        raise
     except torch.cuda.OutOfMemoryError as e:
         raise oom_error(e, cfg) from e
     except NoSpaceError as e:
         run_dir = Path(cfg.output_dir)
         raise TrainError(no_space_message(e, run_dir, latest_checkpoint(run_dir), info.world_size)) from e
     finally:
-        distributed.teardown(info)
+        distributed.teardown(info, together=together)
 
 
 def oom_error(e: BaseException, cfg: TrainConfig) -> TrainError:
