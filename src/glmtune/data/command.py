@@ -21,12 +21,23 @@ def add_parser(subparsers: Any) -> None:
     q.add_argument("--model", required=True, help="model folder (only its tokenizer files are read)")
     q.add_argument("--generation", choices=["chatglm", "chatglm2", "chatglm3", "glm4"], help="override detection")
     q.add_argument("--format", default="auto", help="data format (default: detected from the fields)")
+    q.add_argument("--encoding", default="utf-8",
+                   help="text encoding of a file without a byte-order mark (default utf-8; gb18030 for GBK files), "
+                   "as data.encoding in training")  # fmt: skip
     q.add_argument("--prompt-column", help="field holding the prompt (the official prompt_column)")
     q.add_argument("--response-column", help="field holding the response (the official response_column)")
     q.add_argument("--history-column", help="field holding [[question, answer], ...] history")
     q.add_argument("--source-prefix", default="", help="text put before every prompt (the official source_prefix)")
-    q.add_argument("--max-source-length", type=int, help="prompt token budget (v3/GLM-4: max_input_length)")
-    q.add_argument("--max-target-length", type=int, help="response token budget (v3/GLM-4: max_output_length)")
+    q.add_argument(
+        "--max-source-length",
+        type=int,
+        help="prompt token budget (v3/GLM-4: max_input_length; default: the generation's official one)",
+    )
+    q.add_argument(
+        "--max-target-length",
+        type=int,
+        help="response token budget (v3/GLM-4: max_output_length; default: the generation's official one)",
+    )
     q.add_argument("--train-on-prompt", action="store_true")
     q.add_argument("--mask-history", action="store_true", help="train only the last assistant turn")
     q.add_argument("-n", "--samples", type=int, default=3, help="how many samples to render (default 3)")
@@ -52,10 +63,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if value
     }
     fmt = "columns" if columns and args.format == "auto" else args.format
-    read = ReadOptions(format=fmt, columns=columns or None, source_prefix=args.source_prefix, skip_bad=True)
+    read = ReadOptions(format=fmt, columns=columns or None, source_prefix=args.source_prefix, skip_bad=True,
+                       encoding=args.encoding)  # fmt: skip
+    src, tgt = template.official_lengths  # as training does when the lengths are not set
     encode = EncodeOptions(
-        max_source_length=args.max_source_length,
-        max_target_length=args.max_target_length,
+        max_source_length=args.max_source_length if args.max_source_length is not None else src,
+        max_target_length=args.max_target_length if args.max_target_length is not None else tgt,
         train_on_prompt=args.train_on_prompt,
         mask_history=args.mask_history,
     )

@@ -124,10 +124,11 @@ def read_text(path: Path, encoding: str = "utf-8") -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         bad = " ".join(f"0x{b:02x}" for b in data[e.start : e.end])
-        hint = "set data.encoding to the file's encoding, or save the file as UTF-8"
+        hint = "set data.encoding (data inspect: --encoding) to the file's encoding, or save the file as UTF-8"
         for guess in ("utf-16", "gb18030", "utf-8"):
             if guess != codecs.lookup(encoding).name and _decodes(data, guess):
-                hint = f"the file reads as {guess}: set data.encoding={guess}, or save the file as UTF-8"
+                hint = (f"the file reads as {guess}: set data.encoding={guess} (data inspect: --encoding {guess}), or "
+                        "save the file as UTF-8")  # fmt: skip
                 break
         raise RecordError(f"{path}:line {line}", None, f"not valid {encoding} text (byte {bad} at byte offset "
                                                         f"{e.start} of the file); {hint}") from None  # fmt: skip
