@@ -144,6 +144,9 @@ def test_v1_positions_from_tokens_and_samples():
 
 
 def test_specs():
+    from glmtune.cli_options import GENERATION_CHOICES  # the CLI's copy (no torch at start-up) stays the specs'
+
+    assert GENERATION_CHOICES == tuple(SPECS)
     assert [s.rope for s in SPECS.values()] == ["glm2d", "chatglm2", "chatglm3", "chatglm3"]
     assert get_spec("chatglm").prefix_lm and get_spec("chatglm").positions == "2d"
     cfg = configure(preset("tiny-chatglm2"), "chatglm2")

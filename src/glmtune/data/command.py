@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from glmtune.cli_options import GENERATION_CHOICES
+
 
 def add_parser(subparsers: Any) -> None:
     p = subparsers.add_parser("data", help="look at training data the way glmtune encodes it")
@@ -19,7 +21,7 @@ def add_parser(subparsers: Any) -> None:
     )
     q.add_argument("file", help="JSON, JSONL, CSV or Parquet file")
     q.add_argument("--model", required=True, help="model folder (only its tokenizer files are read)")
-    q.add_argument("--generation", choices=["chatglm", "chatglm2", "chatglm3", "glm4"], help="override detection")
+    q.add_argument("--generation", choices=GENERATION_CHOICES, help="override detection")
     q.add_argument("--format", default="auto", help="data format (default: detected from the fields)")
     q.add_argument("--encoding", default="utf-8",
                    help="text encoding of a file without a byte-order mark (default utf-8; gb18030 for GBK files), "

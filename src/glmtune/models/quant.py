@@ -25,7 +25,7 @@ BITS = (4, 8)
 QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 QUANTIZED_WEIGHT = re.compile(
     r"^transformer\.(?:encoder\.)?layers\.\d+\.(?:attention|self_attention|mlp)\."
-    r"(?:query_key_value|dense|dense_h_to_4h|dense_4h_to_h)\.weight$"
+    rf"(?:{'|'.join(QUANTIZED_LINEARS)})\.weight$"
 )
 
 
