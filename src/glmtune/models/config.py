@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from glmtune.generations import GENERATIONS, Generation  # noqa: F401 (re-exported)
+
 Arch = Literal["glm", "chatglm"]
-# The chat/tokenizer generation, which the architecture alone does not tell (v2 and v3 share it).
-Generation = Literal["chatglm", "chatglm2", "chatglm3", "glm4"]
-GENERATIONS: tuple[str, ...] = ("chatglm", "chatglm2", "chatglm3", "glm4")
 
 
 class ConfigError(ValueError):

@@ -20,6 +20,7 @@ import json
 import logging
 from pathlib import Path
 
+from glmtune.generations import GENERATIONS
 from glmtune.tokenizers.base import Tokenizer, TokenizerError
 from glmtune.tokenizers.glm4 import GLM4Tokenizer, looks_like_ranks_file
 from glmtune.tokenizers.sentencepiece import SentencePieceTokenizer
@@ -27,7 +28,6 @@ from glmtune.tokenizers.stream import StreamDecoder
 
 logger = logging.getLogger(__name__)
 
-GENERATIONS = ("chatglm", "chatglm2", "chatglm3", "glm4")
 _ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 
 __all__ = [
