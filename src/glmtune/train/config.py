@@ -136,6 +136,8 @@ class TrainConfig:
     output_dir: str = "runs/run"
     generation: Literal["chatglm", "chatglm2", "chatglm3", "glm4"] | None = None  # default: detected
     template: Literal["chatglm", "chatglm2", "chatglm3", "glm4"] | None = None  # default: the generation's
+    # a frozen quantized base (models/quant.py: THUDM's int8/int4; models/nf4.py: QLoRA's NF4), for lora/ptuning
+    quantize: Literal["none", "int8", "int4", "nf4"] = "none"
     seed: int = 42
     overwrite: bool = False  # replace a run already in output_dir
     data: DataConfig = field(default_factory=DataConfig)
@@ -150,8 +152,8 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         method = out.pop("method")
         out["method"] = {"name": method["name"], **method["options"]}
-        order = ["model", "output_dir", "generation", "template", "seed", "overwrite", "data", "method", "train",
-                 "eval", "save", "log"]  # fmt: skip
+        order = ["model", "output_dir", "generation", "template", "quantize", "seed", "overwrite", "data", "method",
+                 "train", "eval", "save", "log"]  # fmt: skip
         return {k: out[k] for k in order}
 
     def to_yaml(self) -> str:
@@ -482,6 +484,9 @@ def validate(cfg: TrainConfig, origins: dict[str, str], source: str, *, check_fi
         key = "eval.patience" if e.patience else "eval.every_steps"
         raise fail(key, "needs a dev set: set data.dev (files) or data.dev_split")
     _check_metric(e, fail)
+    if cfg.quantize != "none" and cfg.method.name in ("full", "freeze"):
+        raise fail("quantize", f"{cfg.quantize} keeps the base frozen and quantized; method {cfg.method.name!r} trains "
+                               "base weights: use method lora or ptuning, or quantize: none")  # fmt: skip
     try:
         is_text = getattr(codecs.lookup(d.encoding), "_is_text_encoding", True)
     except LookupError:
