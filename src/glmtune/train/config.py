@@ -102,6 +102,10 @@ class OptimConfig:
     compile: Literal["auto"] | bool = "auto"  # torch.compile each block; auto: on CUDA (YAML on/off = true/false)
     loss_chunk_tokens: int = 1024  # tokens per chunk of the output layer + loss (memory ~ chunk * vocab)
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
+    # several processes: fsdp shards weights, gradients and optimizer state, ddp copies them; auto: fsdp for
+    # full/freeze, ddp for adapters (train/fsdp.py)
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    fsdp_offload: bool = False  # fsdp: parameters and optimizer state kept on the CPU (GPU runs only)
 
 
 @dataclass
@@ -484,6 +488,8 @@ def validate(cfg: TrainConfig, origins: dict[str, str], source: str, *, check_fi
         key = "eval.patience" if e.patience else "eval.every_steps"
         raise fail(key, "needs a dev set: set data.dev (files) or data.dev_split")
     _check_metric(e, fail)
+    if t.fsdp_offload and t.distributed == "ddp":
+        raise fail("train.fsdp_offload", "needs train.distributed fsdp (or auto); ddp keeps everything on the GPU")
     if cfg.quantize != "none" and cfg.method.name in ("full", "freeze"):
         raise fail("quantize", f"{cfg.quantize} keeps the base frozen and quantized; method {cfg.method.name!r} trains "
                                "base weights: use method lora or ptuning, or quantize: none")  # fmt: skip
@@ -540,8 +546,11 @@ def _check_metric(e: EvalConfig, fail: typing.Callable[[str, str], ConfigError])
 
 # ---- resume -------------------------------------------------------------------------------------------------
 # What a resumed run may change: how long it runs, how it evaluates, saves and logs, and the device.
+# A resume with another number of processes may split the same global batch otherwise (batch_size, grad_accum: the
+# checkpoint's global batch is checked).
 RESUMABLE = ("output_dir", "overwrite", "train.max_steps", "train.epochs", "train.max_bad_steps", "train.device",
-             "eval.", "save.", "log.")  # fmt: skip
+             "train.batch_size", "train.grad_accum", "train.distributed", "train.fsdp_offload", "eval.", "save.",
+             "log.")  # fmt: skip
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
