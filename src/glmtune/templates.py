@@ -368,6 +368,13 @@ class _RoleTemplate(Template):
 CHATGLM3_TOOL_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
 
 
+def chatglm3_tool_call(arguments: dict[str, Any]) -> str:
+    """ChatGLM3's assistant text for a tool call (the name goes in the metadata): a python block calling
+    ``tool_call(k=v, …)`` with Python literals, as its tool demos and ``PROMPT.md`` write it."""
+    args = ", ".join(f"{k}={v!r}" for k, v in arguments.items())
+    return f"```python\ntool_call({args})\n```"
+
+
 class ChatGLM3Template(_RoleTemplate):
     name = "chatglm3"
     official_lengths = (256, 512)  # finetune_demo/configs/lora.yaml: max_input_length, max_output_length
