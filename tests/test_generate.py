@@ -240,7 +240,7 @@ def test_decoder_reuses_its_buffers_and_gives_fresh_results(model, sample):
         assert generate(model, prompts, cfg, stop_ids=[], pad_id=pad, decoder=decoder) == generate(
             model, prompts, cfg, stop_ids=[], pad_id=pad
         )
-    assert len(decoder._slots) == 1  # same batch size, cache bucket and settings: one set of buffers
+    assert len(decoder._batches) == 1  # same batch size, cache bucket and settings: one set of buffers
 
 
 @pytest.mark.slow

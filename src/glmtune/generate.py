@@ -63,12 +63,14 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Set logits outside the top-k and outside the top-p nucleus to -inf (the most likely token always stays)."""
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float | torch.Tensor) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf (the most likely token always stays).
+
+    ``top_p``: one number, or a (b, 1) tensor of one per row."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
         sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         remove_sorted = cum <= (1 - top_p)
@@ -106,24 +108,58 @@ def gumbel_noise(seeds: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.T
     return -torch.log(-torch.log(u))
 
 
-def choose_next(
-    logits: torch.Tensor, cfg: GenerationConfig, seen: torch.Tensor, seeds: torch.Tensor, step: torch.Tensor
-) -> torch.Tensor:
-    """Next token per row from float32 logits (b, V) -> (b,); sampling draws with the rows' seeds at ``step``."""
-    logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-    if not cfg.do_sample:
-        return logits.argmax(dim=-1)
-    logits = filter_top_k_top_p(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    return (logits + gumbel_noise(seeds, step, logits.shape[-1])).argmax(dim=-1)
+@dataclass(frozen=True)
+class StepKind:
+    """What a decode step is specialised on (host-side, part of a captured step's key); the rest is per row.
+
+    ``sample``: some row samples (else every row takes the argmax, with no noise drawn); ``nucleus``: some sampling
+    row has top_p < 1 (else no sort); ``top_k`` and ``repetition_penalty`` apply to the whole batch."""
+
+    sample: bool = False
+    nucleus: bool = False
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+
+
+@dataclass
+class RowSampling:
+    """One row's sampling settings; a batch keeps them as device tensors, so one captured step serves every row."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def of(cls, cfg: GenerationConfig, seed: int) -> RowSampling:
+        return cls(cfg.do_sample, cfg.temperature if cfg.do_sample else 1.0, cfg.top_p if cfg.do_sample else 1.0,
+                   seed)  # fmt: skip
+
+
+def choose_next(logits: torch.Tensor, kind: StepKind, *, greedy: torch.Tensor, temperature: torch.Tensor,
+                top_p: torch.Tensor, seen: torch.Tensor, seeds: torch.Tensor,
+                step: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Next token per row from float32 logits (b, V) -> (b,). Greedy rows (``greedy`` (b,) bool) take the argmax;
+    the others draw with their ``seeds`` (b,) at their ``step`` (b,) after ``temperature`` and ``top_p`` (b,)."""
+    logits = apply_repetition_penalty(logits, seen, kind.repetition_penalty)
+    best = logits.argmax(dim=-1)
+    if not kind.sample:
+        return best
+    scaled = filter_top_k_top_p(logits / temperature[:, None], kind.top_k, top_p[:, None] if kind.nucleus else 1.0)
+    drawn = (scaled + gumbel_noise(seeds, step, logits.shape[-1])).argmax(dim=-1)
+    return torch.where(greedy, best, drawn)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
 class DecodeState:
-    """What one decode step reads and updates in place, on the device (so a captured step can be replayed).
+    """What one decode step reads and updates in place, on the device (so a captured step can be replayed): for
+    each of ``b`` rows its next input, position, cache slot, sampling settings and progress.
 
-    Allocated once per batch shape and reloaded for every generation (``load``), so a captured step stays valid."""
+    Allocated once per batch and refilled row by row (``load``), so a captured step stays valid. ``out`` is a ring
+    of ``ring`` columns: the step of global count ``tick`` writes its tokens (``-1`` for a row that has stopped)
+    to column ``tick % ring``."""
 
-    def __init__(self, b: int, vocab: int, n_stop: int, position_shape: tuple[int, ...], max_new_tokens: int,
+    def __init__(self, b: int, vocab: int, n_stop: int, position_shape: tuple[int, ...], ring: int,
                  device: torch.device) -> None:  # fmt: skip
         def longs(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.long, device=device)
@@ -131,42 +167,61 @@ class DecodeState:
         self.ids = longs(b, 1)  # the token fed to the next step
         self.positions = longs(*position_shape)  # (b, 1) | (b, 2, 1): its position
         self.slots = longs(b, 1)  # its cache slot
+        self.segments = torch.full((b, 1), -1, dtype=torch.long, device=device)  # 0 for a row in use, -1 free
         self.seen = torch.zeros((b, vocab), dtype=torch.bool, device=device)  # for the repetition penalty
         self.seeds = longs(b)
+        self.greedy = torch.ones((b,), dtype=torch.bool, device=device)
+        self.temperature = torch.ones((b,), dtype=torch.float32, device=device)
+        self.top_p = torch.ones((b,), dtype=torch.float32, device=device)
+        self.adapter = longs(b)  # which adapter a row uses (serve/multi_lora.py), 0 = none
         self.stop = longs(n_stop)
-        self.step = longs()  # steps done (the prompt's forward was step 0)
-        self.done = torch.zeros((b,), dtype=torch.bool, device=device)
-        self.out = longs(b, max_new_tokens)  # the chosen tokens, -1 once a row stopped
-        self.segments = longs(b, 1)
+        self.tick = longs()  # steps done by this batch
+        self.row_step = longs(b)  # tokens a row has chosen (the prompt's forward chose token 0)
+        self.limit = longs(b)  # tokens a row may choose
+        self.done = torch.ones((b,), dtype=torch.bool, device=device)
+        self.out = torch.full((b, ring), -1, dtype=torch.long, device=device)
         self.rows = torch.arange(b, device=device)
         self.true = torch.ones((b,), dtype=torch.bool, device=device)
 
-    def load(self, first: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seen: torch.Tensor,
-             seeds: torch.Tensor, stop: torch.Tensor) -> None:  # fmt: skip
-        """Start a generation whose prompt's forward chose ``first`` (b,)."""
-        self.ids.copy_(first[:, None])
-        self.positions.copy_(positions)
-        self.slots.copy_(slots)
-        self.seen.copy_(seen)
-        self.seeds.copy_(seeds)
-        self.stop.copy_(stop)
-        self.step.fill_(1)
-        self.done.copy_(self._stopped(first))
-        self.out.fill_(-1)
-        self.out[:, 0] = torch.where(self.done, -1, first)
-
-    def _stopped(self, tokens: torch.Tensor) -> torch.Tensor:
+    def stopped(self, tokens: torch.Tensor) -> torch.Tensor:
         return (tokens[:, None] == self.stop[None, :]).any(-1)
 
+    def load(self, rows: torch.Tensor, first: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+             sampling: list[RowSampling], limits: list[int], adapters: list[int] | None = None) -> None:  # fmt: skip
+        """Start ``rows`` (r,) on new sequences whose prompts' forward chose ``first`` (r,)."""
+        dev = rows.device
+        self.ids[rows] = first[:, None]
+        self.positions[rows] = positions
+        self.slots[rows] = slots
+        self.segments[rows] = 0
+        self.seeds[rows] = torch.tensor([s.seed & 0xFFFFFFFF for s in sampling], dtype=torch.long, device=dev)
+        self.greedy[rows] = torch.tensor([not s.do_sample for s in sampling], device=dev)
+        self.temperature[rows] = torch.tensor([s.temperature for s in sampling], dtype=torch.float32, device=dev)
+        self.top_p[rows] = torch.tensor([s.top_p for s in sampling], dtype=torch.float32, device=dev)
+        self.adapter[rows] = torch.tensor(adapters or [0] * len(sampling), dtype=torch.long, device=dev)
+        self.row_step[rows] = 1
+        self.limit[rows] = torch.tensor(limits, dtype=torch.long, device=dev)
+        self.done[rows] = self.stopped(first)
+
+    def free(self, rows: torch.Tensor, park_slot: int) -> None:
+        """Stop ``rows``: they step on (fixed shapes) at ``park_slot``, as padding nothing attends to."""
+        self.done[rows] = True
+        self.segments[rows] = -1
+        self.slots[rows] = park_slot
+        self.positions[rows] = 0
+
     def record(self, next_ids: torch.Tensor) -> None:
-        """Store the chosen tokens at column ``step`` and move every input on by one token."""
-        self.done |= self._stopped(next_ids)
-        self.out.index_copy_(1, self.step[None], torch.where(self.done, -1, next_ids)[:, None])
+        """Store the chosen tokens in the ring and move every live row's input on by one token."""
+        self.done |= self.stopped(next_ids) | (self.row_step >= self.limit)
+        col = torch.remainder(self.tick, self.out.shape[1])
+        self.out.index_copy_(1, col[None], torch.where(self.done, -1, next_ids)[:, None])
         self.seen[self.rows, next_ids] = self.true  # a device tensor: a CUDA graph captures no host copy
+        live = (~self.done).long()
         self.ids.copy_(next_ids[:, None])
-        self.positions.copy_(next_positions(self.positions))
-        self.slots += 1
-        self.step += 1
+        self.positions.copy_(next_positions(self.positions, live))
+        self.slots += live[:, None]
+        self.row_step += 1
+        self.tick += 1
 
 
 class DecodeStep:
@@ -174,13 +229,15 @@ class DecodeStep:
 
     ``use_graph``: capture the step as a CUDA graph on its first call and replay it after (CUDA only).
     ``compile_backend``: run the step through ``torch.compile`` with this backend first (fusing the hundreds of small
-    elementwise kernels of a step; the compiled step is what the graph captures)."""
+    elementwise kernels of a step; the compiled step is what the graph captures). ``pool``: the graphs' shared
+    memory pool (steps of one batch never run at the same time)."""
 
-    def __init__(self, model: nn.Module, cache: Any, state: DecodeState, cfg: GenerationConfig, max_position: int,
-                 *, use_graph: bool, compile_backend: str | None = None) -> None:  # fmt: skip
-        self.model, self.cache, self.state, self.cfg = model, cache, state, cfg
+    def __init__(self, model: nn.Module, cache: Any, state: DecodeState, kind: StepKind, max_position: int,
+                 *, use_graph: bool, compile_backend: str | None = None, pool: Any = None) -> None:  # fmt: skip
+        self.model, self.cache, self.state, self.kind = model, cache, state, kind
         self.max_position = max_position
         self.graph: Any = None
+        self.pool = pool
         self.use_graph = use_graph and state.ids.device.type == "cuda"
         self._step = self._run if compile_backend is None else torch.compile(self._run, backend=compile_backend,
                                                                              dynamic=False)  # fmt: skip
@@ -189,7 +246,8 @@ class DecodeStep:
         st = self.state
         layout = SequenceLayout(st.positions, st.segments, None, st.slots, max_position=self.max_position)
         logits = self.model(st.ids, cache=self.cache, layout=layout)[:, -1].float()
-        st.record(choose_next(logits, self.cfg, st.seen, st.seeds, st.step))
+        st.record(choose_next(logits, self.kind, greedy=st.greedy, temperature=st.temperature, top_p=st.top_p,
+                              seen=st.seen, seeds=st.seeds, step=st.row_step))  # fmt: skip
 
     def __call__(self) -> None:
         if not self.use_graph:
@@ -203,7 +261,7 @@ class DecodeStep:
                 self._step()
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, pool=self.pool):
                 self._step()
         else:
             self.graph.replay()
@@ -215,50 +273,216 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 @dataclass
-class _Slot:
-    cache: Any
-    state: DecodeState
-    step: DecodeStep
-    rope: Any  # the rotary table the step was captured with
+class Admission:
+    """A sequence a :class:`DecodeBatch` row takes: its prompt, sampling settings, token limit and adapter."""
+
+    prompt: Sequence[int]
+    sampling: RowSampling
+    max_new_tokens: int
+    adapter: int = 0
+
+
+class DecodeBatch:
+    """``batch_size`` rows decoding together over one KV cache of ``max_len`` slots per row (after the P-Tuning
+    prefix). Rows take sequences at any time (:meth:`prefill`, several rows at once, a long prompt in chunks) and
+    leave at any time (:meth:`free`); :meth:`step` advances every row with one fixed-shape step (a row that has
+    stopped or is free steps as padding), captured per cache window (the slots in use, rounded up to a power-of-two
+    multiple of ``window_multiple``) and :class:`StepKind`.
+
+    A row's tokens sit in its own cache row from slot ``n_prefix`` on, in order, under segment 0; the mask builder
+    lets a token see only its row's sequence and the prefix, so a row gives what it gives alone. ``Decoder`` (batch
+    generation) and the server's scheduler (continuous batching) both run on it.
+
+    ``before_forward(rows)``: called with the rows (None: all) before each forward, e.g. to point per-row adapters
+    at them; ``on_step``: the rows of the last step are ``state.adapter``'s."""
+
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, n_stop: int, decode: str = "eager",
+                 compile_backend: str | None = None, ring: int = 8, window_multiple: int = 64, top_k: int = 0,
+                 repetition_penalty: float = 1.0) -> None:  # fmt: skip
+        self.model = model
+        self.device, self.dtype = _model_device_dtype(model)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.n_prefix = model.n_prefix()
+        self.decode, self.compile_backend = decode, compile_backend
+        self.window_multiple = window_multiple
+        self.top_k, self.repetition_penalty = top_k, repetition_penalty
+        # the rotary table covers every position the cache can hold, so it is built before any capture
+        model.reserve_positions(max_len + self.n_prefix + 1, self.dtype, self.device)
+        self.rope = model._rope_table(0, self.dtype, self.device)
+        self.cache = model.new_cache(batch_size, max_len, device=self.device, dtype=self.dtype)
+        shape = (batch_size, 2, 1) if model.config.arch == "glm" else (batch_size, 1)
+        vocab = model.config.padded_vocab_size
+        self.state = DecodeState(batch_size, vocab, n_stop, shape, ring, self.device)
+        self.state.slots.fill_(self.n_prefix)
+        self.ring = ring
+        self.tick = 0  # the host's count of steps (the state's tick on the device)
+        self.steps: dict[tuple, DecodeStep] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" and decode != "eager" else None
+        self.before_forward: Any = None
+        # host mirrors of each row: in use, sampling, and the highest slot it may have written
+        self.sampling: list[RowSampling | None] = [None] * batch_size
+        self.top_slot = [self.n_prefix] * batch_size
+
+    def set_stop(self, stop_ids: Sequence[int]) -> None:
+        stop = sorted(set(stop_ids))
+        if len(stop) != self.state.stop.numel():
+            raise ValueError(f"this batch was made for {self.state.stop.numel()} stop ids, got {len(stop)}")
+        self.state.stop.copy_(torch.tensor(stop, dtype=torch.long))
+
+    def reset(self) -> None:
+        """Every row free and the cache empty; the P-Tuning prefix written anew (the model may have been trained)."""
+        self.cache.reset()
+        if self.n_prefix:
+            self.cache.write_prefix(self.model.prefix_key_values(self.batch_size, dtype=self.dtype,
+                                                                 device=self.device))  # fmt: skip
+        self.free(list(range(self.batch_size)))
+        self.state.tick.zero_()
+        self.tick = 0
+
+    def free(self, rows: Sequence[int]) -> None:
+        if not rows:
+            return
+        self.state.free(torch.tensor(list(rows), dtype=torch.long, device=self.device), self.n_prefix)
+        for r in rows:
+            self.sampling[r] = None
+            self.top_slot[r] = self.n_prefix
+
+    def window(self, top_slot: int) -> int:
+        """The cache window (slots attended) for slots below ``top_slot``: ``window_multiple`` doubled until it
+        covers them, at most the whole cache."""
+        total = self.cache.max_len
+        w = self.window_multiple
+        while w < top_slot and w < total:
+            w *= 2
+        return min(w, total)
+
+    @torch.inference_mode()
+    def prefill(self, rows: Sequence[int], chunks: Sequence[Sequence[int]], offsets: Sequence[int],
+                finals: Sequence[Admission | None]) -> list[int]:  # fmt: skip
+        """Feed ``chunks[i]`` (the part of a prompt after its first ``offsets[i]`` tokens) into row ``rows[i]``; a
+        row with ``offsets`` 0 starts anew. Rows whose ``finals[i]`` is an Admission (the chunk ends its prompt)
+        choose their first token and start decoding; returns those first tokens (-1 for a stop token), in order."""
+        model, dev = self.model, self.device
+        ids, layout = prompt_layout(chunks, model.config, 0, start_slot=self.n_prefix, pad_side="right",
+                                    offsets=offsets)  # fmt: skip
+        idx = torch.tensor(list(rows), dtype=torch.long, device=dev)
+        if any(o == 0 for o in offsets):
+            starts = torch.tensor([r for r, o in zip(rows, offsets, strict=True) if o == 0], device=dev)
+            self.cache.reset_rows(starts, self.n_prefix)
+        top = max(o + len(c) for o, c in zip(offsets, chunks, strict=True)) + self.n_prefix
+        for i, (r, o, c) in enumerate(zip(rows, offsets, chunks, strict=True)):
+            self.top_slot[r] = self.n_prefix + o + len(c)
+            if finals[i] is None:  # part of a prompt: the row waits (as padding) in the slot its next part takes
+                self.state.slots[r] = self.top_slot[r]
+        view = self.cache.view(idx, self.window(top))
+        if self.before_forward is not None:
+            self.before_forward(idx)
+        h = model.hidden_states(ids.to(dev), cache=view, layout=layout.to(dev))  # (r, s, H)
+        done = [i for i, f in enumerate(finals) if f is not None]
+        if not done:
+            return []
+        adm = [finals[i] for i in done]
+        lengths = torch.tensor([len(chunks[i]) for i in done], device=dev)
+        pick = torch.tensor(done, device=dev)
+        logits = model.output_embeddings()(h[pick, lengths - 1]).float()  # (f, V)
+        sampling = [a.sampling for a in adm]
+        kind = self._kind(sampling)
+        greedy = torch.tensor([not s.do_sample for s in sampling], device=dev)
+        temp = torch.tensor([s.temperature for s in sampling], dtype=torch.float32, device=dev)
+        top_p = torch.tensor([s.top_p for s in sampling], dtype=torch.float32, device=dev)
+        seeds = torch.tensor([s.seed & 0xFFFFFFFF for s in sampling], dtype=torch.long, device=dev)
+        seen = torch.zeros((len(adm), model.config.padded_vocab_size), dtype=torch.bool, device=dev)
+        if self.repetition_penalty != 1.0:  # the whole prompt's tokens
+            for j, a in enumerate(adm):
+                seen[j, torch.tensor(list(a.prompt), device=dev)] = True
+        first = choose_next(logits, kind, greedy=greedy, temperature=temp, top_p=top_p, seen=seen, seeds=seeds,
+                            step=torch.zeros_like(seeds))  # fmt: skip
+        seen[torch.arange(len(adm), device=dev), first] = True
+        return self._start(idx[pick], pick, layout, lengths, first, seen, adm)
+
+    def _start(self, rows: torch.Tensor, pick: torch.Tensor, layout: SequenceLayout, lengths: torch.Tensor,
+               first: torch.Tensor, seen: torch.Tensor, adm: list[Admission]) -> list[int]:  # fmt: skip
+        dev = self.device
+        pos = layout.positions.to(dev)[pick]  # (f, s) | (f, 2, s)
+        index = (lengths - 1).view(-1, *([1] * (pos.dim() - 1))).expand(*pos.shape[:-1], 1)
+        last = pos.gather(-1, index)  # (f, 1) | (f, 2, 1)
+        slots = layout.slots.to(dev)[pick].gather(1, (lengths - 1)[:, None]) + 1
+        st = self.state
+        st.load(rows, first, next_positions(last), slots, [a.sampling for a in adm], [a.max_new_tokens for a in adm],
+                [a.adapter for a in adm])  # fmt: skip
+        st.seen[rows] = seen
+        for r, a in zip(rows.tolist(), adm, strict=True):
+            self.sampling[r] = a.sampling
+        return torch.where(st.stopped(first), -1, first).tolist()
+
+    def _kind(self, sampling: Sequence[RowSampling | None]) -> StepKind:
+        sample = [s for s in sampling if s is not None and s.do_sample]
+        return StepKind(bool(sample), any(s.top_p < 1 for s in sample), self.top_k, self.repetition_penalty)
+
+    @torch.inference_mode()
+    def step(self, steps: int = 1) -> list[int]:
+        """Run ``steps`` decode steps; returns the ring columns they wrote (read them with :meth:`read`)."""
+        kind = self._kind(self.sampling)
+        cols = []
+        for _ in range(steps):
+            top = max(self.top_slot) + 1
+            w = self.window(top)
+            step = self.steps.get((w, kind))
+            if step is None:
+                view = self.cache.view(None, w)
+                step = DecodeStep(self.model, view, self.state, kind, 0, use_graph=self.decode in ("graph", "compiled"),
+                                  compile_backend=self.compile_backend, pool=self.pool)  # fmt: skip
+                self.steps[(w, kind)] = step
+            if self.before_forward is not None:
+                self.before_forward(None)
+            step()
+            cols.append(self.tick % self.ring)
+            self.tick += 1
+            self.top_slot = [t + 1 if s is not None else t for t, s in zip(self.top_slot, self.sampling, strict=True)]
+        return cols
+
+    def read(self, cols: Sequence[int]) -> torch.Tensor:
+        """The tokens of the given ring columns, (b, len(cols)) long on the CPU (one device sync)."""
+        return self.state.out[:, list(cols)].cpu()
 
 
 class Decoder:
-    """Generation for one model that keeps its decode buffers — KV cache, step state and the captured CUDA graph —
-    from one call to the next (chat turns, eval batches, a server), so the step is captured once per batch size,
-    cache bucket (prompt + new tokens, rounded up to ``cache_multiple``) and sampling setting, not per call.
+    """Generation for one model that keeps its decode buffers — a :class:`DecodeBatch`: KV cache, step state and the
+    captured CUDA graphs — from one call to the next (chat turns, eval batches), so a step is captured once per batch
+    size, cache bucket (prompt + new tokens, rounded up to ``cache_multiple``) and sampling kind, not per call.
 
-    Holds at most ``max_entries`` of them (the oldest dropped). Only for the model it was made for, unchanged.
+    Holds at most ``max_entries`` batches (the oldest dropped). Only for the model it was made for, unchanged.
     ``decode="compiled"``: the step goes through ``torch.compile`` (``compile_backend``) and, on CUDA, is then captured
     as a graph; the first generation of each shape pays the compilation (tens of seconds for a 6B model)."""
 
     def __init__(self, model: nn.Module, *, decode: str = "auto", cache_multiple: int = 64, max_entries: int = 4,
                  compile_backend: str = "inductor") -> None:  # fmt: skip
-        if decode not in DECODE_MODES:
-            raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         self.model = model
         self.device, self.dtype = _model_device_dtype(model)
-        self.decode = decode if decode != "auto" else ("graph" if self.device.type == "cuda" else "eager")
+        self.decode = resolve_decode(decode, self.device)
         self.compile_backend = compile_backend if self.decode == "compiled" else None
         self.cache_multiple = cache_multiple
         self.max_entries = max_entries
-        self._slots: dict[tuple, _Slot] = {}
+        self._batches: dict[tuple, DecodeBatch] = {}
 
-    def _slot(self, key: tuple, b: int, cache_len: int, n_stop: int, cfg: GenerationConfig) -> _Slot:
-        model = self.model
-        rope = model._rope_table(0, self.dtype, self.device)
-        slot = self._slots.pop(key, None)
-        if slot is not None and slot.rope is rope:  # a regrown rotary table would leave the graph stale
-            self._slots[key] = slot  # most recent last
-            return slot
-        while len(self._slots) >= self.max_entries:
-            self._slots.pop(next(iter(self._slots)))
-        cache = model.new_cache(b, cache_len, device=self.device, dtype=self.dtype)
-        shape = (b, 2, 1) if model.config.arch == "glm" else (b, 1)
-        state = DecodeState(b, model.config.padded_vocab_size, n_stop, shape, cfg.max_new_tokens, self.device)
-        step = DecodeStep(model, cache, state, cfg, 0, use_graph=self.decode in ("graph", "compiled"),
-                          compile_backend=self.compile_backend)  # fmt: skip
-        self._slots[key] = slot = _Slot(cache, state, step, rope)
-        return slot
+    def batch(self, b: int, max_len: int, *, n_stop: int, top_k: int = 0, repetition_penalty: float = 1.0,
+              ring: int = 8, window_multiple: int | None = None) -> DecodeBatch:  # fmt: skip
+        """A :class:`DecodeBatch` of this model in this Decoder's decode mode, kept for the next call alike
+        (``window_multiple`` None: every step attends over the whole cache)."""
+        key = (b, max_len, n_stop, top_k, repetition_penalty, ring, window_multiple)
+        rope = self.model._rope_table(0, self.dtype, self.device)
+        batch = self._batches.pop(key, None)
+        if batch is not None and batch.rope is rope:  # a regrown rotary table would leave the graphs stale
+            self._batches[key] = batch  # most recent last
+            return batch
+        while len(self._batches) >= self.max_entries:
+            self._batches.pop(next(iter(self._batches)))
+        batch = DecodeBatch(self.model, b, max_len, n_stop=n_stop, decode=self.decode,
+                            compile_backend=self.compile_backend, ring=ring,
+                            window_multiple=window_multiple or max_len + self.model.n_prefix(), top_k=top_k,
+                            repetition_penalty=repetition_penalty)  # fmt: skip
+        self._batches[key] = batch
+        return batch
 
     @torch.inference_mode()
     def stream(
@@ -273,48 +497,45 @@ class Decoder:
     ) -> Iterator[torch.Tensor]:
         """See :func:`generate_stream`."""
         cfg.validate()
-        model, device = self.model, self.device
-        n_prefix = model.n_prefix()
-        input_ids, layout = prompt_layout(prompts, model.config, pad_id, start_slot=n_prefix)
-        b, s = input_ids.shape
-        input_ids, layout = input_ids.to(device), layout.to(device)
+        if not prompts:
+            raise ValueError("no prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError(f"prompt {next(i for i, p in enumerate(prompts) if not p)} is empty")
+        b, s = len(prompts), max(len(p) for p in prompts)
         cache_len = -(-(s + cfg.max_new_tokens) // self.cache_multiple) * self.cache_multiple
-        # the rotary table covers every position the cache can hold, so it is built before any capture
-        model.reserve_positions(max(layout.max_position, s) + cache_len + 1, self.dtype, device)
         if stream_every is None:
-            stream_every = 4 if device.type == "cuda" else 1
-
+            stream_every = 4 if self.device.type == "cuda" else 1
         seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         seeds = list(row_seeds) if row_seeds is not None else [seed] * b
         if len(seeds) != b:
             raise ValueError(f"row_seeds has {len(seeds)} seeds for {b} prompts")
-        seeds_t = torch.tensor([int(x) for x in seeds], dtype=torch.long, device=device)
-        seen = torch.zeros((b, model.config.padded_vocab_size), dtype=torch.bool, device=device)
-        if cfg.repetition_penalty != 1.0:  # the prompt's real tokens (padding points at the row's last token)
-            seen.scatter_(1, torch.where(layout.segments >= 0, input_ids, input_ids[:, -1:]), True)
-        stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+        stop = sorted(set(stop_ids))
+        batch = self.batch(b, cache_len, n_stop=len(stop), top_k=cfg.top_k,
+                           repetition_penalty=cfg.repetition_penalty, ring=cfg.max_new_tokens)  # fmt: skip
+        batch.reset()
+        batch.set_stop(stop)
+        admissions = [Admission(p, RowSampling.of(cfg, int(x)), cfg.max_new_tokens)
+                      for p, x in zip(prompts, seeds, strict=True)]  # fmt: skip
+        first = batch.prefill(range(b), prompts, [0] * b, admissions)
+        yield torch.tensor(first, dtype=torch.long)
+        step, n = 1, cfg.max_new_tokens
+        if all(t < 0 for t in first):
+            return
+        while step < n:
+            k = min(stream_every, n - step)
+            out = batch.read(batch.step(k))
+            for j in range(k):
+                yield out[:, j]
+            step += k
+            if bool((out[:, -1] < 0).all()):
+                return
 
-        key = (b, cache_len, len(stop), cfg.max_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k,
-               cfg.repetition_penalty)  # fmt: skip
-        slot = self._slot(key, b, cache_len, len(stop), cfg)
-        cache, state = slot.cache, slot.state
-        cache.reset()
-        if n_prefix:
-            cache.write_prefix(model.prefix_key_values(b, dtype=self.dtype, device=device))
-        logits = model(input_ids, cache=cache, layout=layout, logits_to_keep=1)[:, -1].float()
-        first = choose_next(logits, cfg, seen, seeds_t, torch.zeros((), dtype=torch.long, device=device))
-        seen[torch.arange(b, device=device), first] = True
-        state.load(first, next_positions(layout.positions[..., -1:]), layout.slots[:, -1:] + 1, seen, seeds_t, stop)
-        shown = 0
-        for step in range(1, cfg.max_new_tokens + 1):
-            if step == cfg.max_new_tokens or step % stream_every == 0:
-                out, done = state.out[:, shown:step].cpu(), bool(state.done.all())
-                for j in range(out.shape[1]):
-                    yield out[:, j]
-                shown = step
-                if done or step == cfg.max_new_tokens:
-                    return
-            slot.step()
+
+def resolve_decode(decode: str, device: torch.device) -> str:
+    """The decode mode ``decode`` ("auto": graph on CUDA, else eager) stands for on ``device``."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    return decode if decode != "auto" else ("graph" if device.type == "cuda" else "eager")
 
 
 def generate_stream(

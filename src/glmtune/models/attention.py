@@ -65,15 +65,22 @@ class KVCache(nn.Module):
 
     def write_tokens(self, slots: torch.Tensor, segments: torch.Tensor, context: torch.Tensor | None) -> None:
         """Record the segment/context of the tokens going to ``slots`` (b, s)."""
-        self.segments[self.rows, slots] = segments
-        # tensors on the device only: a Python scalar would be a host copy, which a CUDA graph cannot capture
-        self.context[self.rows, slots] = context if context is not None else torch.zeros_like(slots, dtype=torch.bool)
+        _write_tokens(self, self.rows, slots, segments, context)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store k, v (b, n_kv, s, d) at ``slots`` (b, s); returns this layer's whole buffers (b, n_kv, max_len, d)."""
-        self.keys[layer][self.rows, :, slots] = k.transpose(1, 2)
-        self.values[layer][self.rows, :, slots] = v.transpose(1, 2)
+        _write_keys(self, layer, self.rows, k, v, slots)
         return self.keys[layer], self.values[layer]
+
+    def view(self, rows: torch.Tensor | None = None, length: int | None = None) -> KVCacheView:
+        """The cache seen through some of its rows (``rows`` (r,) long, for a prefill of joining rows) and/or its
+        first ``length`` slots (a decode step attending over the slots in use only); writes go to this cache."""
+        return KVCacheView(self, rows, length)
+
+    def reset_rows(self, rows: torch.Tensor, start: int) -> None:
+        """Empty slots ``start ..`` of ``rows`` (r,) (a row that takes a new sequence keeps its P-Tuning prefix)."""
+        self.segments[rows, start:] = -1
+        self.context[rows, start:] = False
 
     def write_prefix(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put P-Tuning keys/values (one (b, n_kv, P, d) pair per layer) in the first P slots, seen by every query."""
@@ -82,6 +89,59 @@ class KVCache(nn.Module):
         for i, (k, v) in enumerate(prefix):
             self.write(i, k, v, slots)
         self.write_tokens(slots, torch.full_like(slots, ALL), torch.ones_like(slots, dtype=torch.bool))
+
+
+def _write_tokens(cache: KVCache, rows: torch.Tensor, slots: torch.Tensor, segments: torch.Tensor,
+                  context: torch.Tensor | None) -> None:  # fmt: skip
+    cache.segments[rows, slots] = segments
+    # tensors on the device only: a Python scalar would be a host copy, which a CUDA graph cannot capture
+    cache.context[rows, slots] = context if context is not None else torch.zeros_like(slots, dtype=torch.bool)
+
+
+def _write_keys(cache: KVCache, layer: int, rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                slots: torch.Tensor) -> None:  # fmt: skip
+    cache.keys[layer][rows, :, slots] = k.transpose(1, 2)
+    cache.values[layer][rows, :, slots] = v.transpose(1, 2)
+
+
+class KVCacheView:
+    """Rows and/or the first slots of a :class:`KVCache`, with the surface the models and the mask builder use
+    (``write``, ``write_tokens``, ``segments``, ``context``, ``max_len``). Writes land in the cache itself.
+
+    All rows: the keys, values and slot records are views of the cache's buffers (no copy: a captured decode step
+    over a window keeps pointing at the cache). Some rows: they are gathered when read (a prefill's copy)."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor | None, length: int | None) -> None:
+        self.cache = cache
+        self.max_len = cache.max_len if length is None else min(length, cache.max_len)
+        self.index = rows  # (r,) long or None: every row
+        self.rows = cache.rows if rows is None else rows[:, None]
+        self.length = cache.length
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size if self.index is None else self.index.shape[0]
+
+    def _read(self, t: torch.Tensor) -> torch.Tensor:  # (b, max_len) slot records
+        return t[:, : self.max_len] if self.index is None else t[self.index, : self.max_len]
+
+    @property
+    def segments(self) -> torch.Tensor:
+        return self._read(self.cache.segments)
+
+    @property
+    def context(self) -> torch.Tensor:
+        return self._read(self.cache.context)
+
+    def write_tokens(self, slots: torch.Tensor, segments: torch.Tensor, context: torch.Tensor | None) -> None:
+        _write_tokens(self.cache, self.rows, slots, segments, context)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        _write_keys(self.cache, layer, self.rows, k, v, slots)
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        if self.index is not None:
+            keys, values = keys[self.index], values[self.index]
+        return keys[:, :, : self.max_len], values[:, :, : self.max_len]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:

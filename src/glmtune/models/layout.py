@@ -94,32 +94,45 @@ def context_flags(n: int, config: GLMConfig, context: int) -> list[bool]:
 
 
 # ---- layouts ---------------------------------------------------------------------------------------------------------
-def prompt_layout(prompts: Sequence[Sequence[int]], config: GLMConfig, pad_id: int, *, start_slot: int = 0
+def prompt_layout(prompts: Sequence[Sequence[int]], config: GLMConfig, pad_id: int, *, start_slot: int = 0,
+                  pad_side: str = "left", offsets: Sequence[int] | None = None
                   ) -> tuple[torch.Tensor, SequenceLayout]:  # fmt: skip
-    """Left-padded prompts -> input_ids (b, s) and their layout, on the CPU; slots ``start_slot .. start_slot+s-1``.
+    """Padded prompts -> input_ids (b, s) and their layout, on the CPU, in cache slots from ``start_slot``.
 
     Each row is one sample (segment 0) with its padding marked -1, so a batch gives each prompt what it gives alone.
+    ``pad_side="left"``: every row in slots ``start_slot .. start_slot+s-1``, its tokens at the end. ``"right"``:
+    each row's tokens from slot ``start_slot + offsets[i]`` on, padding after them (where the row's next tokens
+    will go). ``offsets`` (right padding, 1-D positions only): how many tokens of each sample precede its part
+    here (a prompt prefilled in chunks); positions and slots continue from there.
     """
     if not prompts:
         raise ValueError("no prompts")
+    if pad_side not in ("left", "right"):
+        raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
     width = max(len(p) for p in prompts)
     b = len(prompts)
     kind = position_kind(config)
+    offsets = list(offsets) if offsets is not None else [0] * b
+    if len(offsets) != b or (pad_side == "left" and any(offsets)):
+        raise ValueError("offsets: one per prompt, and only with pad_side='right'")
+    if kind == "2d" and any(offsets):
+        raise ValueError("ChatGLM-6B prompts cannot be split (their prompt is attended both ways)")
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     pos = torch.zeros((b, 2 if kind == "2d" else 1, width), dtype=torch.long)
     seg = torch.full((b, width), -1, dtype=torch.long)
     ctx = torch.zeros((b, width), dtype=torch.bool)
+    slots = torch.arange(start_slot, start_slot + width).repeat(b, 1)
     for i, p in enumerate(prompts):
         p = list(p)
         if not p:
             raise ValueError(f"prompt {i} is empty")
-        sl = slice(width - len(p), width)
+        sl = slice(width - len(p), width) if pad_side == "left" else slice(0, len(p))
         ids[i, sl] = torch.tensor(p, dtype=torch.long)
-        pos[i, :, sl] = torch.tensor(token_positions(p, config), dtype=torch.long)
+        pos[i, :, sl] = torch.tensor(token_positions(p, config), dtype=torch.long) + offsets[i]
         seg[i, sl] = 0
+        slots[i] += offsets[i]
         if config.arch == "glm":
             ctx[i, sl] = torch.tensor(context_flags(len(p), config, glm_context(p, config)[0]))
-    slots = torch.arange(start_slot, start_slot + width).expand(b, width)
     layout = SequenceLayout(
         positions=pos if kind == "2d" else pos[:, 0],
         segments=seg,
@@ -130,12 +143,13 @@ def prompt_layout(prompts: Sequence[Sequence[int]], config: GLMConfig, pad_id: i
     return ids, layout
 
 
-def next_positions(last: torch.Tensor) -> torch.Tensor:
-    """Positions (b, 1) or (b, 2, 1) of a sample's last token -> those of the token after it."""
+def next_positions(last: torch.Tensor, advance: torch.Tensor | None = None) -> torch.Tensor:
+    """Positions (b, 1) or (b, 2, 1) of a sample's last token -> those of the token after it. ``advance`` (b,) long,
+    1 or 0 per row: rows with 0 keep their positions (a row that has stopped)."""
     if last.dim() == 2:
-        return last + 1
+        return last + (1 if advance is None else advance[:, None])
     step = torch.zeros_like(last)
-    step[:, 1] = 1
+    step[:, 1] = 1 if advance is None else advance[:, None]
     return last + step
 
 
