@@ -140,7 +140,7 @@ MALFORMED = {
     "empty messages": ({"messages": []}, 400),
     "message not an object": ({"messages": ["hi"]}, 400),
     "unknown role": ({"messages": [{"role": "wizard", "content": "hi"}]}, 400),
-    "tool message": ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, 400),
+    "tool message without a call": ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "x"}]}, 400),
     "content a number": ({"messages": [{"role": "user", "content": 3}]}, 400),
     "last not user": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, 400),
     "model not a string": ({"messages": MESSAGES, "model": 5}, 400),
@@ -255,14 +255,14 @@ def test_a_client_that_leaves_frees_the_server(live_server, monkeypatch):
     import httpx
 
     engine = live_server.state.engine
-    stream = engine.decoder.stream
+    batch = engine._batch
+    step = batch.step
 
-    def slow_stream(*args, **kw):  # ~2 s for the whole context: the client leaves long before
-        for step in stream(*args, **kw):
-            time.sleep(0.01)
-            yield step
+    def slow_step(*args, **kw):  # ~2 s for the whole context: the client leaves long before
+        time.sleep(0.01)
+        return step(*args, **kw)
 
-    monkeypatch.setattr(engine.decoder, "stream", slow_stream)
+    monkeypatch.setattr(batch, "step", slow_step)
     cancelled = engine.cancelled
     url = f"http://127.0.0.1:{live_server.state.port}/v1/chat/completions"
     body = {"messages": [{"role": "user", "content": "你好"}], "temperature": 0, "stream": True}
@@ -272,7 +272,7 @@ def test_a_client_that_leaves_frees_the_server(live_server, monkeypatch):
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                 break
     deadline = time.monotonic() + 10
-    while engine._lock is not None and engine._lock.locked():
+    while engine.running:
         assert time.monotonic() < deadline, "the generation went on after its client left"
         time.sleep(0.01)
     assert engine.cancelled == cancelled + 1

@@ -27,21 +27,84 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("GLMTUNE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GLMTUNE_API_KEY)")  # fmt: skip
     p.add_argument("--model-name", help="the model's id in the API (default: the folder's name)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="also serve this LoRA adapter (PEFT folder or run) as the model NAME, in the same batch as "
+                   "the others; repeatable. P-Tuning checkpoints: one per server, as PATH itself")  # fmt: skip
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-concurrent", type=int, help="requests generating at once, one batch row each (default 64 "
+                   "on CUDA, 8 on the CPU)")  # fmt: skip
+    g.add_argument("--max-queue", type=int, default=256,
+                   help="requests waiting for a row; beyond, 429 (default 256)")  # fmt: skip
+    g.add_argument("--max-total-tokens", type=int, help="prompt + reply tokens per request (default: the model's "
+                   "context, at most 8192); sizes the KV cache")  # fmt: skip
+    g.add_argument("--max-prompt-tokens", type=int, help="prompt tokens per request (default: max-total-tokens - 1)")
+    g.add_argument("--queue-timeout", type=float, default=300.0,
+                   help="seconds a request may wait for a row before it gets 503 (default 300)")  # fmt: skip
+    g.add_argument("--prefill-tokens", type=int,
+                   help="prompt tokens prefilled between decode steps (default 2048 on CUDA, 256 on the CPU): lower "
+                   "keeps running streams smoother, higher starts new ones sooner")  # fmt: skip
+    g.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body size (default 4 MiB)")
+    p.add_argument("--decode", default="auto", choices=("auto", "eager", "graph", "compiled"),
+                   help="decode step: auto (a CUDA graph on CUDA, else eager), eager, graph, compiled")  # fmt: skip
     add_model_options(p)
     p.set_defaults(func=run)
 
 
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    """``--adapter NAME=PATH`` values -> {name: path}; ValueError naming the bad one."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--adapter {v!r}: expected NAME=PATH")
+        if name in out:
+            raise ValueError(f"--adapter {v!r}: the name {name!r} is given twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
+    adapters = parse_adapters(args.adapter)
     import uvicorn
 
     from glmtune.serve.app import create_app
+    from glmtune.serve.engine import Limits
 
-    pretrained = load_model_from_args(args)
     name = args.model_name or Path(args.model).resolve().name
-    app = create_app(pretrained, model_name=name, api_key=args.api_key or None)
+    pretrained, adapters, name = _load(args, adapters, name)
+    limits = Limits(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
+                    max_total_tokens=args.max_total_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                    queue_timeout=args.queue_timeout, prefill_tokens=args.prefill_tokens)  # fmt: skip
+    app = create_app(pretrained, model_name=name, api_key=args.api_key or None, adapters=adapters, limits=limits,
+                     max_body_bytes=args.max_body_bytes, decode=args.decode)  # fmt: skip
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
-    log.info("serving %s as %r on http://%s:%d/v1", args.model, name, args.host, args.port)
+    log.info("serving %s on http://%s:%d/v1", ", ".join(repr(n) for n in app.state.engine.names), args.host,
+             args.port)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def _load(args: argparse.Namespace, adapters: dict[str, str], name: str):
+    """(model, adapters, name of the model itself). A LoRA PATH served beside other adapters stays unmerged: the
+    base is served under its folder's name and PATH as the adapter ``name``."""
+    from glmtune.runs import resolve
+
+    resolved = resolve(args.model, base=args.base)
+    resolved_adapters = {}
+    for key, path in adapters.items():
+        r = resolve(path, base=args.base, require_base=False)
+        if r.kind == "ptuning":
+            raise ValueError(f"--adapter {key}={path}: a P-Tuning checkpoint cannot share a batch with other "
+                             "adapters (its prefix fills every row's KV cache); serve it alone as PATH")  # fmt: skip
+        if r.kind != "lora":
+            raise ValueError(f"--adapter {key}={path}: not a LoRA adapter (a PEFT folder or a LoRA run)")
+        resolved_adapters[key] = str(r.result_dir)
+    if resolved.kind == "lora" and resolved_adapters:
+        assert resolved.base_dir is not None
+        args.model, base_name = str(resolved.base_dir), resolved.base_dir.resolve().name
+        if name in resolved_adapters:
+            raise ValueError(f"--adapter {name}=...: the name {name!r} is the served model's")
+        return load_model_from_args(args), {name: str(resolved.result_dir), **resolved_adapters}, base_name
+    return load_model_from_args(args), resolved_adapters, name

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
 
@@ -40,6 +40,19 @@ class ChatRequest:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage counts
+    # tool calling (ChatGLM3, GLM-4): the request as sent, checked by serve/tools.py against the generation
+    raw_messages: list[dict] = field(default_factory=list)
+    tools: Any = None
+    tool_choice: Any = None
+
+    @property
+    def uses_tools(self) -> bool:
+        """True when the request has tools, a tool result or an assistant tool call (serve/tools.py renders it)."""
+        return (
+            bool(self.tools)
+            or self.tool_choice is not None
+            or any(m.get("role") == "tool" or m.get("tool_calls") for m in self.raw_messages)
+        )
 
 
 def _bad(message: str, param: str | None, code: str | None = "invalid_value") -> APIError:
@@ -103,14 +116,17 @@ def _messages(v: Any) -> list[tuple[str, str]]:
         if not isinstance(m, dict):
             raise _bad(f"'{param}' must be an object, got {_type_name(m)}", param, "invalid_type")
         role = m.get("role")
-        if role == "tool" or m.get("tool_calls"):
-            raise _bad(f"'{param}': tool calls and tool messages are not supported by this server yet",
-                       f"{param}.role", "unsupported_value")  # fmt: skip
         if role not in ROLES:
             raise _bad(f"'{param}.role' must be one of {', '.join(ROLES)}, got {role!r}", f"{param}.role")
+        if role == "tool" or m.get("tool_calls"):  # checked with the tools (serve/tools.py)
+            out.append((role, ""))
+            continue
         out.append((role, _content(m.get("content"), f"{param}.content")))
-    if out[-1][0] != "user":
-        raise _bad("the last message must be a user message (the server answers it)", f"messages[{len(out) - 1}]")
+    if out[-1][0] not in ("user", "tool"):
+        raise _bad(
+            "the last message must be a user message or a tool result (the server answers it)",
+            f"messages[{len(out) - 1}]",
+        )
     return out
 
 
@@ -155,9 +171,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     n = _integer(body, "n")
     if n is not None and n != 1:
         raise _bad(f"'n' must be 1 (one choice per request), got {n}", "n", "unsupported_value")
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise _bad(f"'{name}' is not supported by this server yet", name, "unsupported_value")
+    if body.get("functions") or body.get("function_call"):
+        raise _bad("'functions' is OpenAI's deprecated form; send 'tools'", "functions", "unsupported_value")
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise _bad(f"'{name}' is not supported by this server (only 0)", name, "unsupported_value")
@@ -171,6 +186,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
         seed=seed,
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
+        raw_messages=body["messages"],
+        tools=body.get("tools"),
+        tool_choice=body.get("tool_choice"),
     )
 
 
