@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 GENERATION_CHOICES = ("chatglm", "chatglm2", "chatglm3", "glm4")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
-QUANTIZE_CHOICES = ("none", "int8", "int4")
+QUANTIZE_CHOICES = ("none", "int8", "int4", "nf4")  # quant.SCHEMES (kept here: the parser imports no torch)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -28,8 +28,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="override the generation detected from the model folder (ChatGLM2 and 3 share one "
                    "architecture)")  # fmt: skip
     p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES,
-                   help="quantize the block linears as they load, in THUDM's format (default none; a folder "
-                   "written by `glmtune quantize` loads quantized as it is)")  # fmt: skip
+                   help="quantize the block linears as they load: int8/int4 in THUDM's format, nf4 (QLoRA's "
+                   "NormalFloat, needs torchao) (default none; a folder written by `glmtune quantize` loads quantized "
+                   "as it is)")  # fmt: skip
 
 
 def load_model_from_args(args: argparse.Namespace) -> Pretrained:

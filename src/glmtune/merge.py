@@ -8,6 +8,11 @@ the reader's window of the input file and one float32 matrix, never the whole mo
 ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``), the base's
 ``config.json`` (``torch_dtype`` updated when converting) and every other file of the base folder (tokenizer, the
 original code files, generation_config.json), so it loads in glmtune and in the original code alike.
+
+A quantized base: the block linears the adapter was trained over are the dequantized ones. A THUDM int4/int8 folder
+is dequantized (integer x row scale); an adapter trained with ``quantize: int8|int4|nf4`` over a full-precision
+folder (QLoRA) is merged into the round trip of each block linear through that quantization, so the merged model is
+the one the adapter was trained with. ``bits`` 4/8 writes the merged block linears in THUDM's format instead.
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ from glmtune.models.checkpoint import (
     checkpoint_files,
     iter_checkpoint,
     read_tensor_infos,
+    read_tensors,
 )
-from glmtune.pretrained import DTYPES
+from glmtune.models.config import GLMConfig
+from glmtune.models.quant import QUANTIZED_WEIGHT, check_bits, dequantize_weight, quantize_weight
+from glmtune.pretrained import DTYPES, quantization
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +78,7 @@ def _copy_side_files(src: Path, dst: Path, skip: set[str]) -> None:
         shutil.copy2(p, dst / p.name)
 
 
-def _check_adapter_fits(adapter: LoraAdapter, base_dir: Path) -> dict[str, Any]:
+def _check_adapter_fits(adapter: LoraAdapter, base_dir: Path, stored_bits: int) -> dict[str, Any]:
     infos = read_tensor_infos(base_dir)
     for module, w in adapter.modules.items():
         info = infos.get(f"{module}.weight")
@@ -80,17 +88,50 @@ def _check_adapter_fits(adapter: LoraAdapter, base_dir: Path) -> dict[str, Any]:
                 f"'{module}.weight'; was it trained on another model generation?"
             )
         expected = (w.b.shape[0], w.a.shape[1])
-        if tuple(info.shape) != expected:
+        quantized = stored_bits and QUANTIZED_WEIGHT.match(f"{module}.weight")
+        stored = (expected[0], expected[1] // 2) if quantized and stored_bits == 4 else expected
+        if tuple(info.shape) != stored:
             raise AdapterError(
                 f"{adapter.weights_file}: module '{module}' implies a weight of shape {expected}, but "
                 f"'{module}.weight' in {info.file} has shape {tuple(info.shape)}"
+                + (f" (INT{stored_bits}: expected {stored})" if quantized else "")
             )
-        if not info.dtype.startswith(("float", "bfloat")):
+        if not quantized and not info.dtype.startswith(("float", "bfloat")):
             raise AdapterError(
-                f"{info.file}: '{module}.weight' is {info.dtype} (a quantized checkpoint?); merge into an unquantized "
-                "base model"
+                f"{info.file}: '{module}.weight' is {info.dtype}, but config.json declares no quantization_bit: "
+                "a quantized checkpoint whose config.json lost the field?"
             )
+        if quantized and f"{module}.weight_scale" not in infos:
+            raise AdapterError(f"{base_dir}: INT{stored_bits} weight '{module}.weight' has no "
+                               f"'{module}.weight_scale' (fp16, shape ({expected[0]},))")  # fmt: skip
     return infos
+
+
+def _base_linear(
+    name: str,
+    t: torch.Tensor,
+    stored_bits: int,
+    scales: dict[str, torch.Tensor],
+    trained_on: str,
+    quant_dtype: torch.dtype,
+) -> torch.Tensor:
+    """A block linear's weight (out, in) in float32 as the adapter saw it (see the module docstring)."""
+    if stored_bits:
+        scale = scales.get(name + "_scale")
+        if scale is None:
+            raise AdapterError(f"INT{stored_bits} weight '{name}' has no '{name}_scale' in the base folder")
+        if scale.shape != (t.shape[0],):
+            raise AdapterError(f"'{name}_scale' has shape {tuple(scale.shape)}, expected ({t.shape[0]},) (one fp16 "
+                               f"scale per row of '{name}')")  # fmt: skip
+        return dequantize_weight(t, scale, stored_bits, torch.float32)
+    if trained_on == "nf4":
+        from glmtune.models.nf4 import nf4_round_trip
+
+        return nf4_round_trip(t.to(quant_dtype)).float()
+    if trained_on in ("int8", "int4"):
+        bits = int(trained_on[3:])
+        return dequantize_weight(*quantize_weight(t.float(), bits), bits, torch.float32)
+    return t.float()
 
 
 def merge_lora_to_checkpoint(
@@ -101,11 +142,17 @@ def merge_lora_to_checkpoint(
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
+    trained_on: str = "none",
+    quant_dtype: torch.dtype = torch.float32,
+    bits: int | None = None,
 ) -> Path:
     """Write ``out_dir``: the base checkpoint with the PEFT LoRA adapter of ``adapter_dir`` folded in.
 
-    ``dtype`` converts the floating tensors (None / "auto": keep each tensor's dtype; rotary ``inv_freq`` buffers
-    always keep theirs). The folder is built aside and swapped in when complete."""
+    ``dtype`` converts the floating tensors (None / "auto": keep each tensor's dtype, the base's ``torch_dtype`` for
+    dequantized ones; rotary ``inv_freq`` buffers always keep theirs). ``trained_on`` (none, int8, int4, nf4): the
+    ``quantize`` the adapter was trained with (nf4 quantizes from ``quant_dtype``, the training's load dtype);
+    ``bits`` 4/8: the block linears written in THUDM's format. The folder is built aside and swapped in when
+    complete."""
     start = time.perf_counter()
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     out_dtype = _dtype(dtype)
@@ -116,9 +163,16 @@ def merge_lora_to_checkpoint(
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: no such file (the base model folder needs its config.json)")
     raw_config = json.loads(config_path.read_text(encoding="utf-8"))
+    if bits is not None:
+        check_bits(bits)
+    config = GLMConfig.from_dict(raw_config, source=str(config_path))
+    scheme = quantization(config, trained_on, source=config_path)  # the folder's int4/int8, or what training used
+    stored_bits = int(scheme[3:]) if raw_config.get("quantization_bit") else 0
     checkpoint_files(base_dir)  # a clear error for a folder without weights
     adapter = read_lora_adapter(adapter_dir)
-    _check_adapter_fits(adapter, base_dir)
+    infos = _check_adapter_fits(adapter, base_dir, stored_bits)
+    scales = read_tensors(i for n, i in infos.items() if n.endswith(".weight_scale")) if stored_bits else {}
+    dequantized_dtype = out_dtype or DTYPES.get(str(raw_config.get("torch_dtype")), torch.float16)
 
     def fill(tmp: Path) -> None:
         merged: set[str] = set()
@@ -128,9 +182,24 @@ def merge_lora_to_checkpoint(
                 if name in seen:
                     raise AdapterError(f"{file}: tensor '{name}' appears twice in {base_dir}")
                 seen.add(name)
+                if stored_bits and name.endswith(".weight_scale"):
+                    continue  # used with its weight
                 module = name[: -len(".weight")] if name.endswith(".weight") else None
                 target = out_dtype if (out_dtype is not None and t.is_floating_point() and
                                        not name.endswith("inv_freq")) else t.dtype  # fmt: skip
+                if QUANTIZED_WEIGHT.match(name) and (scheme != "none" or bits):
+                    w = _base_linear(name, t, stored_bits, scales, scheme, quant_dtype)  # float32
+                    del t
+                    if module in adapter.modules:
+                        w += adapter.modules[module].delta()
+                        merged.add(module)
+                    if bits:
+                        q, scale = quantize_weight(w, bits)
+                        writer.add(name, q)
+                        writer.add(name + "_scale", scale)
+                    else:
+                        writer.add(name, w.to(target if target.is_floating_point else dequantized_dtype))
+                    continue
                 if module is not None and module in adapter.modules:
                     out = (t.float() + adapter.modules[module].delta()).to(target)  # (out, in)
                     merged.add(module)
@@ -144,6 +213,10 @@ def merge_lora_to_checkpoint(
         config = dict(raw_config)
         if out_dtype is not None:
             config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
+        if bits:
+            config["quantization_bit"] = bits
+        else:
+            config.pop("quantization_bit", None)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _copy_side_files(base_dir, tmp, skip={CONFIG_NAME})
 

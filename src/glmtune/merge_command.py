@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,12 @@ def add_parser(subparsers: Any) -> None:
                    "base_model_name_or_path when that is a local folder)")  # fmt: skip
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="dtype of the merged weights (default: that of the base checkpoint)")  # fmt: skip
+    p.add_argument("--bits", type=int, choices=[4, 8],
+                   help="write the block linears in THUDM's INT4/INT8 format (what `glmtune quantize` writes); "
+                   "default: full precision")  # fmt: skip
+    p.add_argument("--base-quantize", choices=["none", "int8", "int4", "nf4"],
+                   help="the quantization the adapter was trained over (default: the run's `quantize`; none for an "
+                   "adapter folder without a run): the merge adds the adapter to that dequantized base")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
     p.set_defaults(func=run_merge)
 
@@ -58,9 +65,29 @@ def run_merge(args: argparse.Namespace) -> int:
             "a complete model already (nothing to merge)")  # fmt: skip
         raise ValueError(f"{args.source}: holds {what}")
     assert r.base_dir is not None
-    out = merge_lora_to_checkpoint(r.base_dir, r.result_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    trained_on, quant_dtype = _trained_quantization(r.run_dir, args.base_quantize)
+    out = merge_lora_to_checkpoint(r.base_dir, r.result_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                                   trained_on=trained_on, quant_dtype=quant_dtype, bits=args.bits)  # fmt: skip
     log.info("merged model written to %s", out)
     return 0
+
+
+def _trained_quantization(run_dir: Path | None, given: str | None) -> tuple[str, Any]:
+    """The run's ``quantize`` (or ``given``) and the dtype its base was loaded in (NF4 quantizes in that dtype)."""
+    import torch
+
+    from glmtune.pretrained import DTYPES
+
+    if run_dir is None:
+        return given or "none", torch.float32
+    from glmtune.runs import read_run
+    from glmtune.train.config import load_config
+
+    saved = load_config(run_dir / "config.yaml", check_files=False).quantize
+    if given is not None and given != saved:
+        log.warning("--base-quantize %s: the run %s was trained with quantize: %s", given, run_dir, saved)
+    dtype = DTYPES.get(str(read_run(run_dir).get("dtype")), torch.float32)
+    return given or saved, dtype
 
 
 def run_export(args: argparse.Namespace) -> int:

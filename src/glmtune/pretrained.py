@@ -13,7 +13,7 @@ from torch import nn
 from glmtune.models import build_model
 from glmtune.models.checkpoint import load_weights
 from glmtune.models.config import GENERATIONS, GLMConfig
-from glmtune.models.quant import config_bits, quantize_model_
+from glmtune.models.quant import SCHEMES, config_bits, quantize_model_, scheme_of
 from glmtune.templates import Template, get_template
 from glmtune.tokenizers import Tokenizer, load_tokenizer
 
@@ -42,20 +42,33 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
     return DTYPES[name]
 
 
-QUANTIZE = {"none": 0, "int8": 8, "int4": 4}
-
-
-def quantization_bits(config: GLMConfig, quantize: str | None, *, source: str | Path = "config.json") -> int:
-    """The bits to load with: the folder's ``quantization_bit``, else ``quantize`` (none, int8, int4; None: none)."""
-    if quantize is not None and quantize not in QUANTIZE:
-        raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(QUANTIZE)}")
-    stored = config_bits(config, source)
-    wanted = QUANTIZE[quantize or "none"]
-    if stored and wanted and wanted != stored:
+def quantization(config: GLMConfig, quantize: str | None, *, source: str | Path = "config.json") -> str:
+    """The quantization to load with (``quant.SCHEMES``): the folder's ``quantization_bit`` (int4, int8), else
+    ``quantize`` (none, int8, int4, nf4; None: none)."""
+    if quantize is not None and quantize not in SCHEMES:
+        raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(SCHEMES)}")
+    stored = scheme_of(config_bits(config, source))
+    wanted = quantize or "none"
+    if stored != "none" and wanted not in ("none", stored):
         raise ValueError(
-            f"{source}: the weights are quantized to {stored} bits already; cannot load them as int{wanted}"
+            f"{source}: the weights are quantized to {stored[3:]} bits already (quantization_bit); cannot load them "
+            f"as {wanted}"
         )
-    return stored or wanted
+    return stored if stored != "none" else wanted
+
+
+def check_trainable_base(model_dir: str | Path, method: str, quantize: str | None = None) -> str:
+    """Refuse a quantized base (a THUDM int4/int8 folder, or ``quantize``) for a method that trains base weights
+    (full, freeze): its weights are frozen integers. Returns the quantization to load with."""
+    path = Path(model_dir) / "config.json"
+    scheme = quantization(GLMConfig.from_json(path), quantize, source=path)
+    if scheme != "none" and method in ("full", "freeze"):
+        where = f"{path}: quantization_bit {scheme[3:]}" if quantize in (None, "none") else f"quantize: {scheme}"
+        raise ValueError(
+            f"{where}: a quantized base is frozen; method {method!r} trains base weights. Use method lora or ptuning "
+            "(QLoRA, P-Tuning v2 over int4/int8), or a full-precision base with quantize: none"
+        )
+    return scheme
 
 
 @dataclass
@@ -79,8 +92,9 @@ def load_pretrained(
     """Load config.json, the weight shards (streamed into ``dtype`` on ``device``), the tokenizer and template.
 
     ``generation`` (chatglm, chatglm2, chatglm3, glm4) overrides detection; v2 and v3 share one architecture and
-    are told apart by their tokenizer files. ``quantize`` (none, int8, int4) quantizes the block linears in THUDM's
-    format as they load; a folder whose config.json has ``quantization_bit`` loads quantized as it is.
+    are told apart by their tokenizer files. ``quantize`` (none, int8, int4, nf4) quantizes the block linears as
+    they load (int8/int4 in THUDM's format, nf4 through torchao); a folder whose config.json has
+    ``quantization_bit`` loads quantized as it is.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -116,14 +130,15 @@ def load_model(
 ) -> nn.Module:
     """Build the model on the meta device and stream the original shards into it (no fp32 copy of the whole).
 
-    Quantized (config.json's ``quantization_bit``, or ``quantize`` int8/int4): the block linears become
-    ``QuantizedLinear`` on meta first, so int8 weights load as they are and full-precision ones are quantized one
-    tensor at a time."""
-    bits = quantization_bits(config, quantize, source=Path(model_dir) / "config.json")
+    Quantized (config.json's ``quantization_bit``, or ``quantize`` int8/int4/nf4): the block linears become
+    ``QuantizedLinear`` / ``NF4Linear`` on meta first, so int8 weights load as they are and full-precision ones are
+    quantized one tensor at a time on ``device`` (neither the host nor the GPU ever holds the whole model unquantized).
+    """
+    scheme = quantization(config, quantize, source=Path(model_dir) / "config.json")
     model = build_model(config, device="meta", generation=generation)
     rules = model.checkpoint_rules()
-    if bits:
-        quantize_model_(model, bits)
+    if scheme != "none":
+        quantize_model_(model, scheme)
         rules["keep_dtype"] = [*rules.get("keep_dtype", ()), r"\.weight_scale$"]
     report = load_weights(model, model_dir, dtype=dtype, device=device, **rules)
     model.init_missing(report.missing_optional, device=device, dtype=dtype)

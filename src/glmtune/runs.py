@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import torch
 
-from glmtune.models.quant import QuantizedLinear
+from glmtune.models.quant import is_quantized
 from glmtune.pretrained import Pretrained, load_pretrained
 from glmtune.train.run_folder import RUN_FILE, RUN_FORMAT
 from glmtune.train.state import checkpoint_step, latest_checkpoint
@@ -202,7 +202,7 @@ def load_for_inference(
             from glmtune.adapters.peft_format import load_lora_adapter
 
             load_lora_adapter(pre.model, r.result_dir)
-            if merge and any(isinstance(m, QuantizedLinear) for m in pre.model.modules()):
+            if merge and any(is_quantized(m) for m in pre.model.modules()):
                 log.info("keeping the LoRA adapter beside the quantized base (it cannot be folded into int weights)")
             elif merge:
                 merge_lora(pre.model)

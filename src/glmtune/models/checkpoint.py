@@ -42,6 +42,7 @@ from torch import nn
 
 from glmtune.io import atomic_write_dir, atomic_write_text
 from glmtune.models.config import GLMConfig
+from glmtune.models.nf4 import NF4Linear
 from glmtune.models.quant import QuantizedLinear, quantize_weight
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,24 @@ def read_tensor_infos(model_dir: str | Path) -> dict[str, TensorInfo]:
     return out
 
 
+def read_tensors(infos: Iterable[TensorInfo]) -> dict[str, torch.Tensor]:
+    """The named tensors (from ``read_tensor_infos``), read one by one from their files onto the CPU: a few small
+    tensors of a large checkpoint (the ``weight_scale`` rows of a quantized folder)."""
+    out: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for info in infos:
+        by_file.setdefault(info.file, []).append(info.name)
+    for path, names in by_file.items():
+        reader = _ShardReader(path)
+        try:
+            for name in names:
+                out[name] = reader.tensor(name).clone()
+                reader.done(name, out[name].nbytes)
+        finally:
+            reader.close()
+    return out
+
+
 def _torch_dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
@@ -431,6 +450,12 @@ def _quantized_owner(slot: _Slot) -> QuantizedLinear | None:
 def _quantize_on_load(slot: _Slot, src_float: bool) -> QuantizedLinear | None:
     """The QuantizedLinear to quantize a full-precision checkpoint weight into as it loads, if any."""
     return _quantized_owner(slot) if src_float else None
+
+
+def _nf4_owner(slot: _Slot) -> NF4Linear | None:
+    """The NF4Linear whose placeholder ``weight`` this slot is, if any (quantized by torchao as it loads)."""
+    mod, attr = slot.owners[0]
+    return mod if isinstance(mod, NF4Linear) and attr == "weight" else None
 
 
 def _check_tensor(slot: _Slot, ckpt_name: str, shape: tuple[int, ...], src_float: bool, file: Path) -> None:
@@ -633,6 +658,13 @@ def load_weights(
                     _put(scale_slot, ckpt_name + "_scale", scale.to(scale_slot.template.dtype), report, path)
                     continue
                 target = _target_dtype(slot, model_name, dtype, src_dtype, keep_re)
+                nf4 = _nf4_owner(slot)
+                if nf4 is not None:  # one weight at a time, in the load dtype on the device, becomes NF4
+                    nf4.load_float_weight_(_read_converted(reader, ckpt_name, device, target))
+                    slot.loaded_from = ckpt_name
+                    report.loaded.append(slot.names[0])
+                    report.num_bytes += sum(b.nbytes for b in nf4.buffers())
+                    continue
                 _put(slot, ckpt_name, _read_converted(reader, ckpt_name, device, target), report, path)
         finally:
             reader.close()

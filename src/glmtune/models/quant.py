@@ -9,6 +9,9 @@ holds one value per byte, shape (out, in); INT4 two signed 4-bit values per byte
 The forward here is the reference path on any device: dequantize, then multiply (``_matmul``: the seam for a fused
 kernel). The layer has no trainable tensors, but gradients flow through it to its input (adapters over a quantized
 base).
+
+``quantize_model_`` swaps the same four linears for ``QuantizedLinear`` (int8, int4) or for ``NF4Linear`` (nf4:
+QLoRA's NormalFloat with double quantization, ``models/nf4.py``; quantize-on-load only, no file format).
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmtune.models.nf4 import NF4Linear, check_nf4_shape, require_torchao
+
 BITS = (4, 8)
+SCHEMES = ("none", "int8", "int4", "nf4")  # what ``quantize`` (training config, --quantize) may name
 # The block linears THUDM's format quantizes: v1 under transformer.layers.{i}.attention/.mlp, v2+ under
 # transformer.encoder.layers.{i}.self_attention/.mlp.
 QUANTIZED_LINEARS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
@@ -130,15 +136,40 @@ class QuantizedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
 
 
-def quantize_model_(model: nn.Module, bits: int) -> nn.Module:
-    """Swap the block linears THUDM's format quantizes for ``QuantizedLinear`` in place (on meta before loading a
-    checkpoint: a quantized folder loads as it is, a full-precision one is quantized tensor by tensor as it loads)."""
-    check_bits(bits)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}.weight" if name else f"{child_name}.weight"
-            if isinstance(child, nn.Linear) and QUANTIZED_WEIGHT.match(full):
-                setattr(module, child_name, QuantizedLinear.from_linear(child, bits))
+def scheme_of(bits: int | str) -> str:
+    """``4`` / ``8`` / ``"int4"`` / ``"int8"`` / ``"nf4"`` / ``0`` / ``"none"`` -> the scheme's name in ``SCHEMES``."""
+    scheme = {0: "none", 4: "int4", 8: "int8"}.get(bits, bits) if isinstance(bits, int) else bits
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {bits!r}; choose one of {', '.join(SCHEMES)}")
+    return scheme
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A frozen quantized linear (THUDM int8/int4 or NF4): LoRA stays beside it, nothing trains in it."""
+    return isinstance(module, (QuantizedLinear, NF4Linear))
+
+
+def quantize_model_(model: nn.Module, bits: int | str) -> nn.Module:
+    """Swap the block linears THUDM's format quantizes, in place: for ``QuantizedLinear`` (``bits`` 4/8, "int4"/"int8")
+    or ``NF4Linear`` ("nf4"). On meta before loading a checkpoint: a quantized folder loads as it is, a full-precision
+    one is quantized tensor by tensor as it loads."""
+    scheme = scheme_of(bits)
+    if scheme == "none":
+        return model
+    if scheme == "nf4":
+        require_torchao()  # before any weight is read: a clear message naming what runs instead
+    targets = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and QUANTIZED_WEIGHT.match(full + ".weight"):
+                if scheme == "nf4":
+                    check_nf4_shape(full, child.out_features, child.in_features)
+                targets.append((module, child_name, child, full))
+    for module, child_name, child, full in targets:
+        new = NF4Linear.from_linear(child, full) if scheme == "nf4" else QuantizedLinear.from_linear(
+            child, int(scheme[3:]))  # fmt: skip
+        setattr(module, child_name, new)
     return model
 
 

@@ -250,8 +250,12 @@ class Trainer:
             method.base_model_name_or_path = cfg.model  # written into PEFT's adapter_config.json
         full = method.name == "full"  # every weight trained: load in float32 rather than upcast a bf16 copy
         weights_dtype = torch.float32 if (self.precision == "fp32" or full) else self.amp_dtype
+        from glmtune.pretrained import check_trainable_base
+
+        # a frozen quantized base (quantize int8/int4/nf4, or a THUDM int4/int8 folder): lora and ptuning only
+        quantize = check_trainable_base(cfg.model, method.name, cfg.quantize)
         self.pretrained = load_pretrained(cfg.model, dtype=weights_dtype, device=str(self.info.device),
-                                          generation=cfg.generation)  # fmt: skip
+                                          generation=cfg.generation, quantize=quantize)  # fmt: skip
         self.model, self.tokenizer = self.pretrained.model, self.pretrained.tokenizer
         self.template = check_template(self.pretrained, cfg.template)
         method.setup(self.model)
