@@ -1,18 +1,24 @@
-"""Several processes under torchrun: DDP with NCCL on GPUs or gloo on the CPU; one process otherwise.
+"""Several processes under torchrun (on one machine or several): NCCL on GPUs or gloo on the CPU; one process
+otherwise. How they share the model (DDP or FSDP2) is ``train/fsdp.py``'s ``choose_mode``.
 
 torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; with ``WORLD_SIZE > 1``
-the process group is started here. Rank 0 alone logs, shows progress and writes files; every decision that
-changes the course of the run (skip a step, stop early) is taken from values all ranks share (all-reduced), so
-the ranks never disagree.
+the process group is started here, with a timeout on every collective (``GLMTUNE_DIST_TIMEOUT`` seconds, default
+600) so that ranks whose peer died stop with an error instead of waiting for NCCL's 30 minutes (torchrun, seeing a
+worker exit, stops the others on its machine and names the rank that failed). The ranks then check that they run
+the same config (:func:`check_same_config`). Rank 0 alone logs, shows progress and writes files; every decision
+that changes the course of the run (skip a step, stop early) is taken from values all ranks share (all-reduced),
+so the ranks never disagree.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -20,6 +26,9 @@ import torch.distributed as dist
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+TIMEOUT_ENV = "GLMTUNE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600  # a checkpoint of a large model is written within it; a dead peer is noticed after it
 
 
 @dataclass
@@ -65,7 +74,8 @@ def setup(device: str = "auto") -> DistInfo:
     started = False
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+        timeout = timedelta(seconds=_env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None, timeout=timeout)
         started = True
         log.info("process group started: rank %d of %d, backend %s, device %s", rank, world, backend, dev)
     elif dist.is_initialized():
@@ -127,6 +137,24 @@ def gather_objects(info: DistInfo, obj: Any) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def config_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def check_same_config(info: DistInfo, text: str) -> None:
+    """Every rank must train with the same config (``text``: the resolved config); a rank started with other
+    arguments is an error on every rank, naming the ranks that differ from rank 0."""
+    if not info.enabled:
+        return
+    hashes = gather_objects(info, config_hash(text))
+    differ = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    if differ:
+        raise ValueError(
+            f"the processes were started with different configs: rank(s) {differ} differ from rank 0 (config hashes "
+            f"{hashes}); start every process with the same config file and key=value overrides"
+        )
 
 
 def wrap(module: nn.Module, info: DistInfo) -> nn.Module:

@@ -16,8 +16,12 @@ without improvement stop the run. Checkpoints (every ``save.every_steps``, at th
 everything an exact resume needs: ``train(config, resume=True)`` continues with the very loss sequence the run
 would have had. At the end the run folder's ``model/`` gets the best (else the last) weights.
 
-Where a variant hooks in: ``load_model`` (a quantized base), ``wrap`` (DDP today, FSDP2), ``TrainStep`` (the
-step), ``evaluate`` and ``save``.
+Several processes (torchrun) train as ``train.distributed`` says (``train/fsdp.py``): DDP wraps the loss module
+(``wrap``); FSDP2 shards the model right after it is loaded (``distribute``), and its checkpoints keep the trainable
+state sharded (``state/dcp/``); every rank then takes part in writing the method's output, which rank 0 writes.
+
+Where a variant hooks in: ``load_model`` (a quantized base), ``distribute`` and ``wrap`` (DDP, FSDP2),
+``TrainStep`` (the step), ``evaluate`` and ``save``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from tqdm.auto import tqdm
 from glmtune.adapters.base import Method
 from glmtune.io import NoSpaceError, writing
 from glmtune.pretrained import load_pretrained
-from glmtune.train import distributed, evaluation
+from glmtune.train import distributed, evaluation, fsdp
 from glmtune.train.compile import compile_blocks, eager, use_compile
 from glmtune.train.config import TrainConfig
 from glmtune.train.data import dev_batches, load_datasets, make_batcher
@@ -78,6 +82,7 @@ from glmtune.train.state import (
     rng_state,
     set_rng_state,
     write_checkpoint,
+    write_sharded_checkpoint,
 )
 from glmtune.train.step import LMLoss, StepOutput, TrainStep
 
@@ -123,6 +128,7 @@ def train(
     info = distributed.setup(cfg.train.device)
     together = False  # whether every rank reaches the teardown (then it waits for all of them)
     try:
+        distributed.check_same_config(info, cfg.to_yaml())
         trainer = Trainer(cfg, info, resume=resume, force=force, method=method, eval_hook=eval_hook, on_step=on_step)
         trainer.setup()
         result = trainer.run()
@@ -193,6 +199,8 @@ class Trainer:
         self.cfg, self.info, self.resume, self.force = cfg, info, resume, force
         self.method, self.eval_hook, self.on_step = method, eval_hook, on_step
         self.run_dir = Path(cfg.output_dir)
+        self.mode = fsdp.choose_mode(cfg.train.distributed, method.name if method else cfg.method.name, info.world_size)
+        self.sharded = self.mode == "fsdp"
         self.progress = Progress()
         self._rng_to_restore: dict | None = None
         self._pending: list[tuple[int, StepOutput, float]] = []  # steps not yet read back: (step, numbers, lr)
@@ -205,6 +213,7 @@ class Trainer:
         touched: with ``overwrite`` the previous run is set aside only then, and put back if the start fails."""
         self.check_run_dir()
         self.load_model()
+        self.distribute()
         self.compile()
         self.load_data()
         self.build_optimization()
@@ -265,6 +274,20 @@ class Trainer:
         log.info("method %s: trainable parameters %s of %s (%.4f%%); precision %s", method.name, f"{n_train:,}",
                  f"{n_all:,}", 100.0 * n_train / max(n_all, 1), self.precision)  # fmt: skip
 
+    def distribute(self) -> None:
+        """The loss module the step runs; under FSDP the model sharded (blocks, then the loss module as the root)
+        and the trainable parameters taken anew (sharding replaces them)."""
+        info, t = self.info, self.cfg.train
+        self.net = LMLoss(self.model, t.loss_chunk_tokens)
+        if self.mode != "single":
+            log.info("%d processes: %s (train.distributed %s)", info.world_size, self.mode, t.distributed)
+        if not self.sharded:
+            return
+        fsdp.check_supported(precision=self.precision, offload=t.fsdp_offload, device=info.device)
+        compute = None if self.precision == "fp32" else self.amp_dtype
+        fsdp.shard(self.net, self.model, info, compute_dtype=compute, offload=t.fsdp_offload)
+        self.named = fsdp.sharded_parameters(self.model, list(self.named))
+
     def compile(self) -> None:
         """``train.compile``: the transformer blocks compiled in place (names unchanged), fixed batch shapes."""
         self.compiled = use_compile(self.cfg.train.compile, self.info.device)
@@ -298,6 +321,11 @@ class Trainer:
         self.total = t.max_steps or t.epochs * self.batcher.steps_per_epoch
         self.dev = dev_batches(datasets.dev, batch_size=cfg.eval.batch_size, rank=info.rank, world_size=info.world_size,
                                tokenizer=self.tokenizer, template=self.template)  # fmt: skip
+        if self.sharded and datasets.dev:  # every rank runs as many dev batches (each gathers weights with the others)
+            per_rank = math.ceil(math.ceil(len(datasets.dev) / cfg.eval.batch_size) / info.world_size)
+            spare = dev_batches(datasets.dev[:1], batch_size=1, rank=0, world_size=1, tokenizer=self.tokenizer,
+                                template=self.template)[0]  # fmt: skip
+            self.dev = fsdp.even_batches(self.dev, per_rank, spare)
         self.has_dev = bool(datasets.dev)
         self.fingerprint = data_fingerprint(datasets.train)
         log.info("%d steps (%d per epoch, global batch %d %s)", self.total, self.batcher.steps_per_epoch,
@@ -311,7 +339,6 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         self.autocast = torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.precision != "fp32")
-        self.net = LMLoss(self.model, t.loss_chunk_tokens)
 
     def restore(self) -> None:
         """The state of the run's last checkpoint: trainable weights, optimizer, schedule, scaler, counters, RNG."""
@@ -322,8 +349,7 @@ class Trainer:
             return
         ck = read_checkpoint(ckpt_path)
         check_same_data(ck.trainer["data"], self.data_record(), ckpt_path, force=self.force)
-        load_trainable(self.named, ck.trainable, ckpt_path)
-        self.optimizer.load_state_dict(ck.trainer["optimizer"])
+        self.load_trainable(ck, optimizer=True)
         self.scheduler.load_state_dict(ck.trainer["scheduler"])
         self.scheduler.lr_lambdas[0] = self.schedule  # this run's schedule (max_steps may have been raised)
         for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs, strict=True):
@@ -339,24 +365,43 @@ class Trainer:
                         info.world_size)  # fmt: skip
         log.info("resuming %s from step %d (%s)", run_dir, self.progress.step, ckpt_path.name)
 
+    def load_trainable(self, ck, *, optimizer: bool) -> None:
+        """A checkpoint's trainable weights (and optimizer state) into this run, sharded or not: a sharded
+        checkpoint is resharded for this run's processes."""
+        if ck.sharded:
+            fsdp.load_checkpoint_state(ck.path, self.model, self.named, self.optimizer if optimizer else None)
+            return
+        if self.sharded:
+            raise ValueError(f"{ck.path} was written by a run without FSDP (state/trainable.safetensors): resume it "
+                             "with train.distributed=ddp, or with one process")  # fmt: skip
+        load_trainable(self.named, ck.trainable, ck.path)
+        if optimizer:
+            self.optimizer.load_state_dict(ck.trainer["optimizer"])
+
     def wrap(self) -> nn.Module:
-        """The module the step runs: DDP around the model + loss when several processes run."""
-        return distributed.wrap(self.net, self.info)
+        """The module the step runs: DDP around the model + loss (FSDP: already sharded, ``distribute``)."""
+        return distributed.wrap(self.net, self.info) if self.mode == "ddp" else self.net
 
     def start(self) -> None:
         """Last things before the first step: the wrapped step, the metrics writer, the eval hook, the RNG."""
         cfg, info = self.cfg, self.info
-        self.step_fn = TrainStep(self.wrap(), list(self.named.values()), self.optimizer, info=info,
+        step_class = fsdp.ShardedTrainStep if self.sharded else TrainStep
+        self.step_fn = step_class(self.wrap(), list(self.named.values()), self.optimizer, info=info,
                                  autocast=self.autocast, scaler=self.scaler,
                                  max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
         resume_step = self.progress.step if self.resume else None
         self.writer = MetricsWriter(self.run_dir, enabled=info.is_main, tensorboard=cfg.log.tensorboard,
                                     plot=cfg.log.plot, resume_step=resume_step)  # fmt: skip
-        if self.eval_hook is None and info.is_main:
+        if self.sharded and (self.eval_hook is not None or cfg.eval.generate_every_steps):
+            log.warning("generation metrics during training are not computed under FSDP (rank 0 cannot generate "
+                        "alone from a sharded model); evaluate model/ after the run with glmtune eval")  # fmt: skip
+            self.eval_hook = None
+        elif self.eval_hook is None and info.is_main:
             self.eval_hook = evaluation.generation_hook(cfg, self.pretrained, self.template, self.datasets.dev_samples)
             if self.eval_hook is None and cfg.eval.generate_every_steps:
                 log.warning("eval.generate_every_steps is set but there is no dev set: no generation metrics")
         gen_every = cfg.eval.generate_every_steps if (self.eval_hook is not None or not info.is_main) else None
+        gen_every = None if self.sharded else gen_every
         self.gen_every = distributed.broadcast_object(info, gen_every) if info.enabled else gen_every
         seed_everything(cfg.seed + info.rank)  # training randomness (dropout) differs between ranks
         if self._rng_to_restore is not None:
@@ -503,6 +548,8 @@ class Trainer:
         results: dict[str, float] = {}
         with eager():  # shapes vary from batch to batch: the compiled blocks run eagerly
             self._evaluate(results, is_last)
+        if self.sharded:
+            self.net.reshard()  # without a backward pass the root keeps its gathered weights: shard them again
         return results
 
     def _evaluate(self, results: dict[str, float], is_last: bool) -> None:
@@ -520,26 +567,40 @@ class Trainer:
 
     # ---- saving -----------------------------------------------------------------------------------------------
     def save_model(self, out_dir: Path) -> None:
-        """What the method saves (an adapter, a prefix, or the whole model) into ``out_dir``."""
-        model = self.model
-        self.method.save(model, out_dir, config=model.config, tokenizer_files=self.tokenizer.files)
+        """What the method saves (an adapter, a prefix, or the whole model) into ``out_dir``. Sharded: every rank
+        calls it (the weights are gathered) and rank 0 writes."""
+        model, files = self.model, self.tokenizer.files
+        if self.sharded:
+            fsdp.save_method_output(self.method, model, self.named, out_dir, config=model.config,
+                                    tokenizer_files=files, write=self.info.is_main)  # fmt: skip
+            return
+        self.method.save(model, out_dir, config=model.config, tokenizer_files=files)
 
     def save(self, step: int) -> None:
-        """A checkpoint of this step (rank 0 writes it, with every rank's RNG state); older ones pruned."""
+        """A checkpoint of this step (rank 0 writes it, with every rank's RNG state; sharded: every rank writes its
+        shard); older ones pruned."""
         info, progress = self.info, self.progress
         rngs = distributed.gather_objects(info, rng_state())
+        trainer = None
         if info.is_main:
             trainer = {
-                "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "rng": rngs,
                 "data": self.data_record(),
             }
-            path = checkpoint_dir(self.run_dir, step)
+        path = checkpoint_dir(self.run_dir, step)
+        if self.sharded:
+            sharded = fsdp.checkpoint_state(self.model, self.named, self.optimizer)
+            with writing(path):
+                write_sharded_checkpoint(path, info=info, save_model=self.save_model, sharded=sharded, trainer=trainer,
+                                         progress=progress)  # fmt: skip
+        elif info.is_main:
+            trainer["optimizer"] = self.optimizer.state_dict()
             with writing(path):
                 write_checkpoint(path, save_model=self.save_model, trainable=dict(self.named), trainer=trainer,
                                  progress=progress)  # fmt: skip
+        if info.is_main:
             keep = {progress.best_step} if progress.best_step is not None else set()
             prune_checkpoints(self.run_dir, self.cfg.save.keep_last, keep)
         barrier(info)
@@ -556,13 +617,16 @@ class Trainer:
         if progress.best_step is not None and progress.best_step != progress.step:
             best_dir = checkpoint_dir(run_dir, progress.best_step)
             if best_dir.is_dir():
-                load_trainable(self.named, read_checkpoint(best_dir).trainable, best_dir)
+                self.load_trainable(read_checkpoint(best_dir), optimizer=False)
             else:
                 log.warning("best checkpoint %s is missing; the final model is the last state", best_dir)
         model_dir = run_dir / "model"
         if info.is_main:
             with writing(model_dir):
                 save_with_tokenizer(self.save_model, model_dir, self.tokenizer.files)
+        elif self.sharded:
+            self.save_model(model_dir)  # this rank's part of the gathering (rank 0 writes)
+        if info.is_main:
             drop_previous(run_dir)  # an overwritten run's files, kept until now
             self.writer.plot()
             log.info("run folder %s: final model in %s%s", run_dir, model_dir,

@@ -10,6 +10,12 @@ holds what an exact resume needs:
   counters); read back with ``torch.load(weights_only=True)``;
 - ``trainer.json``: the counters again, for people.
 
+An FSDP run (``train/fsdp.py``) keeps the trainable parameters and the optimizer state sharded in ``dcp/``
+(``torch.distributed.checkpoint``: every rank writes its shard, rank 0 the metadata) instead of
+``trainable.safetensors`` and ``trainer.pt``'s optimizer entry; ``trainer.pt`` still holds the rest, and it is
+written last (a checkpoint without it is not one). Every process writes into the same hidden work folder, which
+rank 0 renames into place once all are done; several machines need ``output_dir`` on a filesystem they all see.
+
 The whole folder is built beside its final name and renamed into place (``glmtune.io.atomic_write_dir``): a crash
 at any moment leaves the previous checkpoints complete, and a half-written one is never taken for a checkpoint.
 """
@@ -31,11 +37,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glmtune.io import atomic_write_dir
+from glmtune.train.distributed import DistInfo, barrier, broadcast_object
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 STATE_FORMAT = 1
+SHARDED = "dcp"  # state/dcp/: the sharded trainable parameters and optimizer state of an FSDP run
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -154,18 +162,64 @@ def write_checkpoint(
         save_file(
             {k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(state / "trainable.safetensors")
         )
-        torch.save({"format": STATE_FORMAT, "progress": asdict(progress), **trainer}, state / "trainer.pt")
-        info = {"format": STATE_FORMAT, **asdict(progress)}
-        (state / "trainer.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        _write_trainer(state, trainer, progress)
 
     atomic_write_dir(path, fill)
+
+
+def _write_trainer(state: Path, trainer: dict[str, Any], progress: Progress) -> None:
+    torch.save({"format": STATE_FORMAT, "progress": asdict(progress), **trainer}, state / "trainer.pt")
+    info = {"format": STATE_FORMAT, **asdict(progress)}
+    (state / "trainer.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def write_sharded_checkpoint(
+    path: str | Path,
+    *,
+    info: DistInfo,
+    save_model: Callable[[Path], None],
+    sharded: dict[str, Any],
+    trainer: dict[str, Any] | None,
+    progress: Progress,
+) -> None:
+    """Write one checkpoint of a sharded run; every rank calls it. ``save_model(folder)`` writes the method's output
+    (every rank takes part, rank 0 writes), ``sharded`` goes to ``state/dcp/`` (each rank its shard), ``trainer``
+    (rank 0's) to ``trainer.pt``. Rank 0 builds the folder aside and renames it into place once every rank is done."""
+    import torch.distributed.checkpoint as dcp
+
+    def fill(tmp: Path | None) -> None:
+        tmp = Path(broadcast_object(info, str(tmp) if tmp is not None else None))
+        save_model(tmp / "model")
+        dcp.save(sharded, checkpoint_id=str(sharded_dir(tmp)))
+        barrier(info)  # every shard written
+        if info.is_main:
+            _write_trainer(tmp / "state", trainer or {}, progress)
+
+    if info.is_main:
+        atomic_write_dir(path, fill)
+    else:
+        fill(None)
+
+
+def sharded_dir(checkpoint: str | Path) -> Path:
+    """Where a checkpoint keeps its sharded state (``state/dcp``)."""
+    return Path(checkpoint) / "state" / SHARDED
+
+
+def is_sharded(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint was written by an FSDP run (its trainable state in ``state/dcp/``)."""
+    return (sharded_dir(checkpoint) / ".metadata").is_file()
 
 
 @dataclass
 class Checkpoint:
     path: Path
-    trainable: dict[str, torch.Tensor]
+    trainable: dict[str, torch.Tensor]  # empty for a sharded checkpoint (its state is in state/dcp/)
     trainer: dict[str, Any]
+
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.path)
 
     @property
     def progress(self) -> Progress:
@@ -181,7 +235,8 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     trainer = torch.load(trainer_file, map_location=map_location, weights_only=True)
     if trainer.get("format") != STATE_FORMAT:
         raise ValueError(f"{trainer_file}: trainer state format {trainer.get('format')!r}, expected {STATE_FORMAT}")
-    trainable = load_file(str(state / "trainable.safetensors"), device=str(map_location))
+    whole = state / "trainable.safetensors"
+    trainable = load_file(str(whole), device=str(map_location)) if whole.is_file() else {}  # ({}: sharded)
     return Checkpoint(path, trainable, trainer)
 
 

@@ -1,0 +1,228 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): weights, gradients and optimizer state sharded over the processes.
+
+``train.distributed`` picks how several processes train (:func:`choose_mode`): ``ddp`` keeps a whole copy of the
+model, its gradients and its optimizer state on every GPU (right for adapters over a base that fits); ``fsdp`` gives
+each of N processes 1/N of them and gathers one transformer block's weights at a time for its forward and backward
+(full and freeze fine-tuning of models that do not fit one GPU, adapters over a base that does not). ``auto``: fsdp
+for ``full``/``freeze``, ddp for adapters.
+
+How the model is sharded (:func:`shard`): every transformer block is its own FSDP unit, then the loss module
+(``LMLoss``: the model's embeddings, final norm, output layer, prefix encoder) is the root, so its forward gathers
+what lies outside the blocks. Parameter names do not change. Mixed precision: the sharded (master) parameters stay
+as the trainer made them (float32 when trained), the blocks compute in the training precision (bf16) and gradients
+are reduced in float32; the optimizer steps on the float32 shards. ``train.gradient_checkpointing`` and
+``train.compile`` work per block as without FSDP (the FSDP hooks run outside the compiled code). ``train.fsdp_offload``
+keeps the shards and the optimizer state on the CPU (GPU runs only).
+
+Checkpoints (``state/dcp/``, :mod:`torch.distributed.checkpoint`): each rank writes its shard of the trainable
+parameters and optimizer state; a resume with another number of processes reshards them. The method's output
+(``model/`` and each checkpoint's ``model/``) is written in its usual format: adapters are small and are gathered
+whole; full and freeze results are gathered one tensor at a time and streamed into the shard writer on rank 0
+(:func:`write_gathered_model`), so no process ever holds a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from glmtune.adapters.full import WholeWeightsMethod, save_dtype
+from glmtune.models.checkpoint import ShardWriter
+from glmtune.models.config import GLMConfig
+from glmtune.templates import IGNORE_INDEX
+from glmtune.train.compile import transformer_blocks
+from glmtune.train.distributed import DistInfo
+from glmtune.train.step import TrainStep
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["single", "ddp", "fsdp"]
+WHOLE_WEIGHT_METHODS = ("full", "freeze")
+
+
+def choose_mode(setting: str, method: str, world_size: int) -> Mode:
+    """How this run's processes train together: one process alone, DDP or FSDP (see the module docstring)."""
+    if setting not in ("auto", "ddp", "fsdp"):
+        raise ValueError(f"train.distributed must be auto, ddp or fsdp, got {setting!r}")
+    if world_size == 1:
+        return "single"
+    if setting == "auto":
+        return "fsdp" if method in WHOLE_WEIGHT_METHODS else "ddp"
+    return setting  # type: ignore[return-value]
+
+
+def check_supported(*, precision: str, offload: bool, device: torch.device) -> None:
+    """Refuse what FSDP runs cannot do, naming the key to change."""
+    if precision == "fp16":
+        raise ValueError("train.precision fp16 does not go with FSDP (each rank would see the inf/nan of its own "
+                         "shard only); use bf16 or fp32, or train.distributed=ddp")  # fmt: skip
+    if offload and device.type != "cuda":
+        raise ValueError("train.fsdp_offload keeps the shards on the CPU between GPU computations: it needs GPUs "
+                         f"(this run is on {device})")  # fmt: skip
+
+
+def shard(net: nn.Module, model: nn.Module, info: DistInfo, *, compute_dtype: torch.dtype | None,
+          offload: bool = False) -> None:  # fmt: skip
+    """``fully_shard`` every transformer block of ``model``, then ``net`` (the module whose forward the step calls,
+    holding ``model``) as the root. ``compute_dtype``: the dtype the blocks compute in (None: as the weights are)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    policy = CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy()
+    blocks = transformer_blocks(model)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=policy)
+    fully_shard(net, mesh=mesh, mp_policy=mp, offload_policy=policy)
+    log.info("FSDP2: %d blocks + root sharded over %d processes (compute %s, gradients reduced in float32%s)",
+             len(blocks), info.world_size, str(compute_dtype or "as stored").removeprefix("torch."),
+             ", CPU offload" if offload else "")  # fmt: skip
+
+
+def sharded_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
+    """The parameters called ``names`` after sharding (``fully_shard`` replaced them by DTensor parameters)."""
+    now = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in names if n not in now]
+    if missing:
+        raise RuntimeError(f"FSDP renamed or dropped trainable parameters: {missing[:5]}")
+    return {n: now[n] for n in names}
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor (a collective: every rank calls it), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+class ShardedTrainStep(TrainStep):
+    """The step under FSDP: the gradient norm of sharded gradients is a replicated DTensor; the step's bookkeeping
+    takes it as a plain tensor on the device (the same value on every rank)."""
+
+    def _grad_norm(self) -> torch.Tensor:
+        return full_tensor(super()._grad_norm()).to(self.info.device)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def checkpoint_state(model: nn.Module, named: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> dict:
+    """What ``state/dcp/`` holds: the trainable parameters by name and the optimizer state keyed by parameter
+    name (so that sharded and whole runs read each other's checkpoints)."""
+    return {"trainable": dict(named), "optimizer": _optimizer_state(model, optimizer)}
+
+
+def load_checkpoint_state(path: Path, model: nn.Module, named: dict[str, nn.Parameter],
+                          optimizer: torch.optim.Optimizer | None = None) -> None:  # fmt: skip
+    """Read ``state/dcp/`` of checkpoint ``path`` into the trainable parameters (and ``optimizer``), resharded for
+    this run's processes (sharded or not)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    from glmtune.train.state import sharded_dir
+
+    state: dict = {"trainable": dict(named)}
+    if optimizer is not None:
+        state["optimizer"] = _optimizer_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(sharded_dir(path)))
+    except Exception as e:  # DCP's CheckpointException lists every rank's error
+        raise ValueError(f"{path}: cannot read the sharded state (was the method or its options changed?): "
+                         f"{str(e).splitlines()[0][:500]}") from e  # fmt: skip
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+# ---- the method's output --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def whole_parameters(model: nn.Module, named: dict[str, nn.Parameter]) -> Iterator[None]:
+    """Inside, the (small) trainable parameters of ``model`` are whole tensors on every rank (gathered), so that a
+    method's own save function reads them as without FSDP; the sharded ones are put back after."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for name, p in named.items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            whole = full_tensor(p.detach())
+            owner._parameters[attr] = nn.Parameter(whole, requires_grad=p.requires_grad)
+            swapped.append((owner, attr, p))
+        yield
+    finally:
+        for owner, attr, p in swapped:
+            owner._parameters[attr] = p
+
+
+def write_gathered_model(model: nn.Module, out_dir: Path, *, config: GLMConfig, tokenizer_files: Sequence[Path],
+                         write: bool) -> None:  # fmt: skip
+    """A sharded model as a complete folder in the original layout (as ``save_full_model`` writes it): every
+    rank gathers one tensor at a time; rank 0 (``write``) converts it to the save dtype, on the host, and hands it
+    to the shard writer, which keeps at most one shard in memory. Every rank must call this (collectives)."""
+    dtype = save_dtype(model, config)
+    writer = ShardWriter(out_dir) if write else None
+    seen: set[int] = set()
+    saved_dtypes: set[torch.dtype] = set()
+    with writer if writer is not None else contextlib.nullcontext():
+        for name, t in model.state_dict().items():
+            if id(t) in seen:  # tied weights (v1's lm_head): saved once, under the first name
+                continue
+            seen.add(id(t))
+            whole = full_tensor(t.detach())
+            if writer is not None:
+                out = whole.to(device="cpu", dtype=dtype if (dtype is not None and whole.is_floating_point())
+                               else whole.dtype)  # fmt: skip
+                if out.is_floating_point():
+                    saved_dtypes.add(out.dtype)
+                writer.add(name, out)
+            del whole
+        if writer is None:
+            return
+        writer.finish()
+    cfg = config
+    if len(saved_dtypes) == 1:
+        cfg = dataclasses.replace(config, torch_dtype=str(saved_dtypes.pop()).removeprefix("torch."))
+    cfg.to_json(out_dir / "config.json")
+    copies = [Path(f) for f in tokenizer_files]
+    if copies and (copies[0].parent / "tokenizer_config.json").is_file():
+        copies.append(copies[0].parent / "tokenizer_config.json")
+    for f in copies:
+        if f.is_file() and not (out_dir / f.name).exists():
+            shutil.copy2(f, out_dir / f.name)
+    log.info("saved the gathered model (%.2f GB) to %s", writer.total_bytes / 1e9, out_dir)
+
+
+def save_method_output(method, model: nn.Module, named: dict[str, nn.Parameter], out_dir: Path, *,
+                       config: GLMConfig, tokenizer_files: Sequence[Path], write: bool) -> None:  # fmt: skip
+    """What ``method.save`` writes, from a sharded model: every rank calls it, rank 0 (``write``) writes."""
+    if isinstance(method, WholeWeightsMethod):
+        write_gathered_model(model, out_dir, config=config, tokenizer_files=tokenizer_files, write=write)
+        return
+    with whole_parameters(model, named):
+        if write:
+            method.save(model, out_dir, config=config, tokenizer_files=tokenizer_files)
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------
+def even_batches(batches: list[dict[str, torch.Tensor]], per_rank: int,
+                 spare: dict[str, torch.Tensor] | None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+    """This rank's dev batches made ``per_rank`` long: under FSDP every rank must run as many forward passes (each
+    gathers weights with the others). The added batches take no loss (every label ignored)."""
+    out = list(batches)
+    template = out[0] if out else spare
+    while len(out) < per_rank:
+        if template is None:
+            raise ValueError("no dev batch to pad this rank's evaluation with")
+        out.append({**template, "labels": torch.full_like(template["labels"], IGNORE_INDEX)})
+    return out

@@ -1,0 +1,237 @@
+"""FSDP2 on the CPU (gloo, torchrun): two processes train as one, exact resume (same and other world size), the
+gathered model/, two "nodes" with a c10d rendezvous, and the errors of a distributed start.
+
+One two-process full fine-tuning run (module fixture) serves as the reference of several tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmtune.train import distributed, fsdp
+from glmtune.train.config import resume_config
+from glmtune.train.metrics import read_metrics
+from glmtune.train.state import checkpoint_dir, is_sharded, list_checkpoints, read_checkpoint
+from train_support import ADGEN_DEV, run, small_config, tiny_model, train_losses
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+
+TESTS = Path(__file__).resolve().parent
+STEPS = 16
+# full fine-tuning, 2 rows per process and micro-batch, dev loss every 4 steps (7 dev samples in batches of 2:
+# 4 batches, uneven over 2 ranks is fine, 3 is padded), a checkpoint every 4 steps, all kept
+FULL = ("method.name=full", f"train.max_steps={STEPS}", "train.batch_size=2", "train.learning_rate=1e-3",
+        "train.device=cpu", f"data.dev={ADGEN_DEV}", "data.max_dev_samples=7", "eval.every_steps=4",
+        "eval.batch_size=2", "save.every_steps=4", "save.keep_last=10")  # fmt: skip
+
+WORKER = """
+import logging, os, signal, sys
+logging.basicConfig(level=logging.INFO)
+sys.path.insert(0, {tests!r})
+import torch
+from glmtune.train import distributed
+from glmtune.train.loop import Trainer
+from train_support import small_config
+
+cfg = small_config({model!r}, {out!r}, *{settings!r})
+resume = {resume!r}
+if resume:
+    from glmtune.train.config import resume_config
+    cfg = resume_config({out!r}, {settings!r})
+info = distributed.setup(cfg.train.device)
+kill_at = {kill_at!r}
+
+def on_step(step, values):
+    if step == kill_at and info.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+trainer = Trainer(cfg, info, resume=resume, on_step=on_step if kill_at else None)
+trainer.setup()
+trainer.run()
+if {logits!r}:  # the trained sharded model's logits on fixed ids, from rank 0
+    ids = torch.randint(5, 400, (2, 12), generator=torch.Generator().manual_seed(7))
+    trainer.model.eval()
+    trainer.net.unshard()  # the root's weights (embeddings, output layer); each block gathers its own
+    with torch.no_grad():
+        logits = trainer.model(ids)
+    trainer.net.reshard()
+    if info.is_main:
+        torch.save({{"ids": ids, "logits": logits}}, {logits!r})
+distributed.teardown(info, together=True)
+"""
+
+
+def _script(tmp: Path, name: str, model: Path, out: Path, settings, *, resume=False, kill_at=None,
+            logits: str = "") -> Path:  # fmt: skip
+    script = tmp / f"{name}.py"
+    script.write_text(textwrap.dedent(WORKER).format(tests=str(TESTS), model=str(model), out=str(out),
+                                                     settings=tuple(settings), resume=resume, kill_at=kill_at,
+                                                     logits=logits))  # fmt: skip
+    return script
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLMTUNE_DIST_TIMEOUT": "60"}
+
+
+def _torchrun(script: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args, str(script)]
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _standalone(script: Path) -> subprocess.CompletedProcess:
+    return _torchrun(script, "--standalone", "--nproc-per-node", "2")
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [loss for _, loss in train_losses(run_dir)]
+
+
+def _evals(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "eval"]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> dict:
+    """A two-process FSDP full fine-tuning run, the trained sharded model's logits, and its one-process twin."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    model = tiny_model(tmp)
+    out = tmp / "two"
+    logits = tmp / "logits.pt"
+    proc = _standalone(_script(tmp, "two", model, out, FULL, logits=str(logits)))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = tmp / "single"
+    run(small_config(model, single, *FULL, "train.grad_accum=2"))  # 2 rows x 2 micro-batches = 2 rows x 2 ranks
+    return {"tmp": tmp, "model": model, "out": out, "logits": logits, "single": single, "log": proc.stderr}
+
+
+def test_two_processes_fsdp_full_match_one(two) -> None:
+    out, single = two["out"], two["single"]
+    assert "fsdp (train.distributed auto)" in two["log"]
+    one, both = _losses(single), _losses(out)
+    assert len(both) == STEPS and one[-1] < one[0]
+    assert both == pytest.approx(one, rel=1e-4)
+    assert [s for s, _ in _evals(out)] == [4, 8, 12, 16]
+    assert [v for _, v in _evals(out)] == pytest.approx([v for _, v in _evals(single)], rel=1e-4)
+    # sharded checkpoints: one shard file per rank, the optimizer inside, trainer.pt for the rest
+    ckpt = checkpoint_dir(out, 8)
+    assert is_sharded(ckpt) and len(list((ckpt / "state" / "dcp").glob("*.distcp"))) == 2
+    ck = read_checkpoint(ckpt)
+    assert ck.sharded and ck.trainable == {} and "optimizer" not in ck.trainer and len(ck.trainer["rng"]) == 2
+    assert not is_sharded(checkpoint_dir(single, 8))
+
+
+def test_gathered_model_gives_the_sharded_logits(two) -> None:
+    """model/ (original layout, gathered tensor by tensor) loads in one process: the logits of the sharded model."""
+    from glmtune.pretrained import load_pretrained
+
+    out = two["out"]
+    model_dir = out / "model"
+    assert (model_dir / "config.json").is_file() and (model_dir / "model.safetensors").is_file()
+    assert (model_dir / "tokenizer_config.json").is_file()
+    got = torch.load(two["logits"], weights_only=True)
+    model = load_pretrained(model_dir, dtype=torch.float32, device="cpu").model.eval()
+    with torch.no_grad():
+        logits = model(got["ids"])
+    torch.testing.assert_close(logits, got["logits"], rtol=1e-5, atol=1e-5)
+    # and the checkpoint's model/ is the same format
+    assert (checkpoint_dir(out, 16) / "model" / "model.safetensors").is_file()
+
+
+def test_resume_with_one_process_from_two(two, caplog) -> None:
+    """A 2-process sharded checkpoint (step 8) resumed by one process (same global batch: grad_accum 2)."""
+    run_dir = two["tmp"] / "resumed-one"
+    shutil.copytree(two["out"], run_dir)
+    for step in (12, 16):
+        shutil.rmtree(checkpoint_dir(run_dir, step))
+    with caplog.at_level("WARNING"):
+        result = run(resume_config(run_dir, ["train.grad_accum=2"]), resume=True)
+    assert result.steps == STEPS
+    assert "dropout will differ" in caplog.text
+    assert _losses(run_dir) == pytest.approx(_losses(two["out"]), rel=1e-4)
+    assert not is_sharded(checkpoint_dir(run_dir, 16))  # one process writes the plain format
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+def test_killed_rank_then_resume_gives_the_same_losses(two) -> None:
+    """Rank 1 dies (SIGKILL) after step 10; torchrun stops rank 0 and names rank 1; the resume from the step-8
+    checkpoint gives the losses of the uninterrupted run."""
+    tmp, out = two["tmp"], two["tmp"] / "killed"
+    proc = _standalone(_script(tmp, "killed", two["model"], out, FULL, kill_at=10))
+    assert proc.returncode != 0
+    assert "rank      : 1" in proc.stderr or "rank: 1" in proc.stderr, proc.stderr[-3000:]
+    assert [s for s, _ in list_checkpoints(out)] == [4, 8]
+    proc = _standalone(_script(tmp, "resume", two["model"], out, (), resume=True))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _losses(out) == _losses(two["out"])  # same world size: bit for bit
+    assert _evals(out) == _evals(two["out"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_lora_over_sharded_base(two) -> None:
+    """Two torchrun agents (--nnodes 2, one process each, c10d rendezvous on 127.0.0.1) train LoRA over an
+    FSDP-sharded frozen base together: the loss sequence of one process with the same global batch."""
+    tmp, model = two["tmp"], two["model"]
+    lora = ("method.name=lora", "train.distributed=fsdp", "train.max_steps=8", "train.batch_size=2",
+            "train.device=cpu", "method.dropout=0.0", "save.every_steps=4")  # fmt: skip
+    out = tmp / "nodes"
+    script = _script(tmp, "nodes", model, out, lora)
+    port = _free_port()
+    args = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+            f"127.0.0.1:{port}", "--rdzv-id", "glmtune-test", str(script)]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    nodes = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    errs = [p.communicate(timeout=240)[1] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    single = tmp / "lora-single"
+    run(small_config(model, single, *lora, "train.grad_accum=2"))
+    assert _losses(out) == pytest.approx(_losses(single), rel=1e-4)
+    assert is_sharded(checkpoint_dir(out, 4))
+    assert (out / "model" / "adapter_model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    a, b = (load_file(d / "model" / "adapter_model.safetensors") for d in (out, single))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+# ---- the pieces, without processes ----------------------------------------------------------------------------
+def test_choose_mode() -> None:
+    assert fsdp.choose_mode("auto", "full", 1) == "single"
+    assert fsdp.choose_mode("auto", "full", 2) == "fsdp"
+    assert fsdp.choose_mode("auto", "freeze", 8) == "fsdp"
+    assert fsdp.choose_mode("auto", "lora", 2) == "ddp"
+    assert fsdp.choose_mode("fsdp", "ptuning", 2) == "fsdp"
+    assert fsdp.choose_mode("ddp", "full", 2) == "ddp"
+    with pytest.raises(ValueError, match="train.distributed"):
+        fsdp.choose_mode("zero3", "full", 2)
+    with pytest.raises(ValueError, match="fp16"):
+        fsdp.check_supported(precision="fp16", offload=False, device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="fsdp_offload.*GPUs"):
+        fsdp.check_supported(precision="fp32", offload=True, device=torch.device("cpu"))
+
+
+def test_different_configs_on_the_ranks_are_an_error(monkeypatch) -> None:
+    info = distributed.DistInfo(rank=0, world_size=3)
+    texts = ["a: 1\n", "a: 1\n", "a: 2\n"]
+    monkeypatch.setattr(distributed, "gather_objects", lambda _info, _obj: [distributed.config_hash(t) for t in texts])
+    with pytest.raises(ValueError, match=r"rank\(s\) \[2\] differ from rank 0"):
+        distributed.check_same_config(info, texts[0])
+    texts[2] = texts[0]
+    distributed.check_same_config(info, texts[0])
