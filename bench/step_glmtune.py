@@ -84,10 +84,13 @@ class GlmtuneStep:
         compile: bool | None = None,
         lr: float = 3e-4,
         max_grad_norm: float = 1.0,
+        model: torch.nn.Module | None = None,
     ) -> None:
         self.device = device
-        # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base
-        self.model = glmtune_model(cfg, device, torch.float32 if method == "full" else precision)
+        # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base;
+        # ``model``: one built by the caller (a quantized base, bench/quant_train.py)
+        self.model = model if model is not None else glmtune_model(cfg, device, torch.float32 if method == "full"
+                                                                   else precision)  # fmt: skip
         self.method = build_method(method, dict(options))
         self.method.setup(self.model)
         named = trainable_parameters(self.method, self.model)
