@@ -4,7 +4,6 @@ official openai client against a live server, and every malformed request gets a
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -188,22 +187,13 @@ def test_serve_command_binds_localhost_by_default():
 
 @pytest.fixture(scope="module")
 def live_server(pretrained):
-    uvicorn = pytest.importorskip("uvicorn")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    pytest.importorskip("uvicorn")
+    from serve_support import live_server
+
     app = create_app(pretrained, model_name="tiny", api_key=KEY)
-    app.state.port = port
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield app
-    server.should_exit = True
-    thread.join(timeout=10)
+    with live_server(app) as url:
+        app.state.port = int(url.rsplit(":", 1)[1])
+        yield app
 
 
 def test_openai_client_against_a_live_server(live_server, pretrained):

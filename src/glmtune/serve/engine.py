@@ -167,6 +167,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._done: list[_Request] = []  # finished this round, their last items not handed over yet
         self.cancelled = 0  # generations stopped early because their client left
+        self.peak_running = 0  # the most requests that shared the batch at once
         self.completed = 0
 
     # ---- requests ------------------------------------------------------------------------------------------------
@@ -366,6 +367,7 @@ class Engine:
             r.row = free.pop(0)
             self._rows[r.row] = r
             admitted.append(r)
+        self.peak_running = max(self.peak_running, sum(r is not None for r in self._rows))
         return admitted
 
     def _round(self, admitted: list[_Request]) -> None:
