@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     from glmtune.quantize_command import add_parser as add_quantize_parser
     from glmtune.serve.command import add_parser as add_serve_parser
     from glmtune.train.command import add_parser as add_train_parser
+    from glmtune.web.command import add_parser as add_web_parser
 
     add_train_parser(sub)
     add_eval_parser(sub)
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     add_data_parser(sub)
     add_serve_parser(sub)
+    add_web_parser(sub)
 
     p = sub.add_parser("demo", help="the whole pipeline on a tiny built-in model, on the CPU")
     p.add_argument("--out", default="runs/demo", help="folder for the demo's model and run (default: runs/demo)")

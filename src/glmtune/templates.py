@@ -136,6 +136,7 @@ class Template:
     """Base of the per-generation templates; see the module docstring for the layouts."""
 
     name: str = ""
+    system_role: bool = False  # a system turn of its own (v3/GLM-4); v1/v2 only put system text before the prompt
     pad_side: str = "left"  # the original tokenizers pad on the left (training collators included)
     official_lengths: tuple[int, int] = (1024, 128)  # default (max_source_length, max_target_length)
 
@@ -288,6 +289,7 @@ class _RoleTemplate(Template):
     """Shared by v3 and GLM-4: role tokens, the shifted loss mask of the official finetune scripts."""
 
     untrained_roles: tuple[str, ...] = ("system", "user")
+    system_role = True
 
     def _message_blocks(self, tokenizer: Tokenizer, m: Message) -> list[list[int]]:
         raise NotImplementedError

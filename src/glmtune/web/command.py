@@ -1,0 +1,66 @@
+"""``glmtune web PATH``: chat with a model, run, checkpoint, PEFT adapter or P-Tuning folder in the browser.
+
+Building the parser imports neither torch nor Gradio; ``run`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from glmtune.cli_options import add_model_options, check_device, load_model_from_args
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7860  # Gradio's
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("web", help="chat in the browser (a Gradio page on 127.0.0.1, the engine of `serve`)")
+    p.add_argument(
+        "model",
+        help="a model folder in the original layout, a run folder, a checkpoint, a PEFT adapter or P-Tuning folder",
+    )
+    p.add_argument("--base", help="base model folder for an adapter or P-Tuning folder that does not name one")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--system", default="", help="the system prompt the page starts with (ChatGLM3 and GLM-4)")
+    p.add_argument("--temperature", type=float, default=0.95, help="the page's starting temperature; 0 is greedy")
+    p.add_argument("--top-p", type=float, default=0.7, help="the page's starting top p (default 0.7)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="the page's starting reply limit (default 1024)")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not 0 <= args.temperature <= 2:
+        raise ValueError(f"--temperature must be in [0, 2] (0 means greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    check_device(args.device)
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: no telemetry, no version check
+
+    from glmtune.serve.app import Engine
+    from glmtune.web.page import Sampling, build_page, launch_page
+
+    pretrained = load_model_from_args(args)
+    engine = Engine(pretrained)
+    system_role = pretrained.template.system_role
+    if args.system and not system_role:
+        log.warning("%s has no system turn: --system is left out", pretrained.generation)
+    title = f"glmtune · {Path(args.model).resolve().name} ({pretrained.generation})"
+    page = build_page(engine, title=title, system_prompt=system_role, context_length=engine.context_length,
+                      sampling=Sampling(args.temperature, args.top_p, args.max_new_tokens),
+                      system=args.system if system_role else "")  # fmt: skip
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving the chat page on %s: anyone who can reach this port can use the model", args.host)
+    log.info("chat page for %s on http://%s:%d (Ctrl-C stops)", args.model, args.host, args.port)
+    try:
+        launch_page(page, host=args.host, port=args.port)
+    finally:
+        engine.close()
+    return 0
