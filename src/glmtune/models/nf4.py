@@ -37,7 +37,7 @@ _INSTALL = (
 )
 
 
-class NF4Unavailable(RuntimeError):
+class NF4Unavailable(ValueError):
     """NF4 was asked for where torchao cannot quantize; the message names what can run instead."""
 
 
