@@ -80,7 +80,17 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: to
 def _matmul(
     x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x @ W^T + b with W dequantized: the reference path; a fused dequantize-and-multiply kernel goes here."""
+    """x @ W^T + b. On CUDA with Triton: the fused dequantize-and-multiply kernels (``quant_kernels``, custom ops
+    that work under torch.compile and CUDA graphs); elsewhere the reference path: dequantize, then multiply."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32):
+        try:
+            from glmtune.models.quant_kernels import int_linear
+        except ImportError:  # no Triton: the reference path below
+            pass
+        else:
+            if torch.is_autocast_enabled(x.device.type):  # as F.linear would: multiply in the autocast dtype
+                x = x.to(torch.get_autocast_dtype(x.device.type))
+            return int_linear(x, q, scale, bits, bias)
     w = dequantize_weight(q, scale, bits, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 

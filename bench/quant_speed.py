@@ -1,0 +1,305 @@
+"""Quantized inference (THUDM's INT4/INT8 format) of a ChatGLM3-6B-shaped model with random weights: decode speed
+against bf16, peak GPU memory of a quantized folder loaded as a user loads it, and the kernels alone.
+
+- ``decode``: batch 1, greedy, a ``--prompt-len`` prompt, ``--new-tokens`` new tokens, glmtune's ``Decoder`` in
+  ``--decode`` mode (graph: the CUDA default), timed as bench/decode_speed.py times it (decode tok/s = (new tokens -
+  1) / (whole run - 1-token run), after a warm-up run of the timed length). bf16: the model built on the device
+  with random weights; INT8/INT4: the folders below, loaded. The tokens of a short greedy run in the graph mode are
+  checked against the eager mode's (``graph_equals_eager``).
+- ``memory``: for each ``--bits``, a THUDM-format folder (int8 ``weight`` + fp16 ``weight_scale`` per block linear,
+  ``quantization_bit`` in config.json, a tiny ChatGLM3 tokenizer) with random weights is written to local disk
+  tensor by tensor (drawn on the GPU, written by the checkpoint's shard writer: no full-precision model exists),
+  then loaded with ``glmtune.pretrained.load_pretrained`` (bf16, cuda) and asked for ``--mem-new-tokens`` tokens
+  after a prompt that fills ``--context`` tokens, batch 1. Peak = ``torch.cuda.max_memory_allocated`` from before
+  the load to the end (the prefill computes logits for the last position only).
+- ``kernels`` (``--kernels``): each linear of a block (qkv, dense, h_to_4h, 4h_to_h) at M rows through each path of
+  ``models/quant_kernels.py`` and bf16 cuBLAS, ``triton.testing.do_bench`` medians (L2 flushed between runs), and a
+  sweep of the matrix-vector and tiled kernels' blocks.
+
+    PYTHONPATH=src python3 bench/quant_speed.py --kernels --json bench/results/quant_speed.json
+
+Nothing is downloaded. On the CPU (``--device cpu``, a tiny preset) it runs the reference path: a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib & co. when imported from the tests
+
+from benchlib import device_info, free_memory, markdown_table, random_fill, sync, write_json  # noqa: E402
+from decode_speed import glmtune_generate, prompts_for, timed  # noqa: E402
+
+from glmtune.generate import Decoder, GenerationConfig, generate  # noqa: E402
+from glmtune.models import build_model  # noqa: E402
+from glmtune.models.checkpoint import save_pretrained  # noqa: E402
+from glmtune.models.config import GLMConfig, preset  # noqa: E402
+from glmtune.models.quant import quantize_model_  # noqa: E402
+from glmtune.pretrained import load_pretrained  # noqa: E402
+
+log = logging.getLogger("quant_speed")
+GIB = 2**30
+
+
+# ---- a quantized folder with random weights ------------------------------------------------------------------------
+def tokenizer_files(work: Path) -> list[Path]:
+    """A tiny ChatGLM3 tokenizer (the loader needs one; generation here feeds token ids directly)."""
+    from glmtune.demo_data import corpus_lines
+    from glmtune.tiny import make_tiny_model_dir
+
+    tiny = make_tiny_model_dir(work / "tiny-tokenizer", corpus_lines(60), generation="chatglm3")
+    return [tiny / "tokenizer.model", tiny / "tokenizer_config.json"]
+
+
+@torch.no_grad()
+def write_random_quantized(cfg: GLMConfig, bits: int, out: Path, tokenizers: list[Path], device: torch.device,
+                           seed: int = 0) -> int:  # fmt: skip
+    """Write ``out``: the model's checkpoint in THUDM's INT``bits`` format with random values, one tensor at a time
+    (drawn on ``device``, then handed to the shard writer on the host). Returns the bytes written."""
+    model = quantize_model_(build_model(cfg, device="meta", generation="chatglm3"), bits)
+    optional = [re.compile(p) for p in model.checkpoint_rules().get("optional", [])]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    # dequantized weights of std ~0.02: uniform integers have std 4.6 (int4 nibbles) or 73 (int8)
+    scale = 0.02 / (4.6 if bits == 4 else 73.0)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if any(p.search(name) for p in optional):
+            continue
+        if t.dtype == torch.int8:  # INT4: any byte is two valid nibbles
+            v = torch.randint(-128 if bits == 4 else -127, 128, t.shape, dtype=torch.int8, device=device,
+                              generator=gen)  # fmt: skip
+        elif name.endswith("weight_scale"):
+            v = torch.full(t.shape, scale, dtype=torch.float16, device=device)
+        elif "norm" in name:
+            v = torch.ones(t.shape, dtype=torch.bfloat16, device=device)
+        elif name.endswith(".bias"):
+            v = torch.zeros(t.shape, dtype=torch.bfloat16, device=device)
+        else:
+            v = (torch.randn(t.shape, device=device, generator=gen) * 0.02).to(torch.bfloat16)
+        tensors[name] = v.cpu()
+        del v
+    config = cfg.replace(extra={**cfg.extra, "quantization_bit": bits})
+    save_pretrained(tensors, config, out, tokenizer_files=tokenizers)
+    return sum(t.nbytes for t in tensors.values())
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
+def decode_row(model, args: argparse.Namespace, device: torch.device, vocab: int) -> dict:
+    ids = prompts_for(1, args.prompt_len, vocab)
+    r = timed(glmtune_generate(model, ids, args.decode), args.new_tokens, device, warmup_tokens=args.new_tokens)
+    prompts = ids.tolist()
+    cfg = GenerationConfig(max_new_tokens=16, do_sample=False)
+    eager = generate(model, prompts, cfg, stop_ids=[], pad_id=0, decode="eager")
+    graph = generate(model, prompts, cfg, stop_ids=[], pad_id=0, decode=args.decode)
+    return {**r, "graph_equals_eager": graph == eager}
+
+
+def memory_row(model, args: argparse.Namespace, device: torch.device, vocab: int, base: int) -> dict:
+    """Peak memory of a ``--context``-token batch-1 generation (prompt + ``--mem-new-tokens``)."""
+    ids = prompts_for(1, args.context - args.mem_new_tokens, vocab)
+    decoder = Decoder(model, decode=args.decode)
+    cfg = GenerationConfig(max_new_tokens=args.mem_new_tokens, do_sample=False)
+    made = len(generate(model, ids.tolist(), cfg, stop_ids=[], pad_id=0, decoder=decoder)[0])
+    sync(device)
+    out = {"context": args.context, "mem_new_tokens": made}
+    if device.type == "cuda":
+        out["peak_allocated_gib"] = (torch.cuda.max_memory_allocated(device) - base) / GIB
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / GIB
+    return out
+
+
+def end_to_end(args: argparse.Namespace, device: torch.device, work: Path, add) -> None:
+    cfg = preset(args.preset)
+    if args.layers:
+        cfg = cfg.replace(num_layers=args.layers)
+    vocab = cfg.padded_vocab_size
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if not args.skip_bf16:
+        model = build_model(cfg, device=device, dtype=dtype, generation="chatglm3")
+        random_fill(model, device, dtype, seed=0)
+        model.eval()
+        add({"precision": "bf16", "weight_gib": sum(p.nbytes for p in model.parameters()) / GIB,
+             **decode_row(model, args, device, vocab)})  # fmt: skip
+        del model
+        free_memory()
+    tokenizers = tokenizer_files(work)
+    for bits in args.bits:
+        folder = work / f"{args.preset}-int{bits}"
+        t0 = time.perf_counter()
+        written = write_random_quantized(cfg, bits, folder, tokenizers, device)
+        write_s = time.perf_counter() - t0
+        free_memory()  # resets the peak: what follows is what a user's process would hold
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        t0 = time.perf_counter()
+        model = load_pretrained(folder, dtype="bfloat16" if device.type == "cuda" else "float32",
+                                device=str(device)).model  # fmt: skip
+        sync(device)
+        load_s = time.perf_counter() - t0
+        row = {"precision": f"int{bits}", "folder_gib": written / GIB, "write_s": write_s, "load_s": load_s}
+        if device.type == "cuda":
+            row["load_peak_allocated_gib"] = (torch.cuda.max_memory_allocated(device) - base) / GIB
+            row["weight_gib"] = (torch.cuda.memory_allocated(device) - base) / GIB
+        row |= memory_row(model, args, device, vocab, base)
+        row |= decode_row(model, args, device, vocab)
+        add(row)
+        del model
+        free_memory()
+        if not args.keep:
+            shutil.rmtree(folder)
+
+
+# ---- the kernels alone ---------------------------------------------------------------------------------------------
+def block_shapes(cfg: GLMConfig) -> dict[str, tuple[int, int]]:
+    """name -> (out, in) of the four quantized linears of a block."""
+    h = cfg.hidden_size
+    return {"qkv": (cfg.qkv_size, h), "dense": (h, cfg.num_attention_heads * cfg.head_dim),
+            "h_to_4h": (2 * cfg.ffn_hidden_size, h), "4h_to_h": (h, cfg.ffn_hidden_size)}  # fmt: skip
+
+
+def _bench(fn, rep_ms: int) -> float:
+    """Median µs of ``fn()`` (triton.testing.do_bench: CUDA events, L2 flushed before each run)."""
+    import triton.testing
+
+    fn()
+    return triton.testing.do_bench(fn, warmup=5, rep=rep_ms, return_mode="median") * 1e3
+
+
+def kernel_row(qk, w_bf16: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int, m: int, sweeps: list,
+               rep_ms: int) -> dict:  # fmt: skip
+    """One linear at ``m`` rows: bf16 cuBLAS, dequantize + cuBLAS, the automatic choice, and each (path, config) of
+    ``sweeps`` (config None: the default); the best of each path is kept beside the whole sweep."""
+    n, k = w_bf16.shape
+    x = torch.randn(m, k, device=w_bf16.device, dtype=torch.bfloat16)
+    row = {"n": n, "k": k, "bits": bits, "m": m,
+           "bf16_cublas_us": _bench(lambda: torch.nn.functional.linear(x, w_bf16), rep_ms),
+           "dequant_cublas_us": _bench(lambda: qk.linear(x, q, scale, bits, None, path="dequant"), rep_ms),
+           "auto_us": _bench(lambda: qk.linear(x, q, scale, bits, None), rep_ms), "sweep": []}  # fmt: skip
+    best: dict[str, tuple[float, dict]] = {}
+    for path, c in sweeps:
+        us = _bench(lambda path=path, c=c: qk.linear(x, q, scale, bits, None, path=path, config=c), rep_ms)
+        config = vars(c if c is not None else qk.gemv_config(m, n, q.shape[1], bits))
+        row["sweep"].append({"path": path, "us": us, **config})
+        if path not in best or us < best[path][0]:
+            best[path] = (us, config)
+    for path, (us, config) in best.items():
+        row[f"{path}_us"], row[f"{path}_config"] = us, config
+    row["weight_gb_per_s_auto"] = (q.nbytes + scale.nbytes) / (row["auto_us"] * 1e-6) / 1e9
+    row["bf16_weight_gb_per_s"] = w_bf16.nbytes / (row["bf16_cublas_us"] * 1e-6) / 1e9
+    return row
+
+
+def kernels(args: argparse.Namespace, device: torch.device, add) -> None:
+    from glmtune.models import quant_kernels as qk
+    from glmtune.models.quant import quantize_weight
+
+    gemv_sweep = [qk.GemvConfig(1, bn, bk, nw, 3, split) for bn, bk, nw in
+                  [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 128, 4), (16, 256, 4), (32, 128, 4)]
+                  for split in (False, True)]  # fmt: skip
+    dot_skinny = [qk.DotConfig(16, bn, bk, 1, 4, st) for bn, bk, st in
+                  [(16, 128, 3), (32, 64, 3), (32, 128, 3), (32, 256, 3), (64, 64, 3), (64, 128, 4)]]  # fmt: skip
+    dot_large = [qk.DotConfig(bm, bn, bk, 8, nw, st) for bm, bn, bk, nw, st in
+                 [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 4)]]  # fmt: skip
+    for name, (n, k) in block_shapes(preset(args.preset)).items():
+        w = torch.randn(n, k, device=device) * 0.02
+        for bits in args.bits:
+            q, scale = quantize_weight(w, bits)
+            for m in args.kernel_rows:
+                sweeps: list = []
+                if m <= qk.GEMV_MAX_M:
+                    gemv = [c for c in gemv_sweep if bits == 4 or not c.split_x] if m == 1 else [None]
+                    sweeps += [("gemv", c) for c in gemv]
+                large = [c for c in dot_large if c.block_m <= max(64, m)]
+                sweeps += [("dot", c) for c in (dot_skinny if m <= 16 else large)]
+                add({"shape": name, **kernel_row(qk, w.to(torch.bfloat16), q, scale, bits, m, sweeps, args.rep_ms)})
+
+
+# ---- driver --------------------------------------------------------------------------------------------------------
+E2E_COLUMNS = [("precision", "precision", ""), ("decode tok/s", "tokens_per_s_per_seq", ",.1f"),
+               ("x bf16", "speedup", ".2f"), ("graph = eager", "graph_equals_eager", ""),
+               ("folder GiB", "folder_gib", ".2f"), ("weights GiB", "weight_gib", ".2f"),
+               ("load s", "load_s", ".1f"), ("load peak GiB", "load_peak_allocated_gib", ".2f"),
+               ("peak GiB (load + context)", "peak_allocated_gib", ".2f"),
+               ("reserved GiB", "peak_reserved_gib", ".2f")]  # fmt: skip
+KERNEL_COLUMNS = [("shape", "shape", ""), ("bits", "bits", "d"), ("M", "m", "d"),
+                  ("bf16 cuBLAS µs", "bf16_cublas_us", ".1f"),
+                  ("auto µs", "auto_us", ".1f"), ("gemv µs", "gemv_us", ".1f"), ("dot µs", "dot_us", ".1f"),
+                  ("dequant+cuBLAS µs", "dequant_cublas_us", ".1f"),
+                  ("auto weight GB/s", "weight_gb_per_s_auto", ",.0f")]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="chatglm3-6b")
+    ap.add_argument("--layers", type=int, default=0, help="shrink to N layers (0: the preset's)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--decode", default="graph", help="glmtune decode mode (graph: the CUDA default)")
+    ap.add_argument("--context", type=int, default=2048, help="tokens (prompt + new) of the memory run")
+    ap.add_argument("--mem-new-tokens", type=int, default=16)
+    ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--no-e2e", action="store_true", help="only the kernels")
+    ap.add_argument("--kernels", action="store_true", help="also time the kernels alone")
+    ap.add_argument("--kernel-rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256, 2048])
+    ap.add_argument("--rep-ms", type=int, default=40, help="do_bench repetition time per measurement")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--work-dir", type=Path, default=None, help="where to write the folders (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the written folders")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--note", default=None, help="kept in the JSON (e.g. the glmtune commit measured)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    device = torch.device(args.device)
+    info = {**device_info(device), "preset": args.preset, "layers": args.layers or None,
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "decode": args.decode,
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "note": args.note}  # fmt: skip
+    result: dict = {"info": info, "end_to_end": [], "kernels": []}
+
+    def save() -> None:
+        if args.json:  # after every row: a command cut short keeps its rows
+            write_json(args.json, result)
+            args.json.with_suffix(".md").write_text(tables(result) + "\n")
+
+    def add_e2e(row: dict) -> None:
+        bf16 = next((r for r in result["end_to_end"] if r["precision"] == "bf16"), None)
+        if bf16 is not None:
+            row["speedup"] = row["tokens_per_s_per_seq"] / bf16["tokens_per_s_per_seq"]
+        result["end_to_end"].append(row)
+        log.info("%s", row)
+        save()
+
+    def add_kernel(row: dict) -> None:
+        result["kernels"].append(row)
+        log.info("%s", row)
+        save()
+
+    if not args.no_e2e:
+        with tempfile.TemporaryDirectory(dir=args.work_dir, prefix="glmtune-quantbench-") as tmp:
+            end_to_end(args, device, Path(tmp), add_e2e)
+    if args.kernels:
+        kernels(args, device, add_kernel)
+    print(tables(result))
+    return result
+
+
+def tables(result: dict) -> str:
+    out = []
+    if result["end_to_end"]:
+        out.append(markdown_table(result["end_to_end"], E2E_COLUMNS))
+    if result["kernels"]:
+        out.append(markdown_table(result["kernels"], KERNEL_COLUMNS))
+    return "\n\n".join(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Triton kernels for THUDM's INT4/INT8 linear layers (``models/quant.py``): ``y = x @ W^T + b`` with ``W`` stored as
+int8 (INT8: one value per byte, (out, in); INT4: two signed 4-bit values per byte, high nibble first, (out, in/2))
+and an fp16 scale per output row, dequantized in registers, never written out in full precision.
+
+Three paths, chosen from the number of rows ``M`` of ``x`` (a pure function of the shapes, no autotuning, so a
+first call inside a CUDA graph capture never benchmarks or syncs):
+
+- ``M <= GEMV_MAX_M`` (decode): a matrix-vector kernel on the CUDA cores. Decode is bound by reading the weights,
+  and INT4 reads a quarter of bf16's bytes; each program reduces ``BLOCK_N`` output rows over the whole input.
+- ``M <= DOT_MAX_M`` (small batches, short prompts): a tiled kernel, the unpacked tile fed to ``tl.dot`` (tensor
+  cores), the scale applied to the float32 accumulator.
+- larger ``M`` (prefill, training): dequantize the weight to ``x``'s dtype (one Triton pass) and multiply with
+  cuBLAS; bench/quant_speed.py measured this faster than the tiled kernel for large ``M`` (see bench/RESULTS.md).
+
+The entry points are torch.library custom ops (``glmtune::int_linear``, ``glmtune::int_dequantize``) with fake
+implementations, so they trace under ``torch.compile`` and are captured in CUDA graphs (no allocation other than the
+output, no host sync). ``int_linear`` has a backward: the gradient of ``x`` is ``grad @ W`` (the weight is frozen and
+gets none; a bias that requires grad gets its sum).
+
+Imported only where Triton is (``quant._matmul`` on CUDA). With ``TRITON_INTERPRET=1`` set before the import, the
+kernels run on CPU tensors in Triton's interpreter (how the CPU tests run them).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+GEMV_MAX_M = 4  # up to this many rows: the CUDA-core matrix-vector kernel
+DOT_MAX_M = 16  # up to this many rows: the tensor-core tiled kernel; above it, dequantize + cuBLAS
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # how the kernels below were built (at import)
+
+
+# ---- kernels ------------------------------------------------------------------------------------------------------
+# Only Triton builtins and the functions here are called inside the kernels (no triton.language.standard helpers
+# such as tl.sum, tl.zeros or tl.cdiv): those are compiled when Triton is imported, so a module imported later with
+# TRITON_INTERPRET=1 (the CPU tests) could not call them.
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, stride_xm, stride_qn, stride_ym,
+                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, SPLIT_X: tl.constexpr):  # fmt: skip
+    """y[m, n] = scale[n] * sum_k x[m, k] q[n, k] (+ b[n]) for BLOCK_M rows of x and BLOCK_N output features, over
+    ``KP`` stored columns in steps of BLOCK_K (INT4: a stored byte holds columns 2j (high nibble) and 2j+1)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m3 = offs_m[:, None, None]  # (bm, 1, 1)
+    n3 = offs_n[None, :, None]  # (1, bn, 1)
+    acc = tl.full((BLOCK_M, BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        k3 = (k0 + tl.arange(0, BLOCK_K))[None, None, :]  # (1, 1, bk)
+        w = tl.load(q_ptr + n3 * stride_qn + k3, mask=(n3 < N) & (k3 < KP), other=0)  # (1, bn, bk) int8
+        x_mask = (m3 < M) & (k3 < KP)
+        if BITS == 4:
+            hi = (w >> 4).to(tl.float32)  # arithmetic shifts: sign-extended nibbles
+            lo = ((w << 4).to(tl.int8) >> 4).to(tl.float32)
+            if SPLIT_X:  # one contiguous load of 2 * BLOCK_K inputs, split into even and odd columns
+                kx = (2 * k0 + tl.arange(0, 2 * BLOCK_K))[None, None, :]
+                xx = tl.load(x_ptr + m3 * stride_xm + kx, mask=(m3 < M) & (kx < 2 * KP), other=0.0)
+                x_even, x_odd = tl.split(tl.reshape(xx.to(tl.float32), (BLOCK_M, 1, BLOCK_K, 2)))
+            else:  # two strided loads
+                x_even = tl.load(x_ptr + m3 * stride_xm + 2 * k3, mask=x_mask, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_ptr + m3 * stride_xm + 2 * k3 + 1, mask=x_mask, other=0.0).to(tl.float32)
+            acc += hi * x_even + lo * x_odd
+        else:
+            xv = tl.load(x_ptr + m3 * stride_xm + k3, mask=x_mask, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * xv
+    y = tl.reduce(acc, 2, _add) * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dot_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, stride_xm, stride_qn, stride_ym,
+                BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """The same product tiled for tensor cores: a (BLOCK_M, BLOCK_N) tile of y per program, BLOCK_K stored columns
+    per step; INT4 nibbles are interleaved back into column order in registers before ``tl.dot``."""
+    pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    per_group = GROUP_M * num_n  # groups of GROUP_M row tiles walk the columns together (weight tiles stay in L2)
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        kq = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(q_ptr + offs_n[:, None] * stride_qn + kq[None, :],
+                    mask=(offs_n[:, None] < N) & (kq[None, :] < KP), other=0)  # (bn, bk) int8  # fmt: skip
+        if BITS == 4:
+            hi = w >> 4
+            lo = (w << 4).to(tl.int8) >> 4
+            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, 2 * BLOCK_K))  # columns 2j, 2j+1 side by side
+            kx = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
+            x_mask = (offs_m[:, None] < M) & (kx[None, :] < 2 * KP)
+        else:
+            kx = kq
+            x_mask = (offs_m[:, None] < M) & (kx[None, :] < KP)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kx[None, :], mask=x_mask, other=0.0)
+        # integers up to 127: exact in bf16/fp16 (through float32: Triton's interpreter bit-casts int8 -> bf16)
+        wt = tl.trans(w.to(tl.float32).to(x.dtype))
+        if IEEE:
+            acc = tl.dot(x, wt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, wt, acc)
+    y = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, KP, stride_qn, stride_wn, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):  # fmt: skip
+    """W[n, :] = q[n, :] * scale[n] in W's dtype (INT4 unpacked, high nibble first), one (BLOCK_N, BLOCK_K) tile of
+    stored columns per program."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    kq = k0 + tl.arange(0, BLOCK_K)
+    w = tl.load(q_ptr + offs_n[:, None] * stride_qn + kq[None, :],
+                mask=(offs_n[:, None] < N) & (kq[None, :] < KP), other=0)  # fmt: skip
+    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    if BITS == 4:
+        hi = (w >> 4).to(tl.float32) * s
+        lo = ((w << 4).to(tl.int8) >> 4).to(tl.float32) * s
+        out = tl.reshape(tl.join(hi, lo), (BLOCK_N, 2 * BLOCK_K))
+        kw = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
+        k_out = 2 * KP
+    else:
+        out = w.to(tl.float32) * s
+        kw = kq
+        k_out = KP
+    mask = (offs_n[:, None] < N) & (kw[None, :] < k_out)
+    tl.store(w_ptr + offs_n[:, None] * stride_wn + kw[None, :], out.to(w_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- launch configurations ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemvConfig:
+    block_m: int
+    block_n: int
+    block_k: int  # stored columns (bytes) per step
+    num_warps: int = 4
+    num_stages: int = 3
+    split_x: bool = False  # INT4: load the inputs contiguously and split them (else two strided loads)
+
+
+@dataclass(frozen=True)
+class DotConfig:
+    block_m: int
+    block_n: int
+    block_k: int  # stored columns (bytes) per step
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def gemv_config(m: int, n: int, kp: int, bits: int) -> GemvConfig:
+    """The matrix-vector kernel's blocks for ``m`` rows (chosen by bench/quant_speed.py's sweep on an H200)."""
+    block_m = 1 if m == 1 else (2 if m == 2 else 4)
+    return GemvConfig(block_m, 16, (256 if bits == 4 else 512) // block_m)  # the accumulator: 4,096-8,192 floats
+
+
+def dot_config(m: int, n: int, kp: int, bits: int) -> DotConfig:
+    """The tiled kernel's blocks (``tl.dot`` needs every dimension >= 16)."""
+    if m <= 16:
+        return DotConfig(16, 32, 128 if bits == 4 else 256, group_m=1)
+    if m <= 64:
+        return DotConfig(64, 64, 64 if bits == 4 else 128, num_warps=4)
+    return DotConfig(128, 128, 32 if bits == 4 else 64, num_warps=8)
+
+
+# ---- launchers ----------------------------------------------------------------------------------------------------
+def _check(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int) -> int:
+    """The input features ``x`` must have for the stored weight ``q`` (a clear error otherwise)."""
+    if bits not in (4, 8):
+        raise ValueError(f"quantization bits must be 4 or 8, got {bits!r}")
+    if q.dtype != torch.int8 or q.dim() != 2:
+        raise ValueError(f"the quantized weight must be a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
+    if scale.shape != (q.shape[0],):
+        raise ValueError(f"weight_scale must have shape ({q.shape[0]},) (one per output row), got {tuple(scale.shape)}")
+    in_features = q.shape[1] * (2 if bits == 4 else 1)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"input has {x.shape[-1]} features; the INT{bits} weight {tuple(q.shape)} takes {in_features}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"quantized matmul takes {', '.join(map(str, DTYPES))} inputs, got {x.dtype}")
+    if not INTERPRETED and not (x.is_cuda and q.is_cuda and scale.is_cuda):
+        raise ValueError("the Triton quantized matmul runs on CUDA tensors (the CPU path is quant.dequantize_weight)")
+    return in_features
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in ``dtype``: one pass of the dequantize kernel."""
+    n, kp = q.shape
+    w = torch.empty((n, kp * (2 if bits == 4 else 1)), dtype=dtype, device=q.device)
+    q = q.contiguous()
+    block_n, block_k = 32, (64 if bits == 4 else 128)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
+    _dequant_kernel[grid](q, scale, w, n, kp, q.stride(0), w.stride(0), BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k)
+    return w
+
+
+def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int, bias: torch.Tensor | None,
+           path: str = "auto", config: GemvConfig | DotConfig | None = None) -> torch.Tensor:  # fmt: skip
+    """``x @ W^T + b`` for ``x`` (..., in). ``path``: auto (by the number of rows), gemv, dot or dequant; ``config``:
+    the kernel's blocks instead of ``gemv_config``/``dot_config`` (benchmarks and tests force both)."""
+    _check(x, q, scale, bits)
+    n, kp = q.shape
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if path == "auto":
+        path = "gemv" if m <= GEMV_MAX_M else ("dot" if m <= DOT_MAX_M else "dequant")
+    if path == "dequant" or m == 0:
+        w = dequantize(q, scale, bits, x.dtype)
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    q = q.contiguous()
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    b = bias if bias is not None else scale  # a pointer the kernel never reads
+    if path == "gemv":
+        c = config or gemv_config(m, n, kp, bits)
+        grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m))
+        _gemv_kernel[grid](x2, q, scale, b, y, m, n, kp, x2.stride(0), q.stride(0), y.stride(0), BITS=bits,
+                           HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                           SPLIT_X=c.split_x, num_warps=c.num_warps, num_stages=c.num_stages)  # fmt: skip
+    elif path == "dot":
+        c = config or dot_config(m, n, kp, bits)
+        grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
+        _dot_kernel[grid](x2, q, scale, b, y, m, n, kp, x2.stride(0), q.stride(0), y.stride(0), BITS=bits,
+                          HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                          GROUP_M=c.group_m, IEEE=x.dtype == torch.float32, num_warps=c.num_warps,
+                          num_stages=c.num_stages)  # fmt: skip
+    else:
+        raise ValueError(f"unknown path {path!r}; choose auto, gemv, dot or dequant")
+    return y.reshape(*x.shape[:-1], n)
+
+
+# ---- custom ops: what torch.compile and CUDA graphs see -----------------------------------------------------------
+@torch.library.custom_op("glmtune::int_linear", mutates_args=())
+def int_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int,
+               bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``x @ W^T + b`` with ``W`` THUDM's INT4/INT8 weight ``q`` times its per-row ``scale``."""
+    return linear(x, q, scale, bits, bias)
+
+
+@int_linear.register_fake
+def _int_linear_fake(x, q, scale, bits, bias=None):
+    _check_fake(x, q, bits)
+    return x.new_empty((*x.shape[:-1], q.shape[0]))
+
+
+@torch.library.custom_op("glmtune::int_dequantize", mutates_args=())
+def int_dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight ``q * scale`` in ``dtype``."""
+    return dequantize(q, scale, bits, dtype)
+
+
+@int_dequantize.register_fake
+def _int_dequantize_fake(q, scale, bits, dtype):
+    return q.new_empty((q.shape[0], q.shape[1] * (2 if bits == 4 else 1)), dtype=dtype)
+
+
+def _check_fake(x: torch.Tensor, q: torch.Tensor, bits: int) -> None:
+    in_features = q.shape[1] * (2 if bits == 4 else 1)
+    torch._check(x.shape[-1] == in_features, lambda: f"input has {x.shape[-1]} features; the weight: {in_features}")
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, q, scale, bits, bias = inputs
+    ctx.save_for_backward(q, scale)
+    ctx.bits = bits
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[4]
+
+
+def _backward(ctx, grad: torch.Tensor):
+    q, scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ int_dequantize(q, scale, ctx.bits, grad.dtype)  # (..., out) @ (out, in)
+    if ctx.bias_grad:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, grad_bias
+
+
+int_linear.register_autograd(_backward, setup_context=_setup_context)

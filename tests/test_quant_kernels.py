@@ -1,0 +1,238 @@
+"""The Triton INT4/INT8 kernels (``models/quant_kernels.py``) against a float64 dequantize-and-multiply reference.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` while the module is imported, see the
+``qk`` fixture); the interpreter's ``tl.dot`` mishandles bfloat16 operands (it multiplies their raw bits), so the
+tensor-core path is checked there with float16 and float32 and with bfloat16 on the GPU. Tests marked ``gpu`` run the
+compiled kernels, the ``QuantizedLinear`` dispatch and CUDA-graph decode of a quantized model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+
+import pytest
+import torch
+
+from glmtune.models.quant import dequantize_weight, pack_int4
+
+pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
+MODULE = "glmtune.models.quant_kernels"
+
+
+@pytest.fixture(scope="module")
+def qk():
+    """The kernels module: compiled on a CUDA machine, else imported with the interpreter switched on."""
+    if CUDA:
+        return importlib.import_module(MODULE)
+    if MODULE in sys.modules:
+        mod = sys.modules[MODULE]
+        if not mod.INTERPRETED:
+            pytest.skip("quant_kernels was imported without TRITON_INTERPRET on a machine without CUDA")
+        return mod
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        return importlib.import_module(MODULE)
+
+
+def _device() -> str:
+    return "cuda" if CUDA else "cpu"
+
+
+def _weight(n: int, k: int, bits: int, seed: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored (q, scale) pair over the whole integer range, with a row of zeros (scale 0), rows at the extremes
+    (+-7 / +-127 and the -8 / -128 a packed byte can hold) and random fp16 scales."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    values = torch.randint(lo, hi, (n, k), generator=g, dtype=torch.int8)
+    values[0] = 0
+    values[1, ::2], values[1, 1::2] = hi - 1, -(hi - 1)
+    values[2] = lo
+    scale = (torch.rand(n, generator=g) * 0.05 + 0.001).to(torch.float16)
+    scale[0] = 0
+    q = pack_int4(values) if bits == 4 else values
+    return q.to(device), scale.to(device)
+
+
+def _reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int, bias: torch.Tensor | None):
+    w = dequantize_weight(q.cpu(), scale.cpu(), bits, torch.float64)
+    y = x.detach().cpu().double() @ w.T
+    return y if bias is None else y + bias.detach().cpu().double()
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    out = out.detach().cpu().double()
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2), rel
+    # every element, not just the norm: an unwritten or misplaced output fails here
+    tol = (1e-4 if dtype == torch.float32 else 2e-2) * ref.abs().max().item()
+    assert (out - ref).abs().max().item() <= tol
+
+
+# (path, dtype): the interpreter's tl.dot cannot take bfloat16, the GPU checks it
+CASES = [("gemv", torch.float32), ("gemv", torch.bfloat16), ("dot", torch.float32), ("dot", torch.float16),
+         ("dequant", torch.float32), ("dequant", torch.bfloat16)]  # fmt: skip
+
+
+def _small_config(qk, path: str, m: int):
+    """Blocks smaller than the input, so that every kernel loops, masks and tiles; the GPU tests run the defaults
+    (the interpreter is slow at the matrix-vector kernel's reduction over large blocks)."""
+    if path == "gemv":
+        return qk.GemvConfig(block_m=1 if m == 1 else 2, block_n=16, block_k=16)
+    return qk.DotConfig(block_m=16, block_n=16, block_k=16, group_m=2) if path == "dot" else None
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(("path", "dtype"), CASES)
+def test_each_path_matches_float64(qk, bits, path, dtype):
+    dev = _device()
+    n, k = 37, 70  # odd output rows; INT4 stores 35 columns
+    q, scale = _weight(n, k, bits, seed=bits, device=dev)
+    g = torch.Generator().manual_seed(1)
+    for m, bias in ((1, True), (3, False), (37, True)):  # 3, 37: not a multiple of any tile
+        x = torch.randn(m, k, generator=g).to(dev, dtype)
+        b = torch.randn(n, generator=g).to(dev, dtype) if bias else None
+        ref = _reference(x, q, scale, bits, b)
+        config = _small_config(qk, path, m)
+        _close(qk.linear(x, q, scale, bits, b, path=path, config=config), ref, dtype)
+        if path == "gemv" and bits == 4:  # the inputs loaded contiguously and split in registers
+            split = dataclasses.replace(config, split_x=True)
+            _close(qk.linear(x, q, scale, bits, b, path=path, config=split), ref, dtype)
+        if CUDA:  # the default blocks (larger than these shapes: masked everywhere)
+            _close(qk.linear(x, q, scale, bits, b, path=path), ref, dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_op_chooses_by_rows_and_keeps_leading_dims(qk, bits):
+    dev = _device()
+    n, k = 24, 48
+    q, scale = _weight(n, k, bits, seed=3, device=dev)
+    b = torch.randn(n).to(dev)
+    for rows in (1, qk.GEMV_MAX_M + 1, qk.DOT_MAX_M + 1):
+        x = torch.randn(rows, 1, k).to(dev)
+        y = qk.int_linear(x, q, scale, bits, b)
+        assert y.shape == (rows, 1, n)
+        _close(y.reshape(rows, n), _reference(x.reshape(rows, k), q, scale, bits, b), torch.float32)
+    w = qk.int_dequantize(q, scale, bits, torch.float32)
+    assert torch.allclose(w.cpu().double(), dequantize_weight(q.cpu(), scale.cpu(), bits, torch.float64), rtol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_backward_gives_grad_times_weight(qk, bits):
+    dev = _device()
+    n, k = 19, 34
+    q, scale = _weight(n, k, bits, seed=5, device=dev)
+    x = torch.randn(2, 3, k).to(dev).requires_grad_()
+    b = torch.randn(n).to(dev).requires_grad_()
+    grad = torch.randn(2, 3, n).to(dev)
+    (qk.int_linear(x, q, scale, bits, b) * grad).sum().backward()
+    w = dequantize_weight(q.cpu(), scale.cpu(), bits, torch.float64)
+    _close(x.grad, grad.cpu().double() @ w, torch.float32)
+    _close(b.grad, grad.cpu().double().sum((0, 1)), torch.float32)
+    frozen = torch.randn(n).to(dev)  # a frozen bias gets no gradient and costs nothing
+    x.grad = None
+    qk.int_linear(x, q, scale, bits, frozen).sum().backward()
+    assert x.grad is not None and frozen.grad is None
+
+
+def test_the_op_passes_opcheck_and_traces_under_compile(qk):
+    dev = _device()
+    q, scale = _weight(16, 32, 4, seed=7, device=dev)
+    x = torch.randn(5, 32).to(dev).requires_grad_()
+    b = torch.randn(16).to(dev)
+    torch.library.opcheck(qk.int_linear, (x, q, scale, 4, b))
+    torch.library.opcheck(qk.int_dequantize, (q, scale, 4, torch.float32))
+
+    def f(inp):
+        return qk.int_linear(inp, q, scale, 4, b).square().sum()
+
+    eager = torch.autograd.grad(f(x), x)[0]
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(torch.autograd.grad(compiled(x), x)[0], eager, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_shapes_and_bits_are_named(qk):
+    dev = _device()
+    q, scale = _weight(8, 16, 4, seed=0, device=dev)
+    with pytest.raises(ValueError, match="input has 15 features; the INT4 weight \\(8, 8\\) takes 16"):
+        qk.linear(torch.randn(2, 15).to(dev), q, scale, 4, None)
+    with pytest.raises(ValueError, match="bits must be 4 or 8"):
+        qk.linear(torch.randn(2, 16).to(dev), q, scale, 3, None)
+    with pytest.raises(ValueError, match="weight_scale must have shape \\(8,\\)"):
+        qk.linear(torch.randn(2, 16).to(dev), q, scale[:4], 4, None)
+    with pytest.raises(ValueError, match="unknown path"):
+        qk.linear(torch.randn(2, 16).to(dev), q, scale, 4, None, path="fast")
+
+
+# ---- GPU only -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("path", ["gemv", "dot", "dequant"])
+@pytest.mark.parametrize("m", [1, 2, 5, 16, 100])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_kernels_at_larger_shapes(qk, bits, path, m, dtype):
+    n, k = 1031, 2050  # several tiles, none full at the edges; INT4 stores an odd 1025 columns
+    q, scale = _weight(n, k, bits, seed=m, device="cuda")
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    _close(qk.linear(x, q, scale, bits, b, path=path), _reference(x, q, scale, bits, b), dtype)
+
+
+def _tiny_quantized(bits: int, dtype: torch.dtype):
+    from glmtune.models import build_model
+    from glmtune.models.config import preset
+    from glmtune.models.quant import quantize_model_
+
+    model = build_model(preset("tiny-chatglm2"))
+    model.init_weights(seed=1)
+    return quantize_model_(model.to(dtype), bits).eval()  # fp16 scales, biases in dtype (as a loaded folder)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_quantized_model_uses_the_kernels_and_decodes_in_a_cuda_graph(qk, bits, monkeypatch):
+    """The model's QuantizedLinear layers take the kernels on CUDA (logits match the CPU reference path), and the
+    decode step captured as a CUDA graph, or compiled then captured, gives the eager tokens."""
+    from glmtune.generate import GenerationConfig, generate
+
+    calls = []
+    kernel = qk.linear
+    monkeypatch.setattr(qk, "linear", lambda *a, **kw: calls.append(a[0].shape[0]) or kernel(*a, **kw))
+    ids = torch.randint(5, 400, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = _tiny_quantized(bits, torch.float32)(ids).double()
+        out = _tiny_quantized(bits, torch.float32).cuda()(ids.cuda()).double().cpu()
+    assert calls and ((out - ref).norm() / ref.norm()).item() < 1e-4  # float32: kernels vs dequantize + matmul
+    model = _tiny_quantized(bits, torch.bfloat16).cuda()
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    cfg = GenerationConfig(max_new_tokens=10)
+    calls.clear()
+    eager = generate(model, prompts, cfg, stop_ids=[], pad_id=0, decode="eager")
+    assert 2 in calls  # the decode steps (2 rows) went through the matrix-vector kernel
+    assert generate(model, prompts, cfg, stop_ids=[], pad_id=0, decode="graph") == eager
+    assert generate(model, prompts, cfg, stop_ids=[], pad_id=0, decode="compiled") == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_gpu_inductor_compiles_forward_and_backward(qk):
+    from glmtune.models.quant import QuantizedLinear
+
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(256, 96), 4).cuda()
+    layer.bias.data = layer.bias.data.bfloat16()
+    x = torch.randn(3, 40, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def f(inp):
+        return layer(inp).float().square().mean()
+
+    eager = torch.autograd.grad(f(x), x)[0]
+    compiled = torch.compile(f, fullgraph=True)
+    got = torch.autograd.grad(compiled(x), x)[0]
+    assert ((got.float() - eager.float()).norm() / eager.float().norm()).item() < 1e-2
