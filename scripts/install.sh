@@ -21,7 +21,7 @@ else
 fi
 "$venv/bin/python" -m pip install -q -e ".[dev]"
 
-chromium_packages="chromium chromium-driver"
+chromium_packages="chromium chromium-driver fonts-wqy-zenhei"  # the font: Chinese in its screenshots
 if [ "${GLMTUNE_SKIP_CHROMIUM:-0}" = 1 ]; then
     echo "install: GLMTUNE_SKIP_CHROMIUM=1: not installing Chromium (the browser test will skip)"
 elif command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then

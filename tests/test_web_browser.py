@@ -1,0 +1,201 @@
+"""glmtune web in a real browser: Debian's Chromium, headless, driven by Selenium through Debian's chromedriver
+(nothing is downloaded: both paths are given, so Selenium Manager never runs). The test starts the real command on
+a tiny ChatGLM3 folder, sends a message, waits for the streamed reply and compares it with what the serve engine
+answers for that prompt (greedy), checks that the page asked nothing of any host but its own, clears the chat,
+and saves a screenshot as ``<pytest's tmp_path>/glmtune-web.png`` (kept under /tmp/pytest-of-$USER/).
+
+Skips, saying how to install them, when Chromium or chromedriver is missing (scripts/install.sh installs both
+with apt-get where it can). Every wait has a deadline: the whole test stays under a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+webdriver = pytest.importorskip("selenium.webdriver")
+
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+from glmtune.demo_data import corpus_lines  # noqa: E402
+from glmtune.pretrained import load_pretrained  # noqa: E402
+from glmtune.serve.app import Engine, Outcome  # noqa: E402
+from glmtune.serve.schemas import parse_chat_request  # noqa: E402
+from glmtune.tiny import make_tiny_model_dir  # noqa: E402
+from glmtune.web.page import CHAT_ID, CLEAR_ID, MESSAGE_ID, SYSTEM_ID  # noqa: E402
+
+pytestmark = pytest.mark.slow
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 16
+PROMPTS = ["hello, who are you?", "write one line about the weather", "tell me a short story", "what is python?"]
+MARKUP = re.compile(r"[*_`~\\[&$]|<[A-Za-z/!]")  # emphasis, code, escapes, links, entities, LaTeX, HTML tags
+LINE_MARKUP = re.compile(r"\s*(#|>|[-+|]|\d+[.)])")  # headings, quotes, lists, tables at the start of a line
+SERVER_START_S, PAGE_LOAD_S, REPLY_S = 35, 12, 10  # deadlines; together under a minute
+
+
+def chromium_paths() -> tuple[str, str]:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip(
+            "Debian's Chromium and chromedriver are not installed (scripts/install.sh installs them where "
+            "apt-get can be used): sudo apt-get install --no-install-recommends chromium chromium-driver"
+        )
+    return browser, driver
+
+
+def verbatim_in_markdown(text: str) -> bool:
+    """True when the chat component's Markdown shows ``text`` as it is (white space aside)."""
+    return not MARKUP.search(text) and not any(LINE_MARKUP.match(line) for line in text.splitlines())
+
+
+def shown(text: str) -> str:
+    """Text as the page shows it: runs of white space are one space (HTML)."""
+    return " ".join(text.split())
+
+
+def engine_replies(folder: Path, prompts: list[str]) -> dict[str, str]:
+    """Each prompt's greedy reply from the engine glmtune serve runs (in this process)."""
+    engine = Engine(load_pretrained(folder, dtype="float32", device="cpu"))
+
+    async def reply(prompt: str) -> str:
+        body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": MAX_TOKENS}
+        job = engine.job(parse_chat_request(body))
+        return "".join([item async for item in engine.run(job) if not isinstance(item, Outcome)])
+
+    try:
+        return {p: asyncio.run(reply(p)) for p in prompts}
+    finally:
+        engine.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def web_page(tmp_path_factory):
+    """(URL, model folder) of a running ``glmtune web`` on a tiny ChatGLM3 folder, greedy, short replies."""
+    chromium_paths()
+    folder = make_tiny_model_dir(tmp_path_factory.mktemp("web") / "tiny-chatglm3", corpus_lines(seed=0),
+                                 generation="chatglm3", vocab_size=600)  # fmt: skip
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
+    command = [sys.executable, "-m", "glmtune", "web", str(folder), "--port", str(port), "--device", "cpu",
+               "--dtype", "fp32", "--temperature", "0", "--max-new-tokens", str(MAX_TOKENS)]  # fmt: skip
+    out = tmp_path_factory.mktemp("web-log") / "glmtune-web.log"
+    with open(out, "wb") as logfile:
+        proc = subprocess.Popen(command, stdout=logfile, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"glmtune web exited with {proc.returncode}:\n{out.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"glmtune web did not answer within {SERVER_START_S} s:\n{out.read_text()}")
+            time.sleep(0.3)
+        log.info("glmtune web answered after %.1f s", SERVER_START_S - (deadline - time.monotonic()))
+        yield url, folder
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def browser():
+    path, driver_path = chromium_paths()
+    options = webdriver.ChromeOptions()
+    options.binary_location = path
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update"):  # fmt: skip
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
+    driver = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+    driver.set_page_load_timeout(PAGE_LOAD_S)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def requested_urls(driver) -> list[str]:
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def test_chat_in_the_browser(web_page, browser, tmp_path):
+    url, folder = web_page
+    expected = engine_replies(folder, PROMPTS)
+    # A reply the Markdown renderer shows verbatim (the tiny model's text is random), the first one there is
+    prompt = next((p for p in PROMPTS if shown(expected[p]) and verbatim_in_markdown(expected[p])), None)
+    assert prompt is not None, f"every reply has Markdown markup: {expected}"
+    want = shown(expected[prompt])
+
+    browser.get(url)
+    box = WebDriverWait(browser, PAGE_LOAD_S).until(
+        ec.element_to_be_clickable((By.CSS_SELECTOR, f"#{MESSAGE_ID} textarea"))
+    )
+    assert browser.find_element(By.CSS_SELECTOR, f"#{SYSTEM_ID} textarea").is_displayed()  # ChatGLM3 has one
+    box.send_keys(prompt)
+    box.send_keys(Keys.ENTER)
+
+    bot = f"#{CHAT_ID} [data-testid='bot']"
+    seen: list[str] = []
+
+    def reply_done(driver) -> bool:
+        texts = [e.text for e in driver.find_elements(By.CSS_SELECTOR, bot)]
+        if texts and (not seen or seen[-1] != texts[-1]):
+            seen.append(texts[-1])
+        return bool(texts) and shown(texts[-1]) == want
+
+    try:
+        WebDriverWait(browser, REPLY_S, poll_frequency=0.05).until(reply_done)
+    except Exception:
+        pytest.fail(f"the page showed {seen!r}, the engine answers {want!r}")
+    users = browser.find_elements(By.CSS_SELECTOR, f"#{CHAT_ID} [data-testid='user']")
+    assert [shown(u.text) for u in users] == [prompt]
+    assert all(want.startswith(shown(s)) for s in seen), seen  # every state on the way was a prefix of the reply
+
+    shot = tmp_path / "glmtune-web.png"
+    assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log.info("screenshot of the chat page: %s", shot)
+
+    outside = [u for u in requested_urls(browser) if not u.startswith((url, "data:", "blob:"))]
+    assert outside == [], f"the page called out: {outside}"
+
+    browser.find_element(By.ID, CLEAR_ID).click()
+    WebDriverWait(browser, 5).until(lambda d: not d.find_elements(By.CSS_SELECTOR, bot))
