@@ -1,8 +1,9 @@
 """glmtune web in a real browser: Debian's Chromium, headless, driven by Selenium through Debian's chromedriver
 (nothing is downloaded: both paths are given, so Selenium Manager never runs). The test starts the real command on
 a tiny ChatGLM3 folder, sends a message, waits for the streamed reply and compares it with what the serve engine
-answers for that prompt (greedy), checks that the page asked nothing of any host but its own, clears the chat,
-and saves a screenshot as ``<pytest's tmp_path>/glmtune-web.png`` (kept under /tmp/pytest-of-$USER/).
+answers for that prompt (greedy), sends a second one (its reply is the engine's for the whole conversation),
+checks that the page asked nothing of any host but its own, clears the chat, and saves a screenshot as
+``<pytest's tmp_path>/glmtune-web.png`` (kept under /tmp/pytest-of-$USER/).
 
 Skips, saying how to install them, when Chromium or chromedriver is missing (scripts/install.sh installs both
 with apt-get where it can). Every wait has a deadline: the whole test stays under a minute.
@@ -47,6 +48,7 @@ MAX_TOKENS = 16
 PROMPTS = ["hello, who are you?", "write one line about the weather", "tell me a short story", "what is python?"]
 MARKUP = re.compile(r"[*_`~\\[&$]|<[A-Za-z/!]")  # emphasis, code, escapes, links, entities, LaTeX, HTML tags
 LINE_MARKUP = re.compile(r"\s*(#|>|[-+|]|\d+[.)])")  # headings, quotes, lists, tables at the start of a line
+BOT = f"#{CHAT_ID} [data-testid='bot']"
 SERVER_START_S, PAGE_LOAD_S, REPLY_S = 35, 12, 10  # deadlines; together under a minute
 
 
@@ -71,19 +73,27 @@ def shown(text: str) -> str:
     return " ".join(text.split())
 
 
-def engine_replies(folder: Path, prompts: list[str]) -> dict[str, str]:
-    """Each prompt's greedy reply from the engine glmtune serve runs (in this process)."""
+def engine_replies(folder: Path, conversations: list[list[dict]]) -> list[str]:
+    """Each conversation's greedy reply from the engine glmtune serve runs (in this process)."""
     engine = Engine(load_pretrained(folder, dtype="float32", device="cpu"))
 
-    async def reply(prompt: str) -> str:
-        body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": MAX_TOKENS}
+    async def reply(messages: list[dict]) -> str:
+        body = {"messages": messages, "temperature": 0, "max_tokens": MAX_TOKENS}
         job = engine.job(parse_chat_request(body))
         return "".join([item async for item in engine.run(job) if not isinstance(item, Outcome)])
 
     try:
-        return {p: asyncio.run(reply(p)) for p in prompts}
+        return [asyncio.run(reply(m)) for m in conversations]
     finally:
         engine.close()
+
+
+def pick(prompts: list[str], replies: list[str]) -> tuple[str, str]:
+    """The first (prompt, reply) whose reply the chat's Markdown shows verbatim (the tiny model's text is random)."""
+    for prompt, reply in zip(prompts, replies, strict=True):
+        if shown(reply) and verbatim_in_markdown(reply):
+            return prompt, reply
+    pytest.fail(f"every reply has Markdown markup: {replies}")
 
 
 def free_port() -> int:
@@ -157,38 +167,47 @@ def requested_urls(driver) -> list[str]:
     return urls
 
 
-def test_chat_in_the_browser(web_page, browser, tmp_path):
-    url, folder = web_page
-    expected = engine_replies(folder, PROMPTS)
-    # A reply the Markdown renderer shows verbatim (the tiny model's text is random), the first one there is
-    prompt = next((p for p in PROMPTS if shown(expected[p]) and verbatim_in_markdown(expected[p])), None)
-    assert prompt is not None, f"every reply has Markdown markup: {expected}"
-    want = shown(expected[prompt])
-
-    browser.get(url)
-    box = WebDriverWait(browser, PAGE_LOAD_S).until(
-        ec.element_to_be_clickable((By.CSS_SELECTOR, f"#{MESSAGE_ID} textarea"))
+def send_and_wait(driver, prompt: str, want: str, n: int) -> list[str]:
+    """Type ``prompt``, wait until the ``n``-th reply shows ``want``; the reply's states on the way."""
+    box = WebDriverWait(driver, PAGE_LOAD_S).until(
+        ec.element_to_be_clickable((By.CSS_SELECTOR, f"#{MESSAGE_ID} textarea"))  # unlocked after a reply
     )
-    assert browser.find_element(By.CSS_SELECTOR, f"#{SYSTEM_ID} textarea").is_displayed()  # ChatGLM3 has one
     box.send_keys(prompt)
     box.send_keys(Keys.ENTER)
-
-    bot = f"#{CHAT_ID} [data-testid='bot']"
     seen: list[str] = []
 
-    def reply_done(driver) -> bool:
-        texts = [e.text for e in driver.find_elements(By.CSS_SELECTOR, bot)]
-        if texts and (not seen or seen[-1] != texts[-1]):
+    def done(d) -> bool:
+        texts = [e.text for e in d.find_elements(By.CSS_SELECTOR, BOT)]
+        if len(texts) == n and (not seen or seen[-1] != texts[-1]):
             seen.append(texts[-1])
-        return bool(texts) and shown(texts[-1]) == want
+        return len(texts) == n and shown(texts[-1]) == shown(want)
 
     try:
-        WebDriverWait(browser, REPLY_S, poll_frequency=0.05).until(reply_done)
+        WebDriverWait(driver, REPLY_S, poll_frequency=0.05).until(done)
     except Exception:
-        pytest.fail(f"the page showed {seen!r}, the engine answers {want!r}")
+        pytest.fail(f"reply {n}: the page showed {seen!r}, the engine answers {want!r}")
+    assert all(shown(want).startswith(shown(s)) for s in seen), seen  # every state on the way was a prefix
+    return seen
+
+
+def test_chat_in_the_browser(web_page, browser, tmp_path):
+    url, folder = web_page
+    alone = engine_replies(folder, [[{"role": "user", "content": p}] for p in PROMPTS])
+    first, reply = pick(PROMPTS, alone)
+    history = [{"role": "user", "content": first}, {"role": "assistant", "content": reply}]
+    second, reply2 = pick(
+        PROMPTS, engine_replies(folder, [[*history, {"role": "user", "content": p}] for p in PROMPTS])
+    )
+    assert shown(reply2) != shown(alone[PROMPTS.index(second)])  # so the second reply shows the history was sent
+
+    browser.get(url)
+    WebDriverWait(browser, PAGE_LOAD_S).until(
+        ec.visibility_of_element_located((By.CSS_SELECTOR, f"#{SYSTEM_ID} textarea"))
+    )  # ChatGLM3 has a system turn
+    send_and_wait(browser, first, reply, 1)
+    send_and_wait(browser, second, reply2, 2)  # the page sends the history with the new message
     users = browser.find_elements(By.CSS_SELECTOR, f"#{CHAT_ID} [data-testid='user']")
-    assert [shown(u.text) for u in users] == [prompt]
-    assert all(want.startswith(shown(s)) for s in seen), seen  # every state on the way was a prefix of the reply
+    assert [shown(u.text) for u in users] == [first, second]
 
     shot = tmp_path / "glmtune-web.png"
     assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -198,4 +217,4 @@ def test_chat_in_the_browser(web_page, browser, tmp_path):
     assert outside == [], f"the page called out: {outside}"
 
     browser.find_element(By.ID, CLEAR_ID).click()
-    WebDriverWait(browser, 5).until(lambda d: not d.find_elements(By.CSS_SELECTOR, bot))
+    WebDriverWait(browser, 5).until(lambda d: not d.find_elements(By.CSS_SELECTOR, BOT))

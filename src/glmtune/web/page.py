@@ -104,10 +104,15 @@ def build_page(engine: Engine, *, title: str, system_prompt: bool, sampling: Sam
 
     chat = PageChat(engine)
 
-    def add_message(message: str, history: list[dict]) -> tuple[str, list[dict]]:
+    def add_message(message: str, history: list[dict]) -> tuple[Any, list[dict]]:
+        """The message joins the history; the box is locked until the reply is done (a second message sent while
+        one streams would race it for the history)."""
         if not message.strip():
-            return message, history
-        return "", [*history, {"role": "user", "content": message}]
+            return gr.update(), history
+        return gr.update(value="", interactive=False), [*history, {"role": "user", "content": message}]
+
+    def unlock() -> Any:
+        return gr.update(interactive=True)
 
     async def respond(history: list[dict], system_text: str, temperature: float, top_p: float, max_tokens: float):
         if not history or history[-1].get("role") != "user":
@@ -151,8 +156,10 @@ def build_page(engine: Engine, *, title: str, system_prompt: bool, sampling: Sam
         for trigger in (message.submit, send.click):
             added = trigger(add_message, [message, chatbot], [message, chatbot], queue=False)
             events.append(added.then(respond, controls, chatbot, concurrency_limit=None))
-        stop.click(None, cancels=events, queue=False)
-        clear.click(lambda: ("", []), None, [message, chatbot], cancels=events, queue=False)
+            events[-1].then(unlock, None, message, queue=False)  # after a reply or an error
+        stop.click(unlock, None, message, cancels=events, queue=False)  # a stopped reply keeps what it said
+        clear.click(lambda: (gr.update(value="", interactive=True), []), None, [message, chatbot], cancels=events,
+                    queue=False)  # fmt: skip
     return page
 
 
