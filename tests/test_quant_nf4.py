@@ -128,3 +128,21 @@ def test_without_torchao_nf4_says_what_runs_instead(folder, monkeypatch, capsys,
         load_pretrained(folder, dtype="float32", device="cpu", quantize="nf4")
     assert main(["chat", str(folder), "--quantize", "nf4", "--prompt", "hi", "--device", "cpu"]) != 0
     assert "int8 and int4 (THUDM's format) run without it" in capsys.readouterr().err
+
+
+def test_a_failing_compile_falls_back_to_the_eager_dequantization(caplog):
+    from glmtune.models import nf4
+
+    layer = NF4Linear.from_linear(_linear(64, 256, torch.float32, seed=3))
+    tensors = tuple(getattr(layer, n) for n in nf4._BUFFERS)
+    compiled = nf4._Compiled()
+
+    def broken(*_):
+        raise RuntimeError("no triton here")
+
+    compiled.fn = broken
+    out = compiled(*tensors, (64, 256))
+    assert compiled.failed and "dequantizing eagerly" in caplog.text
+    assert torch.equal(out, dequantize_nf4(*tensors, (64, 256)))
+    compiled.fn = None  # not tried again
+    assert torch.equal(compiled(*tensors, (64, 256)), out) and compiled.fn is None

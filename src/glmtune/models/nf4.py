@@ -100,9 +100,31 @@ def dequantize_nf4(
     return (values.view(scalers.numel(), -1) * scalers.unsqueeze(-1)).view(shape)
 
 
+class _Compiled:
+    """``dequantize_nf4`` through ``torch.compile`` (one fused kernel per weight shape), made on first use; if
+    compiling fails (no Triton, an old driver) the eager function serves from then on, with one warning."""
+
+    def __init__(self) -> None:
+        self.fn: Callable[..., torch.Tensor] | None = None
+        self.failed = False
+
+    def __call__(self, *args: Any) -> torch.Tensor:
+        if not self.failed:
+            try:
+                if self.fn is None:
+                    self.fn = torch.compile(dequantize_nf4, dynamic=False)
+                return self.fn(*args)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path computes the same
+                self.failed = True
+                log.warning("NF4: torch.compile of the dequantization failed (%s); dequantizing eagerly", e)
+        return dequantize_nf4(*args)
+
+
 @functools.cache
-def _compiled_dequantize() -> Callable[..., torch.Tensor]:
-    return torch.compile(dequantize_nf4, dynamic=False)
+def _compiled_dequantize() -> _Compiled:
+    return _Compiled()
 
 
 def _dequantize(tensors: tuple[torch.Tensor, ...], shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
