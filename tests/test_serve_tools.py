@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from glmtune.serve.tools import ToolError, parse_tools, reply_message, request_messages
+from glmtune.serve.tools import ToolError, parse_tools, reply_message, request_messages, tool_call_possible
 from glmtune.templates import CHATGLM3_TOOL_PROMPT, GLM4_SYSTEM, get_template
 from test_data_fake import FakeTokenizer
 
@@ -218,6 +218,24 @@ def test_no_tools_or_old_generations_give_plain_content():
     assert reply_message(raw, "glm4", None) == (get_template("glm4").postprocess(raw), None)
     for generation in ("chatglm", "chatglm2"):
         assert reply_message("[[训练时间]] ok", generation, TOOLS) == ("2023年 ok", None)
+
+
+@pytest.mark.parametrize("generation", ["chatglm3", "glm4"])
+def test_tool_call_possible_while_the_first_line_may_name_a_tool(generation):
+    possible = [
+        tool_call_possible(raw, generation, TOOLS) for raw in ("", "get", "get_w", "get_time", "get_weather\n{")
+    ]
+    assert possible == [True] * 5
+    for raw in ("\n", "\nget_weather", "hello", "get_weatherX", "get_weather2\n{", "get_time_\n"):
+        assert not tool_call_possible(raw, generation, TOOLS), raw
+    assert not tool_call_possible("get", generation, None)
+    # every prefix of a real call is held back, so no part of it is streamed as content
+    raw = 'get_weather\n{"city": "北京"}'
+    assert all(tool_call_possible(raw[:i], generation, TOOLS) for i in range(len(raw) + 1))
+
+
+def test_tool_call_possible_is_false_without_tool_calls():
+    assert not tool_call_possible("get", "chatglm2", TOOLS) and not tool_call_possible("", "chatglm", TOOLS)
 
 
 # ---- tools and tool_choice ----------------------------------------------------------------------------------

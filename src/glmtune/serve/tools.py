@@ -250,6 +250,20 @@ def request_messages(messages: list[dict[str, Any]], tools: list[dict[str, Any]]
     return out
 
 
+def tool_call_possible(raw: str, generation: str, tools: list[dict[str, Any]] | None) -> bool:
+    """Whether a reply that begins with ``raw`` (as :func:`reply_message` takes it) may still turn out to be a tool
+    call: its first line is, or may yet become, one of ``tools``' names. A streaming server holds the text back
+    while this is True and streams it as content once it is False (a plain reply's first line is empty)."""
+    if generation not in TOOL_GENERATIONS or not tools:
+        return False
+    names = [t["function"]["name"] for t in tools]
+    first, newline, _ = raw.partition("\n")
+    head = first.strip()
+    if newline:
+        return head in names
+    return any(name.startswith(head) for name in names)
+
+
 def _call_id(raw: str, index: int) -> str:
     """Deterministic for a reply, distinct between the calls of one reply."""
     return "call_" + hashlib.sha256(f"{index}\0{raw}".encode()).hexdigest()[:24]
