@@ -163,12 +163,13 @@ def measure(args) -> dict:
 def combine(paths: list[Path]) -> dict:
     """The rows of several runs (1 GPU, 2 GPUs, ...) with the scaling of total throughput against the 1-GPU row."""
     runs = [json.loads(p.read_text()) for p in paths]
-    rows = [r for run in runs for r in run["rows"]]
+    rows = [{**r, "command": run["info"]["command"]} for run in runs for r in run["rows"]]
     base = next((r for r in rows if r.get("gpus") == 1 and "error" not in r), None)
     for r in rows:
         if base is not None and "error" not in r:
             r["scaling"] = r["useful_tokens_per_s_total"] / base["useful_tokens_per_s_total"]
-    return {"info": runs[0]["info"], "rows": rows}
+    info = {k: v for k, v in runs[0]["info"].items() if k != "command"}
+    return {"info": info, "rows": rows}
 
 
 COLUMNS = [

@@ -47,7 +47,7 @@ resume = {resume!r}
 if resume:
     from glmtune.train.config import resume_config
     cfg = resume_config({out!r}, {settings!r})
-info = distributed.setup(cfg.train.device)
+info = distributed.setup(cfg.train.device, cpu_collectives=cfg.train.fsdp_offload)
 kill_at = {kill_at!r}
 
 def on_step(step, values):
@@ -209,6 +209,29 @@ def test_two_nodes_lora_over_sharded_base(two) -> None:
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def _two_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _two_gpus(), reason="needs 2 GPUs")
+@pytest.mark.parametrize("variant", ["compiled", "offload"])
+def test_two_gpus_fsdp_full_match_one(tmp_path: Path, variant: str) -> None:
+    """NCCL, one GPU per process, fp32 (bf16 would round the two layouts differently): the trainer's compiled blocks
+    under FSDP, or the shards and AdamW on the CPU (train.fsdp_offload)."""
+    model = tiny_model(tmp_path)
+    extra = ["train.compile=true"] if variant == "compiled" else ["train.compile=false", "train.fsdp_offload=true"]
+    settings = [s for s in FULL if s != "train.device=cpu"] + ["train.precision=fp32", *extra]
+    out = tmp_path / "two"
+    proc = _standalone(_script(tmp_path, "two", model, out, settings))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single = tmp_path / "single"
+    run(small_config(model, single, *[s for s in settings if "offload" not in s], "train.grad_accum=2"))
+    assert _losses(out) == pytest.approx(_losses(single), rel=1e-4)
+    assert [v for _, v in _evals(out)] == pytest.approx([v for _, v in _evals(single)], rel=1e-4)
+    assert is_sharded(checkpoint_dir(out, 8)) and (out / "model" / "model.safetensors").is_file()
 
 
 # ---- the pieces, without processes ----------------------------------------------------------------------------

@@ -58,8 +58,9 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
 
 
-def setup(device: str = "auto") -> DistInfo:
-    """Read the torchrun environment, pick this process's device and start the process group when needed."""
+def setup(device: str = "auto", *, cpu_collectives: bool = False) -> DistInfo:
+    """Read the torchrun environment, pick this process's device and start the process group when needed.
+    ``cpu_collectives``: on GPUs, gloo beside NCCL for tensors kept on the CPU (FSDP's CPU offload)."""
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
@@ -74,6 +75,8 @@ def setup(device: str = "auto") -> DistInfo:
     started = False
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda" and cpu_collectives:
+            backend = "cuda:nccl,cpu:gloo"
         timeout = timedelta(seconds=_env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
         dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None, timeout=timeout)
         started = True
@@ -102,7 +105,7 @@ def all_reduce_sum(info: DistInfo, values: list[float]) -> list[float]:
     """Sum a few numbers over all ranks (float64, on the process group's device)."""
     if not info.enabled:
         return list(values)
-    dev = info.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = info.device if "nccl" in dist.get_backend() else torch.device("cpu")
     t = torch.tensor(values, dtype=torch.float64, device=dev)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
@@ -112,7 +115,7 @@ def all_reduce_(info: DistInfo, t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` over all ranks in place, without reading it back (no host synchronisation on NCCL)."""
     if not info.enabled:
         return t
-    if dist.get_backend() == "nccl" or t.device.type == "cpu":
+    if "nccl" in dist.get_backend() or t.device.type == "cpu":
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     else:  # gloo with a GPU tensor: through the host
         host = t.cpu()

@@ -125,7 +125,7 @@ def train(
     after each step's bookkeeping (it makes the trainer read the loss back every step). A Ctrl-C stops the run
     after the current step with a checkpoint and raises :class:`TrainInterrupted`; a full disk is a ``TrainError``.
     """
-    info = distributed.setup(cfg.train.device)
+    info = distributed.setup(cfg.train.device, cpu_collectives=cfg.train.fsdp_offload)
     together = False  # whether every rank reaches the teardown (then it waits for all of them)
     try:
         distributed.check_same_config(info, cfg.to_yaml())
@@ -282,6 +282,9 @@ class Trainer:
         if self.mode != "single":
             log.info("%d processes: %s (train.distributed %s)", info.world_size, self.mode, t.distributed)
         if not self.sharded:
+            if t.fsdp_offload:
+                log.warning("train.fsdp_offload is for FSDP runs (several processes); this run keeps everything on "
+                            "%s", info.device)  # fmt: skip
             return
         fsdp.check_supported(precision=self.precision, offload=t.fsdp_offload, device=info.device)
         compute = None if self.precision == "fp32" else self.amp_dtype
