@@ -15,6 +15,7 @@ from glmtune.models.nf4 import (
     BLOCK_SIZE,
     NF4Linear,
     NF4Unavailable,
+    dequantize_nf4,
     nf4_round_trip,
 )
 from glmtune.models.quant import QUANTIZED_WEIGHT
