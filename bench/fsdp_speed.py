@@ -160,13 +160,18 @@ def measure(args) -> dict:
         distributed.teardown(info, together=True)
 
 
+SAME_SETTING = ("checkpointing", "compiled", "offload", "rows_x_length")
+
+
 def combine(paths: list[Path]) -> dict:
-    """The rows of several runs (1 GPU, 2 GPUs, ...) with the scaling of total throughput against the 1-GPU row."""
+    """The rows of several runs (1 GPU, 2 GPUs, ...) with the scaling of total throughput against the 1-GPU row of
+    the same settings (none: no scaling)."""
     runs = [json.loads(p.read_text()) for p in paths]
     rows = [{**r, "command": run["info"]["command"]} for run in runs for r in run["rows"]]
-    base = next((r for r in rows if r.get("gpus") == 1 and "error" not in r), None)
-    for r in rows:
-        if base is not None and "error" not in r:
+    ok = [r for r in rows if "error" not in r]
+    for r in ok:
+        base = next((b for b in ok if b["gpus"] == 1 and all(b[k] == r[k] for k in SAME_SETTING)), None)
+        if base is not None:
             r["scaling"] = r["useful_tokens_per_s_total"] / base["useful_tokens_per_s_total"]
     info = {k: v for k, v in runs[0]["info"].items() if k != "command"}
     return {"info": info, "rows": rows}

@@ -30,4 +30,8 @@ def test_fsdp_speed_runs_and_combines(tmp_path: Path) -> None:
     out = tmp_path / "all.json"
     rows = fsdp_speed.main(["--combine", str(one), str(two), "--json", str(out)])["rows"]
     assert [r["scaling"] for r in rows] == [1.0, 1.8]
+    data["rows"][0]["checkpointing"] = "mlp"  # no 1-GPU row of these settings: no scaling
+    two.write_text(json.dumps(data))
+    rows = fsdp_speed.main(["--combine", str(one), str(two)])["rows"]
+    assert "scaling" not in rows[1]
     assert "| 2 | fsdp |" in out.with_suffix(".md").read_text()
