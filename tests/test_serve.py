@@ -16,7 +16,7 @@ from glmtune.cli import build_parser  # noqa: E402
 from glmtune.demo_data import corpus_lines  # noqa: E402
 from glmtune.generate import GenerationConfig, generate  # noqa: E402
 from glmtune.pretrained import load_pretrained  # noqa: E402
-from glmtune.serve.app import create_app  # noqa: E402
+from glmtune.serve.app import create_app, serving  # noqa: E402
 from glmtune.serve.schemas import StopText  # noqa: E402
 from glmtune.templates import Message  # noqa: E402
 from glmtune.tiny import make_tiny_model_dir  # noqa: E402
@@ -188,10 +188,8 @@ def test_serve_command_binds_localhost_by_default():
 @pytest.fixture(scope="module")
 def live_server(pretrained):
     pytest.importorskip("uvicorn")
-    from serve_support import live_server
-
     app = create_app(pretrained, model_name="tiny", api_key=KEY)
-    with live_server(app) as url:
+    with serving(app) as url:
         app.state.port = int(url.rsplit(":", 1)[1])
         yield app
 

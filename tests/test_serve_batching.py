@@ -20,12 +20,11 @@ from glmtune.chat import ChatSession  # noqa: E402
 from glmtune.demo_data import corpus_lines  # noqa: E402
 from glmtune.generate import GenerationConfig, generate  # noqa: E402
 from glmtune.pretrained import load_pretrained  # noqa: E402
-from glmtune.serve.app import create_app  # noqa: E402
+from glmtune.serve.app import create_app, serving  # noqa: E402
 from glmtune.serve.engine import Limits  # noqa: E402
 from glmtune.serve.schemas import APIError, parse_chat_request  # noqa: E402
 from glmtune.templates import Message  # noqa: E402
 from glmtune.tiny import make_tiny_model_dir  # noqa: E402
-from serve_support import live_server  # noqa: E402
 
 QUESTIONS = ["你好", "写一句广告", "hello world", "今天天气很好", "python code def", "北京上海", "人工智能模型",
              "we're 42", "学习生成对话", "the model token", "请问一下", "中文英文测试", "I'm people", "stop isotope",
@@ -84,7 +83,7 @@ def test_sixteen_concurrent_greedy_requests_answer_as_each_alone(pretrained):
                      "stream": i % 2 == 1})  # fmt: skip
     want = [alone(pretrained, [Message(m["role"], m["content"]) for m in a["messages"]], a["max_tokens"]) for a in asks]
     assert len(set(want)) > 8  # the replies differ: a mix-up between rows would show
-    with live_server(app) as url:
+    with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         got = ask_all(client, asks)
     assert got == want
@@ -98,7 +97,7 @@ def test_seeded_sampling_gives_the_same_text_in_any_company(pretrained):
                "temperature": 1.3, "top_p": 0.9, "seed": 5}  # fmt: skip
     others = [{"model": "tiny", "messages": [{"role": "user", "content": q}], "max_tokens": 9, "temperature": t}
               for q, t in zip(QUESTIONS[:5], (0, 0.7, 1.0, 0, 2.0), strict=True)]  # fmt: skip
-    with live_server(app) as url:
+    with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         [by_itself] = ask_all(client, [sampled])
         together = ask_all(client, [*others, sampled, {**sampled, "stream": True}])
@@ -125,7 +124,7 @@ def test_a_full_queue_gets_429_a_long_wait_503_and_every_error_is_openai_shaped(
     engine = app.state.engine
     slow_steps(monkeypatch, engine, 0.05)
     body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 40, "temperature": 0, "stream": True}
-    with live_server(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as c:
         with c.stream("POST", "/v1/chat/completions", json=body) as running:  # takes the one row
             assert running.status_code == 200
             deadline = time.monotonic() + 10
@@ -228,7 +227,7 @@ def test_two_adapters_picked_by_model_answer_as_chat_on_each(folder, tmp_path, m
     assert main(["serve", str(folder), "--model-name", "tiny", "--adapter", f"a={a}", "--adapter", f"b={b}",
                  "--device", "cpu", "--dtype", "fp32", "--max-concurrent", "12"]) == 0  # fmt: skip
     app = seen["app"]
-    with live_server(app) as url:
+    with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list()] == ["tiny", "a", "b"]
         keys = [(m, q) for m in ("tiny", "a", "b") for q in queries]

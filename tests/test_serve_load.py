@@ -18,10 +18,9 @@ httpx = pytest.importorskip("httpx")
 
 from glmtune.demo_data import corpus_lines  # noqa: E402
 from glmtune.pretrained import load_pretrained  # noqa: E402
-from glmtune.serve.app import create_app  # noqa: E402
+from glmtune.serve.app import create_app, serving  # noqa: E402
 from glmtune.serve.engine import Limits  # noqa: E402
 from glmtune.tiny import make_tiny_model_dir  # noqa: E402
-from serve_support import live_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +117,7 @@ def test_two_hundred_streams_and_a_thousand_malformed_requests(tmp_path):
     app = create_app(pretrained, model_name="tiny", max_body_bytes=HUGE,
                      limits=Limits(max_concurrent=16, max_queue=256, queue_timeout=120))  # fmt: skip
     engine = app.state.engine
-    with live_server(app) as url:
+    with serving(app) as url:
         asyncio.run(abuse(url, 20, 50))  # warm-up: the batch, the captured shapes, the connection pools
         gc.collect()
         before = rss_bytes()

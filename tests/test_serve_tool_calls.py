@@ -22,11 +22,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from glmtune.demo_data import corpus_lines  # noqa: E402
 from glmtune.pretrained import load_pretrained  # noqa: E402
-from glmtune.serve.app import create_app  # noqa: E402
+from glmtune.serve.app import create_app, serving  # noqa: E402
 from glmtune.serve.tools import parse_tools, request_messages  # noqa: E402
 from glmtune.templates import IGNORE_INDEX, Message  # noqa: E402
 from glmtune.tiny import make_tiny_model_dir  # noqa: E402
-from serve_support import live_server  # noqa: E402
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
 QUESTION = [{"role": "user", "content": "北京天气"}]
@@ -87,7 +86,7 @@ def trained(request, tmp_path_factory):
 
 def test_tool_call_round_trip_with_the_openai_client(trained):
     app = create_app(trained, model_name="tiny")
-    with live_server(app) as url:
+    with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
         first = client.chat.completions.create(model="tiny", messages=QUESTION, tools=TOOLS, temperature=0,
                                                max_tokens=48)  # fmt: skip

@@ -10,10 +10,12 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
-__all__ = ["Engine", "Job", "Limits", "Outcome", "create_app"]
+__all__ = ["Engine", "Job", "Limits", "Outcome", "create_app", "serving"]
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -180,3 +182,28 @@ def _message(job: Job, pieces: list[str], outcome: Outcome) -> dict:
     if outcome.tool_calls:
         message["tool_calls"] = outcome.tool_calls
     return message
+
+
+@contextmanager
+def serving(app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Run ``app`` under uvicorn in a thread of this process until the block ends (tests, benchmarks); yields its
+    base URL. ``port`` 0: a free one."""
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="glmtune-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
