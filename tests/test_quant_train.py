@@ -6,13 +6,14 @@ trained on a quantized base (full precision, or ``--bits``) equals the dequantiz
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 
 from glmtune.cli import main
 from glmtune.demo_data import corpus_lines
-from glmtune.models.checkpoint import read_tensor_file
+from glmtune.models.checkpoint import read_tensor_file, save_weights
 from glmtune.models.nf4 import NF4Linear
 from glmtune.models.quant import QuantizedLinear, dequantize_weight, is_quantized, quantize_weight
 from glmtune.tiny import make_tiny_model_dir
@@ -184,3 +185,42 @@ def test_merge_into_a_thudm_quantized_folder(int4_folder, base, tmp_path):
     torch.testing.assert_close(merged[name + ".weight"], expected, rtol=0, atol=1e-6)
     assert name + ".weight_scale" not in merged
     assert "quantization_bit" not in json.loads((out / "config.json").read_text())
+
+
+def test_merge_of_a_bare_adapter_names_its_quantization_and_checks_the_scales(base, int4_folder, tmp_path, capsys):
+    """--base-quantize names what the adapter was trained over (a bare PEFT folder has no run to say it; here it
+    overrides the run's, with a warning)."""
+    from glmtune.runs import resolve
+
+    run_dir = _lora_run(base, tmp_path, "int8")
+    adapter_dir = resolve(run_dir).result_dir
+    out = tmp_path / "merged"
+    assert main(["merge", str(adapter_dir), str(out), "--base", str(base), "--base-quantize", "int8"]) == 0
+    name = "transformer.encoder.layers.0.self_attention.query_key_value"
+    w = read_tensor_file(base / "model.safetensors")[name + ".weight"]
+    expected = dequantize_weight(*quantize_weight(w, 8), 8, torch.float32) + _adapter_delta(run_dir, name)
+    merged = read_tensor_file(out / "model.safetensors")[name + ".weight"]
+    torch.testing.assert_close(merged.float(), expected.to(merged.dtype).float(), rtol=0, atol=1e-6)
+    # a THUDM folder without a weight_scale: the merge names the tensor and what it expected
+    broken = tmp_path / "broken"
+    shutil.copytree(int4_folder, broken)
+    sd = read_tensor_file(broken / "model.safetensors")
+    del sd[name + ".weight_scale"]
+    save_weights(sd, broken)
+    capsys.readouterr()
+    argv = ["merge", str(adapter_dir), str(tmp_path / "m2"), "--base", str(broken), "--base-quantize", "none"]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert f"INT4 weight '{name}.weight' has no '{name}.weight_scale' (fp16, shape (512,))" in err
+
+
+def test_chat_over_a_qlora_run_keeps_the_adapter_beside_the_nf4_layers(base, tmp_path):
+    from glmtune.adapters.lora import LoraLinear
+    from glmtune.runs import load_for_inference
+
+    run_dir = _lora_run(base, tmp_path, "nf4")
+    pre = load_for_inference(run_dir, dtype="fp32", device="cpu", quantize="nf4")
+    layers = [m for m in pre.model.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(isinstance(m.base_layer, NF4Linear) and not m.merged for m in layers)
+    merged = load_for_inference(run_dir, dtype="fp32", device="cpu")  # full precision: merged as usual
+    assert not any(isinstance(m, LoraLinear) for m in merged.model.modules())
