@@ -258,3 +258,29 @@ def test_different_configs_on_the_ranks_are_an_error(monkeypatch) -> None:
         distributed.check_same_config(info, texts[0])
     texts[2] = texts[0]
     distributed.check_same_config(info, texts[0])
+
+
+def test_resume_with_another_world_size_keeps_the_global_batch(tmp_path: Path) -> None:
+    from glmtune.train.resume_check import DataChangedError, check_same_data, data_record
+
+    saved = data_record(units=24, global_batch=8, steps_per_epoch=3, world_size=2, fingerprint="f")
+    same = data_record(units=24, global_batch=8, steps_per_epoch=3, world_size=4, fingerprint="f")
+    check_same_data(saved, same, tmp_path)  # 4 processes x 2 rows: the same batches
+    halved = data_record(units=24, global_batch=4, steps_per_epoch=6, world_size=1, fingerprint="f")
+    with pytest.raises(DataChangedError, match=r"global batch of 8 \(2 processes\).*train.grad_accum=8"):
+        check_same_data(saved, halved, tmp_path)
+    three = data_record(units=24, global_batch=6, steps_per_epoch=4, world_size=3, fingerprint="f")
+    with pytest.raises(DataChangedError, match="3 processes do not divide it"):
+        check_same_data(saved, three, tmp_path)
+
+
+def test_a_lost_peer_is_a_train_error_naming_the_resume(tmp_path: Path) -> None:
+    from glmtune.train.interrupt import lost_peer_message
+
+    gloo = RuntimeError("[pair.cc:553] Connection closed by peer [10.0.0.2]:43200. This is typically caused by a "
+                        "remote worker crashing.")  # fmt: skip
+    assert distributed.is_peer_failure(gloo) and not distributed.is_peer_failure(RuntimeError("shape mismatch"))
+    msg = lost_peer_message(gloo, 3, tmp_path / "run", None, 8, 4)
+    assert msg.startswith("rank 3 lost contact with another process of the run ([pair.cc:553] Connection closed")
+    assert "Root Cause" in msg and "No checkpoint was complete yet" in msg
+    assert "torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:PORT" in msg

@@ -37,6 +37,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1  # processes on this machine (torchrun's --nproc-per-node)
     started_group: bool = False  # this code started the process group (and so ends it)
 
     @property
@@ -64,6 +65,7 @@ def setup(device: str = "auto", *, cpu_collectives: bool = False) -> DistInfo:
     world = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", world)
     if device in ("auto", None):
         dev = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     else:
@@ -83,7 +85,14 @@ def setup(device: str = "auto", *, cpu_collectives: bool = False) -> DistInfo:
         log.info("process group started: rank %d of %d, backend %s, device %s", rank, world, backend, dev)
     elif dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev, started_group=started)
+    return DistInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        device=dev,
+        started_group=started,
+        local_world_size=local_world,
+    )
 
 
 def teardown(info: DistInfo, *, together: bool = False) -> None:
@@ -140,6 +149,18 @@ def gather_objects(info: DistInfo, obj: Any) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+# What gloo and NCCL say when the process at the other end of a collective is gone
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker", "remote process exited",
+              "Broken pipe", "Timed out waiting", "Watchdog caught collective")  # fmt: skip
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a collective that failed because another process stopped (or stopped answering)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and any(text in str(e) for text in _PEER_GONE)
 
 
 def config_hash(text: str) -> str:

@@ -35,10 +35,15 @@ class TrainInterrupted(KeyboardInterrupt):
         self.step, self.checkpoint, self.command = step, checkpoint, command
 
 
-def resume_command(run_dir: Path, world_size: int = 1) -> str:
-    """The shell command that continues the run in ``run_dir`` (through torchrun when several processes ran)."""
+def resume_command(run_dir: Path, world_size: int = 1, per_node: int | None = None) -> str:
+    """The shell command that continues the run in ``run_dir`` (through torchrun when several processes ran; on
+    every machine, with the rendezvous address to fill in, when they ran on several)."""
+    run = f"-m glmtune train --resume {shlex.quote(str(run_dir))}"
+    if per_node and world_size > per_node:
+        return (f"torchrun --nnodes {world_size // per_node} --nproc-per-node {per_node} --rdzv-backend c10d "
+                f"--rdzv-endpoint HOST:PORT {run}  (on every machine)")  # fmt: skip
     if world_size > 1:
-        return f"torchrun --nproc-per-node {world_size} -m glmtune train --resume {shlex.quote(str(run_dir))}"
+        return f"torchrun --nproc-per-node {world_size} {run}"
     return f"glmtune train --resume {shlex.quote(str(run_dir))}"
 
 
@@ -81,8 +86,20 @@ class StopRequest:
         return all_reduce_sum(self.info, [float(self.requested)])[0] > 0
 
 
-def no_space_message(error: BaseException, run_dir: Path, last: Path | None, world_size: int = 1) -> str:
+def no_space_message(error: BaseException, run_dir: Path, last: Path | None, world_size: int = 1,
+                     per_node: int | None = None) -> str:  # fmt: skip
     """What a run that filled the disk says: the file, the last good checkpoint, how to go on."""
     good = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was complete yet"
     return (f"{error}; {good} (the partial files were removed). Free some space, then resume with: "
-            f"{resume_command(run_dir, world_size)}")  # fmt: skip
+            f"{resume_command(run_dir, world_size, per_node)}")  # fmt: skip
+
+
+def lost_peer_message(error: BaseException, rank: int, run_dir: Path, last: Path | None, world_size: int,
+                      per_node: int | None = None) -> str:  # fmt: skip
+    """What a rank says when another process of the run stopped (or stopped answering) in a collective."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    good = f"the last complete checkpoint is {last}" if last is not None else "no checkpoint was complete yet"
+    return (f"rank {rank} lost contact with another process of the run ({first[:300]}). A process or a machine "
+            "stopped: torchrun on the machine where it stopped names its rank and exit code ('Root Cause'). "
+            f"{good[0].upper()}{good[1:]}; once every machine is back, resume with: "
+            f"{resume_command(run_dir, world_size, per_node)}")  # fmt: skip

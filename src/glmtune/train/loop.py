@@ -47,7 +47,13 @@ from glmtune.train.config import TrainConfig
 from glmtune.train.data import dev_batches, load_datasets, make_batcher
 from glmtune.train.distributed import DistInfo, barrier
 from glmtune.train.evaluation import EvalHook
-from glmtune.train.interrupt import StopRequest, TrainInterrupted, no_space_message, resume_command
+from glmtune.train.interrupt import (
+    StopRequest,
+    TrainInterrupted,
+    lost_peer_message,
+    no_space_message,
+    resume_command,
+)
 from glmtune.train.metrics import MetricsWriter
 from glmtune.train.recompute import apply_checkpointing
 from glmtune.train.resume_check import check_same_data, data_fingerprint, data_record
@@ -141,7 +147,14 @@ def train(
         raise oom_error(e, cfg) from e
     except NoSpaceError as e:
         run_dir = Path(cfg.output_dir)
-        raise TrainError(no_space_message(e, run_dir, latest_checkpoint(run_dir), info.world_size)) from e
+        raise TrainError(no_space_message(e, run_dir, latest_checkpoint(run_dir), info.world_size,
+                                          info.local_world_size)) from e  # fmt: skip
+    except RuntimeError as e:  # (torch.distributed's errors are RuntimeErrors)
+        if isinstance(e, TrainError) or not (info.enabled and distributed.is_peer_failure(e)):
+            raise
+        run_dir = Path(cfg.output_dir)
+        raise TrainError(lost_peer_message(e, info.rank, run_dir, latest_checkpoint(run_dir), info.world_size,
+                                           info.local_world_size)) from e  # fmt: skip
     finally:
         distributed.teardown(info, together=together)
 
@@ -478,7 +491,8 @@ class Trainer:
         self.writer.close()
         ckpt = checkpoint_dir(self.run_dir, step)
         raise TrainInterrupted(step, ckpt if ckpt.is_dir() else latest_checkpoint(self.run_dir),
-                               resume_command(self.run_dir, self.info.world_size))  # fmt: skip
+                               resume_command(self.run_dir, self.info.world_size,
+                                              self.info.local_world_size))  # fmt: skip
 
     def train_step(self) -> None:
         """One optimizer step on the batches of step ``progress.step``; its numbers are kept for ``read_back``."""

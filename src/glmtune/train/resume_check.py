@@ -42,9 +42,24 @@ def data_record(*, units: int, global_batch: int, steps_per_epoch: int, world_si
             "world_size": world_size, "fingerprint": fingerprint}  # fmt: skip
 
 
+def _batch_advice(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    """Why another global batch cannot resume, and the settings that keep the checkpoint's with this world size."""
+    g, w = saved["global_batch"], now["world_size"]
+    then = f"the checkpoint was written with a global batch of {g} ({saved.get('world_size', '?')} processes)"
+    if g % w:
+        return (f"{then}; {w} processes do not divide it: resume with a number of processes that divides {g} "
+                "(the steps must take the same batches)")  # fmt: skip
+    return (
+        f"{then}, this run has {now['global_batch']} ({w} processes); keep {g}: train.batch_size x "
+        f"train.grad_accum = {g // w} per process (e.g. train.batch_size=1 train.grad_accum={g // w})"
+    )
+
+
 def check_same_data(saved: dict[str, Any], now: dict[str, Any], checkpoint: Path, *, force: bool = False) -> None:
     """Refuse to resume from ``checkpoint`` (its ``saved`` data record) on other data than ``now``'s; with
     ``force`` a changed fingerprint (same count and batch) is only a warning."""
+    if saved["units"] == now["units"] and saved["global_batch"] != now["global_batch"]:
+        raise DataChangedError(f"{checkpoint}: {_batch_advice(saved, now)}")
     if (saved["units"], saved["global_batch"]) != (now["units"], now["global_batch"]):
         raise DataChangedError(
             f"{checkpoint}: the checkpoint was written with {saved['units']} training units in global batches "
