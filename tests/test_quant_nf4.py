@@ -147,3 +147,16 @@ def test_a_failing_compile_falls_back_to_the_eager_dequantization(caplog):
     assert torch.equal(out, dequantize_nf4(*tensors, (64, 256)))
     compiled.fn = None  # not tried again
     assert torch.equal(compiled(*tensors, (64, 256)), out) and compiled.fn is None
+
+
+def test_under_autocast_the_layer_computes_in_the_autocast_dtype():
+    linear = _linear(128, 256, torch.float32, seed=4)
+    layer = NF4Linear.from_linear(linear)
+    x = torch.randn(3, 256, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        expected = F.linear(x, layer.dequantized(torch.float32), linear.bias)  # autocast: bf16 operands
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0

@@ -213,6 +213,8 @@ class NF4Linear(nn.Module):
         return dequantize_nf4(*self._tensors(), (self.out_features, self.in_features)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # as F.linear would: multiply (and dequantize) in that dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         y = _NF4Linear.apply(x, (self.out_features, self.in_features), *self._tensors())
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
