@@ -19,7 +19,7 @@ examples:
   glmtune train examples/ptuning-chatglm2-adgen.yaml model=/models/chatglm2-6b train.max_steps=500 output_dir=runs/pt
   glmtune train --resume runs/adgen-lora train.max_steps=6000
   torchrun --nproc-per-node 4 -m glmtune train examples/lora-chatglm3-adgen.yaml model=/models/chatglm3-6b
-  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
       -m glmtune train examples/full-chatglm3-adgen-fsdp.yaml model=/models/chatglm3-6b   (on both machines)
 
 Several processes: train.distributed auto|ddp|fsdp (auto: FSDP2 for full/freeze, DDP for adapters); train.batch_size
