@@ -147,8 +147,9 @@ def test_gathered_model_gives_the_sharded_logits(two) -> None:
     assert (checkpoint_dir(out, 16) / "model" / "model.safetensors").is_file()
 
 
-def test_resume_with_one_process_from_two(two, caplog) -> None:
-    """A 2-process sharded checkpoint (step 8) resumed by one process (same global batch: grad_accum 2)."""
+def test_resume_with_one_process_from_two_and_back(two, caplog) -> None:
+    """A 2-process sharded checkpoint (step 8) resumed by one process (same global batch: grad_accum 2), whose plain
+    checkpoint (step 12) two processes resume in turn."""
     run_dir = two["tmp"] / "resumed-one"
     shutil.copytree(two["out"], run_dir)
     for step in (12, 16):
@@ -159,6 +160,15 @@ def test_resume_with_one_process_from_two(two, caplog) -> None:
     assert "dropout will differ" in caplog.text
     assert _losses(run_dir) == pytest.approx(_losses(two["out"]), rel=1e-4)
     assert not is_sharded(checkpoint_dir(run_dir, 16))  # one process writes the plain format
+
+    # and back: the one-process checkpoint of step 12 resumed by two processes (sharded from whole tensors)
+    back = two["tmp"] / "back-to-two"
+    shutil.copytree(run_dir, back)
+    shutil.rmtree(checkpoint_dir(back, 16))
+    proc = _standalone(_script(two["tmp"], "back", two["model"], back, ("train.grad_accum=1",), resume=True))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _losses(back) == pytest.approx(_losses(two["out"]), rel=1e-4)
+    assert is_sharded(checkpoint_dir(back, 16))
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")

@@ -146,6 +146,34 @@ def load_checkpoint_state(path: Path, model: nn.Module, named: dict[str, nn.Para
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
+def load_whole_state(
+    model: nn.Module,
+    named: dict[str, nn.Parameter],
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer | None = None,
+    saved_optimizer: dict | None = None,
+) -> None:
+    """A checkpoint written without FSDP (whole tensors; the optimizer's state keyed by position) into this sharded
+    run: each rank keeps its shards of them."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    whole = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, {n: trainable[n] for n in named}, options=whole)
+    if optimizer is None or saved_optimizer is None:
+        return
+    name_of = {id(p): n for n, p in named.items()}
+    order = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    by_name = {
+        "state": {order[i]: v for i, v in saved_optimizer["state"].items()},
+        "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved_optimizer["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, by_name, options=whole)
+
+
 # ---- the method's output --------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def whole_parameters(model: nn.Module, named: dict[str, nn.Parameter]) -> Iterator[None]:

@@ -79,6 +79,7 @@ from glmtune.train.setup import (
 )
 from glmtune.train.state import (
     Progress,
+    check_trainable,
     checkpoint_dir,
     latest_checkpoint,
     load_trainable,
@@ -387,9 +388,11 @@ class Trainer:
         if ck.sharded:
             fsdp.load_checkpoint_state(ck.path, self.model, self.named, self.optimizer if optimizer else None)
             return
-        if self.sharded:
-            raise ValueError(f"{ck.path} was written by a run without FSDP (state/trainable.safetensors): resume it "
-                             "with train.distributed=ddp, or with one process")  # fmt: skip
+        if self.sharded:  # a checkpoint of one process or of DDP, resumed sharded
+            check_trainable(self.named, ck.trainable, ck.path)
+            saved = ck.trainer["optimizer"] if optimizer else None
+            fsdp.load_whole_state(self.model, self.named, ck.trainable, self.optimizer if optimizer else None, saved)
+            return
         load_trainable(self.named, ck.trainable, ck.path)
         if optimizer:
             self.optimizer.load_state_dict(ck.trainer["optimizer"])

@@ -242,6 +242,14 @@ def read_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
 def load_trainable(params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], source: Path) -> None:
     """Copy saved trainable tensors into the parameters, names and shapes checked."""
+    check_trainable(params, saved, source)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(device=p.device, dtype=p.dtype))
+
+
+def check_trainable(params: dict[str, torch.nn.Parameter], saved: dict[str, torch.Tensor], source: Path) -> None:
+    """The saved trainable tensors are the parameters' (names, shapes: whole shapes also for sharded ones)."""
     missing = sorted(set(params) - set(saved))
     unexpected = sorted(set(saved) - set(params))
     if missing or unexpected:
@@ -249,9 +257,7 @@ def load_trainable(params: dict[str, torch.nn.Parameter], saved: dict[str, torch
             f"{source}: the checkpoint's trainable tensors do not match this run's method setup "
             f"(missing {missing[:5]}, unexpected {unexpected[:5]}); was the method or its options changed?"
         )
-    with torch.no_grad():
-        for name, p in params.items():
-            t = saved[name]
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
-            p.copy_(t.to(device=p.device, dtype=p.dtype))
+    for name, p in params.items():
+        t = saved[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{source}: tensor {name!r} has shape {tuple(t.shape)}, the model {tuple(p.shape)}")
