@@ -359,3 +359,15 @@ def test_quality_int8_int4_nf4_relative_to_the_logit_range(tmp_path, generation)
         err[scheme] = (out - ref).abs().mean().item() / span
     assert err["int8"] < 0.01 and err["int4"] < 0.05 and err["nf4"] < 0.05, err
     assert err["nf4"] < err["int4"] and err["int8"] < err["int4"], err
+
+
+def test_the_quantize_choices_are_one_list():
+    """The CLI (no torch at start-up) and the training config keep copies of ``quant.SCHEMES``: they must agree."""
+    import typing
+
+    from glmtune.cli_options import QUANTIZE_CHOICES
+    from glmtune.models.quant import SCHEMES
+    from glmtune.train.config import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    assert QUANTIZE_CHOICES == SCHEMES == typing.get_args(hints["quantize"]) == ("none", "int8", "int4", "nf4")
