@@ -24,6 +24,7 @@ Nothing is downloaded. On the CPU (``--device cpu``, a tiny preset) it runs the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import shutil
@@ -36,7 +37,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib & co. when imported from the tests
 
-from benchlib import device_info, free_memory, markdown_table, random_fill, sync, write_json  # noqa: E402
+from benchlib import (  # noqa: E402
+    device_info,
+    free_memory,
+    markdown_table,
+    profile_kernels,
+    random_fill,
+    sync,
+    write_json,
+)
 from decode_speed import glmtune_generate, prompts_for, timed  # noqa: E402
 
 from glmtune.generate import Decoder, GenerationConfig, generate  # noqa: E402
@@ -94,13 +103,42 @@ def write_random_quantized(cfg: GLMConfig, bits: int, out: Path, tokenizers: lis
 
 # ---- end to end ----------------------------------------------------------------------------------------------------
 def decode_row(model, args: argparse.Namespace, device: torch.device, vocab: int) -> dict:
+    """Decode tok/s of ``generate`` (what a user gets), the GPU's kernel time per token from the profiler (the
+    step's bound when the host keeps up) and whether graph decoding gives the eager tokens."""
     ids = prompts_for(1, args.prompt_len, vocab)
-    r = timed(glmtune_generate(model, ids, args.decode), args.new_tokens, device, warmup_tokens=args.new_tokens)
+    run = glmtune_generate(model, ids, args.decode)
+    r = timed(run, args.new_tokens, device, warmup_tokens=args.new_tokens)
+    if device.type == "cuda":
+        n = 33
+        kernels_n, ms_n = profile_kernels(lambda: run(n), device)
+        kernels_1, ms_1 = profile_kernels(lambda: run(1), device)
+        r["gpu_ms_per_token"] = (ms_n - ms_1) / (n - 1)
+        r["kernels_per_token"] = (kernels_n - kernels_1) / (n - 1)
+        r["wall_ms_per_token"] = 1e3 / r["tokens_per_s_per_seq"]
     prompts = ids.tolist()
     cfg = GenerationConfig(max_new_tokens=16, do_sample=False)
     eager = generate(model, prompts, cfg, stop_ids=[], pad_id=0, decode="eager")
     graph = generate(model, prompts, cfg, stop_ids=[], pad_id=0, decode=args.decode)
     return {**r, "graph_equals_eager": graph == eager}
+
+
+@contextlib.contextmanager
+def gemv_blocks(table: dict[tuple[int, int, int], dict]):
+    """The matrix-vector kernel at batch 1 with the swept blocks (``table``: (out, stored cols, bits) -> config)
+    instead of ``quant_kernels.gemv_config``'s, while the block runs."""
+    from glmtune.models import quant_kernels as qk
+
+    default = qk.gemv_config
+
+    def pick(m: int, n: int, kp: int, bits: int):
+        found = table.get((n, kp, bits)) if m == 1 else None
+        return qk.GemvConfig(**found) if found else default(m, n, kp, bits)
+
+    qk.gemv_config = pick
+    try:
+        yield
+    finally:
+        qk.gemv_config = default
 
 
 def memory_row(model, args: argparse.Namespace, device: torch.device, vocab: int, base: int) -> dict:
@@ -117,7 +155,8 @@ def memory_row(model, args: argparse.Namespace, device: torch.device, vocab: int
     return out
 
 
-def end_to_end(args: argparse.Namespace, device: torch.device, work: Path, add) -> None:
+def end_to_end(args: argparse.Namespace, device: torch.device, work: Path, add,
+               gemv_table: dict | None = None) -> None:  # fmt: skip
     cfg = preset(args.preset)
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers)
@@ -151,6 +190,11 @@ def end_to_end(args: argparse.Namespace, device: torch.device, work: Path, add) 
         row |= memory_row(model, args, device, vocab, base)
         row |= decode_row(model, args, device, vocab)
         add(row)
+        swept = {key: c for key, c in (gemv_table or {}).items() if key[2] == bits}
+        if swept:
+            with gemv_blocks(swept):
+                add({"precision": f"int{bits} (swept blocks)", "blocks": {str(k): c for k, c in swept.items()},
+                     **decode_row(model, args, device, vocab)})  # fmt: skip
         del model
         free_memory()
         if not args.keep:
@@ -201,11 +245,11 @@ def kernels(args: argparse.Namespace, device: torch.device, add) -> None:
     from glmtune.models import quant_kernels as qk
     from glmtune.models.quant import quantize_weight
 
-    gemv_sweep = [qk.GemvConfig(1, bn, bk, nw, 3, split) for bn, bk, nw in
-                  [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 128, 4), (16, 256, 4), (32, 128, 4)]
-                  for split in (False, True)]  # fmt: skip
-    dot_skinny = [qk.DotConfig(16, bn, bk, 1, 4, st) for bn, bk, st in
-                  [(16, 128, 3), (32, 64, 3), (32, 128, 3), (32, 256, 3), (64, 64, 3), (64, 128, 4)]]  # fmt: skip
+    gemv_sweep = [qk.GemvConfig(1, bn, bk, nw) for bn, bk, nw in
+                  [(2, 1024, 4), (4, 256, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8),
+                   (16, 256, 4)]]  # fmt: skip
+    dot_skinny = [qk.DotConfig(16, bn, bk, 1, 4, 3, inter) for bn, bk in [(16, 128), (32, 64), (32, 128), (32, 256)]
+                  for inter in (False, True)]  # fmt: skip
     dot_large = [qk.DotConfig(bm, bn, bk, 8, nw, st) for bm, bn, bk, nw, st in
                  [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 4)]]  # fmt: skip
     for name, (n, k) in block_shapes(preset(args.preset)).items():
@@ -214,17 +258,34 @@ def kernels(args: argparse.Namespace, device: torch.device, add) -> None:
             q, scale = quantize_weight(w, bits)
             for m in args.kernel_rows:
                 sweeps: list = []
-                if m <= qk.GEMV_MAX_M:
-                    gemv = [c for c in gemv_sweep if bits == 4 or not c.split_x] if m == 1 else [None]
-                    sweeps += [("gemv", c) for c in gemv]
+                if m <= 4:
+                    sweeps += [("gemv", c) for c in (gemv_sweep if m == 1 else [None])]
                 large = [c for c in dot_large if c.block_m <= max(64, m)]
-                sweeps += [("dot", c) for c in (dot_skinny if m <= 16 else large)]
+                skinny = [c for c in dot_skinny if bits == 4 or not c.interleave]
+                sweeps += [("dot", c) for c in (skinny if m <= 16 else large)]
                 add({"shape": name, **kernel_row(qk, w.to(torch.bfloat16), q, scale, bits, m, sweeps, args.rep_ms)})
+
+
+def best_gemv(rows: list[dict]) -> dict[tuple[int, int, int], dict]:
+    """(out, stored cols, bits) -> the fastest matrix-vector config at one row, where it beat the default."""
+    rows = [r for r in rows if r["m"] == 1 and "gemv_config" in r]
+    if not rows:
+        return {}
+    from glmtune.models import quant_kernels as qk
+
+    table = {}
+    for r in rows:
+        kp = r["k"] // 2 if r["bits"] == 4 else r["k"]
+        if r["gemv_config"] != vars(qk.gemv_config(1, r["n"], kp, r["bits"])):
+            table[(r["n"], kp, r["bits"])] = r["gemv_config"]
+    return table
 
 
 # ---- driver --------------------------------------------------------------------------------------------------------
 E2E_COLUMNS = [("precision", "precision", ""), ("decode tok/s", "tokens_per_s_per_seq", ",.1f"),
-               ("x bf16", "speedup", ".2f"), ("graph = eager", "graph_equals_eager", ""),
+               ("x bf16", "speedup", ".2f"), ("wall ms/token", "wall_ms_per_token", ".2f"),
+               ("GPU ms/token", "gpu_ms_per_token", ".2f"), ("GPU x bf16", "gpu_speedup", ".2f"),
+               ("kernels/token", "kernels_per_token", ".0f"), ("graph = eager", "graph_equals_eager", ""),
                ("folder GiB", "folder_gib", ".2f"), ("weights GiB", "weight_gib", ".2f"),
                ("load s", "load_s", ".1f"), ("load peak GiB", "load_peak_allocated_gib", ".2f"),
                ("peak GiB (load + context)", "peak_allocated_gib", ".2f"),
@@ -274,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
         bf16 = next((r for r in result["end_to_end"] if r["precision"] == "bf16"), None)
         if bf16 is not None:
             row["speedup"] = row["tokens_per_s_per_seq"] / bf16["tokens_per_s_per_seq"]
+            if "gpu_ms_per_token" in bf16:
+                row["gpu_speedup"] = bf16["gpu_ms_per_token"] / row["gpu_ms_per_token"]
         result["end_to_end"].append(row)
         log.info("%s", row)
         save()
@@ -283,11 +346,11 @@ def main(argv: list[str] | None = None) -> dict:
         log.info("%s", row)
         save()
 
+    if args.kernels:  # first: the decode runs also try the batch-1 blocks the sweep found best
+        kernels(args, device, add_kernel)
     if not args.no_e2e:
         with tempfile.TemporaryDirectory(dir=args.work_dir, prefix="glmtune-quantbench-") as tmp:
-            end_to_end(args, device, Path(tmp), add_e2e)
-    if args.kernels:
-        kernels(args, device, add_kernel)
+            end_to_end(args, device, Path(tmp), add_e2e, best_gemv(result["kernels"]))
     print(tables(result))
     return result
 

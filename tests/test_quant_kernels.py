@@ -100,9 +100,9 @@ def test_each_path_matches_float64(qk, bits, path, dtype):
         ref = _reference(x, q, scale, bits, b)
         config = _small_config(qk, path, m)
         _close(qk.linear(x, q, scale, bits, b, path=path, config=config), ref, dtype)
-        if path == "gemv" and bits == 4:  # the inputs loaded contiguously and split in registers
-            split = dataclasses.replace(config, split_x=True)
-            _close(qk.linear(x, q, scale, bits, b, path=path, config=split), ref, dtype)
+        if path == "dot" and bits == 4:  # the nibbles interleaved in registers, one product
+            one = dataclasses.replace(config, interleave=True)
+            _close(qk.linear(x, q, scale, bits, b, path=path, config=one), ref, dtype)
         if CUDA:  # the default blocks (larger than these shapes: masked everywhere)
             _close(qk.linear(x, q, scale, bits, b, path=path), ref, dtype)
 
@@ -118,6 +118,8 @@ def test_the_op_chooses_by_rows_and_keeps_leading_dims(qk, bits):
         y = qk.int_linear(x, q, scale, bits, b)
         assert y.shape == (rows, 1, n)
         _close(y.reshape(rows, n), _reference(x.reshape(rows, k), q, scale, bits, b), torch.float32)
+    odd = torch.randn(3, k + 1).to(dev, torch.bfloat16)[:, 1:]  # a view at an odd offset and row stride
+    _close(qk.linear(odd, q, scale, bits, b, path="gemv"), _reference(odd, q, scale, bits, b), torch.bfloat16)
     w = qk.int_dequantize(q, scale, bits, torch.float32)
     assert torch.allclose(w.cpu().double(), dequantize_weight(q.cpu(), scale.cpu(), bits, torch.float64), rtol=1e-6)
 

@@ -46,11 +46,26 @@ def _add(a, b):
 
 
 @triton.jit
+def _as_float(u, BITS: tl.constexpr):
+    """Stored integers -> float32 without int-to-float conversions: ``u`` (int32) is the integer offset to
+    0 <= u < 2^BITS (value + 2^(BITS-1)), put in the mantissa of 1.0, so the result is f = 1 + u / 2^BITS and the
+    integer is 2^BITS * (f - 1.5), exactly."""
+    return ((u << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, stride_xm, stride_qn, stride_ym,
                  BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, SPLIT_X: tl.constexpr):  # fmt: skip
+                 BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr):  # fmt: skip
     """y[m, n] = scale[n] * sum_k x[m, k] q[n, k] (+ b[n]) for BLOCK_M rows of x and BLOCK_N output features, over
-    ``KP`` stored columns in steps of BLOCK_K (INT4: a stored byte holds columns 2j (high nibble) and 2j+1)."""
+    ``KP`` stored columns in steps of BLOCK_K (INT4: a stored byte holds columns 2j (high nibble) and 2j+1), on the
+    CUDA cores (decode is bound by reading the weight, not by arithmetic).
+
+    ``q_ptr``: the weight's bytes (uint8). Each integer v becomes f = 1 + (v + 2^(BITS-1)) / 2^BITS (``_as_float``:
+    bit operations), so sum_k v x = 2^BITS (sum_k f x - 1.5 sum_k x): one multiply-add per weight and a running sum
+    of x shared by every row. ``X_PAIRS`` (INT4, bfloat16 inputs): ``x_ptr`` is x as int32 words, word j holding
+    x[2j] in its low and x[2j+1] in its high half (a bfloat16's float32 is its bits shifted up by 16), so the inputs
+    load contiguously in the weight's layout."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,25 +73,28 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, stride_xm, stride_
     m3 = offs_m[:, None, None]  # (bm, 1, 1)
     n3 = offs_n[None, :, None]  # (1, bn, 1)
     acc = tl.full((BLOCK_M, BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    x_sum = tl.full((BLOCK_M, 1, BLOCK_K), 0.0, tl.float32)
     for k0 in range(0, KP, BLOCK_K):
         k3 = (k0 + tl.arange(0, BLOCK_K))[None, None, :]  # (1, 1, bk)
-        w = tl.load(q_ptr + n3 * stride_qn + k3, mask=(n3 < N) & (k3 < KP), other=0)  # (1, bn, bk) int8
+        u = tl.load(q_ptr + n3 * stride_qn + k3, mask=(n3 < N) & (k3 < KP), other=0).to(tl.int32)  # (1, bn, bk)
         x_mask = (m3 < M) & (k3 < KP)
         if BITS == 4:
-            hi = (w >> 4).to(tl.float32)  # arithmetic shifts: sign-extended nibbles
-            lo = ((w << 4).to(tl.int8) >> 4).to(tl.float32)
-            if SPLIT_X:  # one contiguous load of 2 * BLOCK_K inputs, split into even and odd columns
-                kx = (2 * k0 + tl.arange(0, 2 * BLOCK_K))[None, None, :]
-                xx = tl.load(x_ptr + m3 * stride_xm + kx, mask=(m3 < M) & (kx < 2 * KP), other=0.0)
-                x_even, x_odd = tl.split(tl.reshape(xx.to(tl.float32), (BLOCK_M, 1, BLOCK_K, 2)))
-            else:  # two strided loads
+            if X_PAIRS:
+                xw = tl.load(x_ptr + m3 * stride_xm + k3, mask=x_mask, other=0)
+                x_even = (xw << 16).to(tl.float32, bitcast=True)
+                x_odd = (xw & -65536).to(tl.float32, bitcast=True)
+            else:
                 x_even = tl.load(x_ptr + m3 * stride_xm + 2 * k3, mask=x_mask, other=0.0).to(tl.float32)
                 x_odd = tl.load(x_ptr + m3 * stride_xm + 2 * k3 + 1, mask=x_mask, other=0.0).to(tl.float32)
-            acc += hi * x_even + lo * x_odd
+            # a nibble n (two's complement) is v + 8 = n ^ 8
+            acc += _as_float((u >> 4) ^ 8, 4) * x_even + _as_float((u & 15) ^ 8, 4) * x_odd
+            x_sum += x_even + x_odd
         else:
             xv = tl.load(x_ptr + m3 * stride_xm + k3, mask=x_mask, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * xv
-    y = tl.reduce(acc, 2, _add) * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            acc += _as_float(u ^ 128, 8) * xv  # a byte b (two's complement) is v + 128 = b ^ 128
+            x_sum += xv
+    total = tl.reduce(acc, 2, _add) - 1.5 * tl.reduce(x_sum, 2, _add)  # (bm, bn) - (bm, 1)
+    y = total * (tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32) * (1 << BITS))[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
@@ -84,11 +102,19 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, stride_xm, stride_
 
 
 @triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:  # float32 inputs: full precision (not tf32)
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _dot_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, stride_xm, stride_qn, stride_ym,
                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr, INTERLEAVE: tl.constexpr):  # fmt: skip
     """The same product tiled for tensor cores: a (BLOCK_M, BLOCK_N) tile of y per program, BLOCK_K stored columns
-    per step; INT4 nibbles are interleaved back into column order in registers before ``tl.dot``."""
+    per step (``q_ptr``: the weight's bytes, uint8). INT4: two products, the even inputs by the high nibbles and the
+    odd by the low, or (``INTERLEAVE``) the nibbles put back in column order in registers and one product."""
     pid = tl.program_id(0)
     num_m = (M + BLOCK_M - 1) // BLOCK_M
     num_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -100,26 +126,30 @@ def _dot_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, stride_xm, stride_q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    m2 = offs_m[:, None]
     for k0 in range(0, KP, BLOCK_K):
         kq = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(q_ptr + offs_n[:, None] * stride_qn + kq[None, :],
-                    mask=(offs_n[:, None] < N) & (kq[None, :] < KP), other=0)  # (bn, bk) int8  # fmt: skip
+        u = tl.load(q_ptr + offs_n[:, None] * stride_qn + kq[None, :],
+                    mask=(offs_n[:, None] < N) & (kq[None, :] < KP), other=0).to(tl.int32)  # (bn, bk)  # fmt: skip
         if BITS == 4:
-            hi = w >> 4
-            lo = (w << 4).to(tl.int8) >> 4
-            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, 2 * BLOCK_K))  # columns 2j, 2j+1 side by side
-            kx = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
-            x_mask = (offs_m[:, None] < M) & (kx[None, :] < 2 * KP)
+            # the integers as exact floats (|v| <= 8: exact in bf16/fp16 too)
+            hi = (_as_float((u >> 4) ^ 8, 4) * 16.0 - 24.0).to(x_ptr.dtype.element_ty)
+            lo = (_as_float((u & 15) ^ 8, 4) * 16.0 - 24.0).to(x_ptr.dtype.element_ty)
+            if INTERLEAVE:
+                w = tl.reshape(tl.join(hi, lo), (BLOCK_N, 2 * BLOCK_K))  # columns 2j, 2j+1 side by side
+                kx = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
+                x = tl.load(x_ptr + m2 * stride_xm + kx[None, :], mask=(m2 < M) & (kx[None, :] < 2 * KP), other=0.0)
+                acc = _dot(x, tl.trans(w), acc, IEEE)
+            else:
+                x_mask = (m2 < M) & (kq[None, :] < KP)
+                x_even = tl.load(x_ptr + m2 * stride_xm + 2 * kq[None, :], mask=x_mask, other=0.0)
+                x_odd = tl.load(x_ptr + m2 * stride_xm + 2 * kq[None, :] + 1, mask=x_mask, other=0.0)
+                acc = _dot(x_even, tl.trans(hi), acc, IEEE)
+                acc = _dot(x_odd, tl.trans(lo), acc, IEEE)
         else:
-            kx = kq
-            x_mask = (offs_m[:, None] < M) & (kx[None, :] < KP)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kx[None, :], mask=x_mask, other=0.0)
-        # integers up to 127: exact in bf16/fp16 (through float32: Triton's interpreter bit-casts int8 -> bf16)
-        wt = tl.trans(w.to(tl.float32).to(x.dtype))
-        if IEEE:
-            acc = tl.dot(x, wt, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, wt, acc)
+            w = (_as_float(u ^ 128, 8) * 256.0 - 384.0).to(x_ptr.dtype.element_ty)  # |v| <= 128: exact in bf16
+            x = tl.load(x_ptr + m2 * stride_xm + kq[None, :], mask=(m2 < M) & (kq[None, :] < KP), other=0.0)
+            acc = _dot(x, tl.trans(w), acc, IEEE)
     y = acc * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
@@ -160,7 +190,6 @@ class GemvConfig:
     block_k: int  # stored columns (bytes) per step
     num_warps: int = 4
     num_stages: int = 3
-    split_x: bool = False  # INT4: load the inputs contiguously and split them (else two strided loads)
 
 
 @dataclass(frozen=True)
@@ -171,12 +200,13 @@ class DotConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    interleave: bool = False  # INT4: nibbles back in column order in registers, one tl.dot (else two)
 
 
 def gemv_config(m: int, n: int, kp: int, bits: int) -> GemvConfig:
     """The matrix-vector kernel's blocks for ``m`` rows (chosen by bench/quant_speed.py's sweep on an H200)."""
     block_m = 1 if m == 1 else (2 if m == 2 else 4)
-    return GemvConfig(block_m, 16, (256 if bits == 4 else 512) // block_m)  # the accumulator: 4,096-8,192 floats
+    return GemvConfig(block_m, 4, 512 // block_m)  # many small programs: 1,024 for 4,096 output rows
 
 
 def dot_config(m: int, n: int, kp: int, bits: int) -> DotConfig:
@@ -233,22 +263,26 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int, bia
     if path == "dequant" or m == 0:
         w = dequantize(q, scale, bits, x.dtype)
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-    q = q.contiguous()
+    u = q.contiguous().view(torch.uint8)  # the kernels read the stored bytes unsigned
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = bias if bias is not None else scale  # a pointer the kernel never reads
     if path == "gemv":
         c = config or gemv_config(m, n, kp, bits)
         grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m))
-        _gemv_kernel[grid](x2, q, scale, b, y, m, n, kp, x2.stride(0), q.stride(0), y.stride(0), BITS=bits,
+        pairs = bits == 4 and x.dtype == torch.bfloat16
+        if pairs and (x2.stride(0) % 2 or x2.storage_offset() % 2):
+            x2 = x2.contiguous()
+        xs = x2.view(torch.int32) if pairs else x2  # INT4 + bf16: (x[2j], x[2j+1]) as one 32-bit word
+        _gemv_kernel[grid](xs, u, scale, b, y, m, n, kp, xs.stride(0), u.stride(0), y.stride(0), BITS=bits,
                            HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                           SPLIT_X=c.split_x, num_warps=c.num_warps, num_stages=c.num_stages)  # fmt: skip
+                           X_PAIRS=pairs, num_warps=c.num_warps, num_stages=c.num_stages)  # fmt: skip
     elif path == "dot":
         c = config or dot_config(m, n, kp, bits)
         grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
-        _dot_kernel[grid](x2, q, scale, b, y, m, n, kp, x2.stride(0), q.stride(0), y.stride(0), BITS=bits,
+        _dot_kernel[grid](x2, u, scale, b, y, m, n, kp, x2.stride(0), u.stride(0), y.stride(0), BITS=bits,
                           HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                          GROUP_M=c.group_m, IEEE=x.dtype == torch.float32, num_warps=c.num_warps,
-                          num_stages=c.num_stages)  # fmt: skip
+                          GROUP_M=c.group_m, IEEE=x.dtype == torch.float32, INTERLEAVE=c.interleave,
+                          num_warps=c.num_warps, num_stages=c.num_stages)  # fmt: skip
     else:
         raise ValueError(f"unknown path {path!r}; choose auto, gemv, dot or dequant")
     return y.reshape(*x.shape[:-1], n)

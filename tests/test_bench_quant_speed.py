@@ -1,0 +1,43 @@
+"""bench/quant_speed.py on the CPU with a tiny model: it writes THUDM-format INT8/INT4 folders with random weights,
+loads them through glmtune's loader and decodes (the reference path; the GPU run measures)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import quant_speed  # noqa: E402
+
+
+def test_quant_speed_runs_on_cpu(tmp_path):
+    out = tmp_path / "quant.json"
+    result = quant_speed.main(["--preset", "tiny-chatglm3", "--device", "cpu", "--prompt-len", "8", "--new-tokens",
+                               "5", "--context", "40", "--mem-new-tokens", "4", "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    rows = result["end_to_end"]
+    assert [r["precision"] for r in rows] == ["bf16", "int8", "int4"]
+    for r in rows:
+        assert r["new_tokens"] == 5 and r["graph_equals_eager"] is True
+    for r in rows[1:]:  # the folders hold what the format says: int8 weights, fp16 scales, quantization_bit
+        assert r["mem_new_tokens"] == 4 and r["folder_gib"] > 0 and r["load_s"] >= 0
+    assert rows[2]["folder_gib"] < rows[1]["folder_gib"]  # INT4 packs two values a byte
+
+
+def test_the_written_folder_loads_quantized(tmp_path):
+    from glmtune.models.config import preset
+    from glmtune.models.quant import QuantizedLinear
+    from glmtune.pretrained import load_pretrained
+
+    cfg = preset("tiny-chatglm3")
+    folder = tmp_path / "int4"
+    quant_speed.write_random_quantized(
+        cfg, 4, folder, quant_speed.tokenizer_files(tmp_path), quant_speed.torch.device("cpu")
+    )
+    assert json.loads((folder / "config.json").read_text())["quantization_bit"] == 4
+    model = load_pretrained(folder, device="cpu").model
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert len(layers) == 4 * cfg.num_layers and all(m.bits == 4 for m in layers)
