@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib when import
 from benchlib import (  # noqa: E402
     H200_BF16_PEAK_TFLOPS,
     adgen_examples,
-    device_info,
     free_memory,
     markdown_table,
     mfu,
@@ -226,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         log.exception("run failed")
         row = {"gpus": None, "mode": "?", "error": f"{type(e).__name__}: {e}"[:500],
                "is_main": os.environ.get("RANK", "0") == "0"}  # fmt: skip
-    info = {**device_info(torch.device("cuda" if cuda else "cpu")), "precision": args.precision,
+    device = torch.cuda.get_device_name() if cuda else "cpu"  # (benchlib.device_info also imports transformers)
+    info = {"device": device, "torch": torch.__version__, "precision": args.precision,
             "peak_tflops": args.peak_tflops, "tiny": args.tiny, "warmup": args.warmup, "steps": args.steps,
             "command": " ".join(sys.argv), "note": args.note}  # fmt: skip
     result = {"info": info, "rows": [row]}
