@@ -111,7 +111,8 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 @triton.jit
 def _dot_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, stride_xm, stride_qn, stride_ym,
                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr, INTERLEAVE: tl.constexpr):  # fmt: skip
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr,
+                INTERLEAVE: tl.constexpr):  # fmt: skip
     """The same product tiled for tensor cores: a (BLOCK_M, BLOCK_N) tile of y per program, BLOCK_K stored columns
     per step (``q_ptr``: the weight's bytes, uint8). INT4: two products, the even inputs by the high nibbles and the
     odd by the low, or (``INTERLEAVE``) the nibbles put back in column order in registers and one product."""
