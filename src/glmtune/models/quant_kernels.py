@@ -5,17 +5,19 @@ and an fp16 scale per output row, dequantized in registers, never written out in
 Three paths, chosen from the number of rows ``M`` of ``x`` (a pure function of the shapes, no autotuning, so a
 first call inside a CUDA graph capture never benchmarks or syncs):
 
-- ``M <= GEMV_MAX_M`` (decode): a matrix-vector kernel on the CUDA cores. Decode is bound by reading the weights,
-  and INT4 reads a quarter of bf16's bytes; each program reduces ``BLOCK_N`` output rows over the whole input.
-- ``M <= DOT_MAX_M`` (small batches, short prompts): a tiled kernel, the unpacked tile fed to ``tl.dot`` (tensor
-  cores), the scale applied to the float32 accumulator.
+- ``M <= GEMV_MAX_M`` (decode at batch 1): a matrix-vector kernel on the CUDA cores. Decode is bound by reading
+  the weights, and INT4 reads a quarter of bf16's bytes; each program reduces ``BLOCK_N`` output rows over the
+  whole input.
+- ``M <= DOT_MAX_M`` (small decode batches): a tiled kernel, the unpacked tile fed to ``tl.dot`` (tensor cores),
+  the scale applied to the float32 accumulator.
 - larger ``M`` (prefill, training): dequantize the weight to ``x``'s dtype (one Triton pass) and multiply with
-  cuBLAS; bench/quant_speed.py measured this faster than the tiled kernel for large ``M`` (see bench/RESULTS.md).
+  cuBLAS; bench/quant_speed.py measured this 1.5-2.5x faster than the tiled kernel at 2,048 rows and faster for
+  most shapes from 32 rows on (bench/RESULTS.md).
 
 The entry points are torch.library custom ops (``glmtune::int_linear``, ``glmtune::int_dequantize``) with fake
-implementations, so they trace under ``torch.compile`` and are captured in CUDA graphs (no allocation other than the
-output, no host sync). ``int_linear`` has a backward: the gradient of ``x`` is ``grad @ W`` (the weight is frozen and
-gets none; a bias that requires grad gets its sum).
+implementations, so they trace under ``torch.compile`` and are captured in CUDA graphs (no host sync; memory only
+from PyTorch's allocator). ``int_linear`` has a backward: the gradient of ``x`` is ``grad @ W`` (the weight is frozen
+and gets none; a bias that requires grad gets its sum).
 
 Imported only where Triton is (``quant._matmul`` on CUDA). With ``TRITON_INTERPRET=1`` set before the import, the
 kernels run on CPU tensors in Triton's interpreter (how the CPU tests run them).
@@ -30,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-GEMV_MAX_M = 4  # up to this many rows: the CUDA-core matrix-vector kernel
+GEMV_MAX_M = 1  # up to this many rows: the CUDA-core matrix-vector kernel (at 2-4 rows the tiled one was faster)
 DOT_MAX_M = 16  # up to this many rows: the tensor-core tiled kernel; above it, dequantize + cuBLAS
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # how the kernels below were built (at import)
@@ -111,11 +113,10 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 @triton.jit
 def _dot_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, stride_xm, stride_qn, stride_ym,
                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr,
-                INTERLEAVE: tl.constexpr):  # fmt: skip
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
     """The same product tiled for tensor cores: a (BLOCK_M, BLOCK_N) tile of y per program, BLOCK_K stored columns
-    per step (``q_ptr``: the weight's bytes, uint8). INT4: two products, the even inputs by the high nibbles and the
-    odd by the low, or (``INTERLEAVE``) the nibbles put back in column order in registers and one product."""
+    per step (``q_ptr``: the weight's bytes, uint8). INT4 nibbles are put back in column order in registers before
+    ``tl.dot`` (measured 1.7-3.5x faster than two products of the even and odd inputs by the high and low nibbles)."""
     pid = tl.program_id(0)
     num_m = (M + BLOCK_M - 1) // BLOCK_M
     num_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -136,17 +137,10 @@ def _dot_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, stride_xm, stride_q
             # the integers as exact floats (|v| <= 8: exact in bf16/fp16 too)
             hi = (_as_float((u >> 4) ^ 8, 4) * 16.0 - 24.0).to(x_ptr.dtype.element_ty)
             lo = (_as_float((u & 15) ^ 8, 4) * 16.0 - 24.0).to(x_ptr.dtype.element_ty)
-            if INTERLEAVE:
-                w = tl.reshape(tl.join(hi, lo), (BLOCK_N, 2 * BLOCK_K))  # columns 2j, 2j+1 side by side
-                kx = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
-                x = tl.load(x_ptr + m2 * stride_xm + kx[None, :], mask=(m2 < M) & (kx[None, :] < 2 * KP), other=0.0)
-                acc = _dot(x, tl.trans(w), acc, IEEE)
-            else:
-                x_mask = (m2 < M) & (kq[None, :] < KP)
-                x_even = tl.load(x_ptr + m2 * stride_xm + 2 * kq[None, :], mask=x_mask, other=0.0)
-                x_odd = tl.load(x_ptr + m2 * stride_xm + 2 * kq[None, :] + 1, mask=x_mask, other=0.0)
-                acc = _dot(x_even, tl.trans(hi), acc, IEEE)
-                acc = _dot(x_odd, tl.trans(lo), acc, IEEE)
+            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, 2 * BLOCK_K))  # columns 2j, 2j+1 side by side
+            kx = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
+            x = tl.load(x_ptr + m2 * stride_xm + kx[None, :], mask=(m2 < M) & (kx[None, :] < 2 * KP), other=0.0)
+            acc = _dot(x, tl.trans(w), acc, IEEE)
         else:
             w = (_as_float(u ^ 128, 8) * 256.0 - 384.0).to(x_ptr.dtype.element_ty)  # |v| <= 128: exact in bf16
             x = tl.load(x_ptr + m2 * stride_xm + kq[None, :], mask=(m2 < M) & (kq[None, :] < KP), other=0.0)
@@ -201,22 +195,28 @@ class DotConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    interleave: bool = False  # INT4: nibbles back in column order in registers, one tl.dot (else two)
 
 
 def gemv_config(m: int, n: int, kp: int, bits: int) -> GemvConfig:
-    """The matrix-vector kernel's blocks for ``m`` rows (chosen by bench/quant_speed.py's sweep on an H200)."""
-    block_m = 1 if m == 1 else (2 if m == 2 else 4)
-    return GemvConfig(block_m, 4, 512 // block_m)  # many small programs: 1,024 for 4,096 output rows
+    """The matrix-vector kernel's blocks: many small programs (1,024 for 4,096 output rows). The batch-1 blocks are
+    the fastest of bench/quant_speed.py's sweep over ChatGLM3-6B's four linears on an H200 (bench/RESULTS.md)."""
+    if m == 1:
+        if n >= 16384:  # dense_h_to_4h
+            return GemvConfig(1, 8, 512)
+        if bits == 8 and n <= 4096:  # INT8 dense and dense_4h_to_h
+            return GemvConfig(1, 8, 1024, num_warps=8)
+        return GemvConfig(1, 4, 512)
+    block_m = 2 if m == 2 else 4
+    return GemvConfig(block_m, 4, 512 // block_m)
 
 
 def dot_config(m: int, n: int, kp: int, bits: int) -> DotConfig:
-    """The tiled kernel's blocks (``tl.dot`` needs every dimension >= 16)."""
+    """The tiled kernel's blocks (``tl.dot`` needs every dimension >= 16); up to 16 rows, the sweep's fastest."""
     if m <= 16:
         return DotConfig(16, 32, 128 if bits == 4 else 256, group_m=1)
     if m <= 64:
-        return DotConfig(64, 64, 64 if bits == 4 else 128, num_warps=4)
-    return DotConfig(128, 128, 32 if bits == 4 else 64, num_warps=8)
+        return DotConfig(64, 128, 64)
+    return DotConfig(128, 128, 64, num_warps=8)
 
 
 # ---- launchers ----------------------------------------------------------------------------------------------------
@@ -282,8 +282,8 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int, bia
         grid = (triton.cdiv(m, c.block_m) * triton.cdiv(n, c.block_n),)
         _dot_kernel[grid](x2, u, scale, b, y, m, n, kp, x2.stride(0), u.stride(0), y.stride(0), BITS=bits,
                           HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                          GROUP_M=c.group_m, IEEE=x.dtype == torch.float32, INTERLEAVE=c.interleave,
-                          num_warps=c.num_warps, num_stages=c.num_stages)  # fmt: skip
+                          GROUP_M=c.group_m, IEEE=x.dtype == torch.float32, num_warps=c.num_warps,
+                          num_stages=c.num_stages)  # fmt: skip
     else:
         raise ValueError(f"unknown path {path!r}; choose auto, gemv, dot or dequant")
     return y.reshape(*x.shape[:-1], n)
