@@ -107,6 +107,7 @@ def test_web_command_binds_localhost_by_default():
     assert (args.temperature, args.top_p, args.max_new_tokens) == (0.95, 0.7, 1024)
 
 
+@pytest.mark.slow  # importing Gradio takes seconds
 def test_page_builds_without_analytics(engine, monkeypatch):
     gr = pytest.importorskip("gradio")
     from glmtune.web.page import build_page
