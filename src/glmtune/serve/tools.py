@@ -34,6 +34,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import keyword
 import re
 from typing import Any
 
@@ -185,6 +186,12 @@ def _tool_call_turns(calls: Any, param: str, generation: str) -> tuple[list[Mess
             raise ToolError(f"'{p}.function.arguments' must be a JSON object as a string, got {_kind(raw)}",
                             f"{p}.function.arguments")  # fmt: skip
         arguments = _json_object(raw, f"{p}.function.arguments")
+        if generation == "chatglm3":  # Python keyword arguments: the names must be identifiers
+            bad = [k for k in arguments if not k.isidentifier() or keyword.iskeyword(k)]
+            if bad:
+                where = f"{p}.function.arguments"
+                raise ToolError(f"'{where}': ChatGLM3 writes a call's arguments as Python keyword arguments, and "
+                                f"{bad[0]!r} is not a Python name", where)  # fmt: skip
         text = chatglm3_tool_call(arguments) if generation == "chatglm3" else raw.strip()
         turns.append(Message("assistant", text, metadata=fn["name"]))
         ids.append(ident)
