@@ -113,5 +113,5 @@ def test_page_builds_without_analytics(engine, monkeypatch):
     from glmtune.web.page import build_page
 
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
-    page = build_page(engine, title="t", system_prompt=True, sampling=GREEDY, context_length=256)
+    page = build_page(engine, title="t", system_prompt=True, sampling=GREEDY, max_total_tokens=256)
     assert isinstance(page, gr.Blocks) and page.analytics_enabled is False

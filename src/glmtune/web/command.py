@@ -30,6 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.95, help="the page's starting temperature; 0 is greedy")
     p.add_argument("--top-p", type=float, default=0.7, help="the page's starting top p (default 0.7)")
     p.add_argument("--max-new-tokens", type=int, default=1024, help="the page's starting reply limit (default 1024)")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=8,
+        help="replies generated at once (default 8; the KV cache holds this many conversations)",
+    )
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -41,19 +47,21 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.max_concurrent < 1:
+        raise ValueError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     check_device(args.device)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: no telemetry, no version check
 
-    from glmtune.serve.app import Engine
+    from glmtune.serve.engine import Engine, Limits
     from glmtune.web.page import Sampling, build_page, launch_page
 
     pretrained = load_model_from_args(args)
-    engine = Engine(pretrained)
+    engine = Engine(pretrained, limits=Limits(max_concurrent=args.max_concurrent))
     system_role = pretrained.template.system_role
     if args.system and not system_role:
         log.warning("%s has no system turn: --system is left out", pretrained.generation)
     title = f"glmtune · {Path(args.model).resolve().name} ({pretrained.generation})"
-    page = build_page(engine, title=title, system_prompt=system_role, context_length=engine.context_length,
+    page = build_page(engine, title=title, system_prompt=system_role, max_total_tokens=engine.limits.max_total_tokens,
                       sampling=Sampling(args.temperature, args.top_p, args.max_new_tokens),
                       system=args.system if system_role else "")  # fmt: skip
     if args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -97,9 +97,10 @@ class PageChat:
                 yield text, dropped
 
 
-def build_page(engine: Engine, *, title: str, system_prompt: bool, sampling: Sampling, context_length: int,
+def build_page(engine: Engine, *, title: str, system_prompt: bool, sampling: Sampling, max_total_tokens: int,
                system: str = "") -> gr.Blocks:  # fmt: skip
-    """The page. ``system_prompt``: show a system prompt box (generations with a system turn of their own)."""
+    """The page. ``system_prompt``: show a system prompt box (generations with a system turn of their own);
+    ``max_total_tokens``: prompt + reply tokens a turn may have (the engine's limit)."""
     import gradio as gr
 
     chat = PageChat(engine)
@@ -122,7 +123,7 @@ def build_page(engine: Engine, *, title: str, system_prompt: bool, sampling: Sam
         try:
             async for text, dropped in chat.reply(messages, settings):
                 if dropped and not text:
-                    gr.Info(f"The conversation is longer than the model's context of {context_length} tokens: "
+                    gr.Info(f"The conversation is longer than the {max_total_tokens} tokens a turn may have: "
                             f"its {dropped} oldest turn(s) were left out of this reply's prompt.")  # fmt: skip
                 yield [*history, {"role": "assistant", "content": text}]
         except APIError as e:
@@ -149,7 +150,8 @@ def build_page(engine: Engine, *, title: str, system_prompt: bool, sampling: Sam
                     0.0, 2.0, value=sampling.temperature, step=0.05, label="Temperature (0: greedy)"
                 )
                 top_p = gr.Slider(0.05, 1.0, value=sampling.top_p, step=0.05, label="Top p")
-                max_tokens = gr.Slider(1, context_length, value=min(sampling.max_tokens, context_length), step=1,
+                limit = max_total_tokens - 1  # a prompt takes a token at least
+                max_tokens = gr.Slider(1, limit, value=min(sampling.max_tokens, limit), step=1,
                                        label="Max new tokens")  # fmt: skip
         controls = [chatbot, system_box, temperature, top_p, max_tokens]
         events = []
