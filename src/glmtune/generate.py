@@ -357,32 +357,34 @@ class DecodeBatch:
         return min(w, total)
 
     @torch.inference_mode()
-    def prefill(self, rows: Sequence[int], chunks: Sequence[Sequence[int]], offsets: Sequence[int],
-                finals: Sequence[Admission | None]) -> list[int]:  # fmt: skip
-        """Feed ``chunks[i]`` (the part of a prompt after its first ``offsets[i]`` tokens) into row ``rows[i]``; a
-        row with ``offsets`` 0 starts anew. Rows whose ``finals[i]`` is an Admission (the chunk ends its prompt)
-        choose their first token and start decoding; returns those first tokens (-1 for a stop token), in order."""
+    def prefill(self, rows: Sequence[int], admissions: Sequence[Admission],
+                spans: Sequence[tuple[int, int]] | None = None) -> list[int]:  # fmt: skip
+        """Feed ``admissions[i].prompt[start:end]`` (``spans[i]``; default the whole prompt) into row ``rows[i]``;
+        a span from 0 starts the row anew. Rows whose span ends their prompt choose their first token and start
+        decoding; returns those first tokens in order (-1 for a stop token)."""
         model, dev = self.model, self.device
+        spans = list(spans) if spans is not None else [(0, len(a.prompt)) for a in admissions]
+        chunks = [list(a.prompt[i:j]) for a, (i, j) in zip(admissions, spans, strict=True)]
+        offsets = [i for i, _ in spans]
         ids, layout = prompt_layout(chunks, model.config, 0, start_slot=self.n_prefix, pad_side="right",
                                     offsets=offsets)  # fmt: skip
         idx = torch.tensor(list(rows), dtype=torch.long, device=dev)
         if any(o == 0 for o in offsets):
             starts = torch.tensor([r for r, o in zip(rows, offsets, strict=True) if o == 0], device=dev)
             self.cache.reset_rows(starts, self.n_prefix)
-        top = max(o + len(c) for o, c in zip(offsets, chunks, strict=True)) + self.n_prefix
-        for i, (r, o, c) in enumerate(zip(rows, offsets, chunks, strict=True)):
-            self.top_slot[r] = self.n_prefix + o + len(c)
-            if finals[i] is None:  # part of a prompt: the row waits (as padding) in the slot its next part takes
-                self.state.slots[r] = self.top_slot[r]
-        view = self.cache.view(idx, self.window(top))
+        for r, (_, j) in zip(rows, spans, strict=True):
+            self.top_slot[r] = self.n_prefix + j
+            self.state.slots[r] = self.n_prefix + j  # a row between parts waits (as padding) where its next goes
+        self.state.adapter[idx] = torch.tensor([a.adapter for a in admissions], dtype=torch.long, device=dev)
+        view = self.cache.view(idx, self.window(max(j for _, j in spans) + self.n_prefix))
         if self.before_forward is not None:
             self.before_forward(idx)
         h = model.hidden_states(ids.to(dev), cache=view, layout=layout.to(dev))  # (r, s, H)
-        done = [i for i, f in enumerate(finals) if f is not None]
+        done = [k for k, (a, (_, j)) in enumerate(zip(admissions, spans, strict=True)) if j == len(a.prompt)]
         if not done:
             return []
-        adm = [finals[i] for i in done]
-        lengths = torch.tensor([len(chunks[i]) for i in done], device=dev)
+        adm = [admissions[k] for k in done]
+        lengths = torch.tensor([len(chunks[k]) for k in done], device=dev)
         pick = torch.tensor(done, device=dev)
         logits = model.output_embeddings()(h[pick, lengths - 1]).float()  # (f, V)
         sampling = [a.sampling for a in adm]
@@ -393,8 +395,8 @@ class DecodeBatch:
         seeds = torch.tensor([s.seed & 0xFFFFFFFF for s in sampling], dtype=torch.long, device=dev)
         seen = torch.zeros((len(adm), model.config.padded_vocab_size), dtype=torch.bool, device=dev)
         if self.repetition_penalty != 1.0:  # the whole prompt's tokens
-            for j, a in enumerate(adm):
-                seen[j, torch.tensor(list(a.prompt), device=dev)] = True
+            for k, a in enumerate(adm):
+                seen[k, torch.tensor(list(a.prompt), device=dev)] = True
         first = choose_next(logits, kind, greedy=greedy, temperature=temp, top_p=top_p, seen=seen, seeds=seeds,
                             step=torch.zeros_like(seeds))  # fmt: skip
         seen[torch.arange(len(adm), device=dev), first] = True
@@ -511,12 +513,12 @@ class Decoder:
             raise ValueError(f"row_seeds has {len(seeds)} seeds for {b} prompts")
         stop = sorted(set(stop_ids))
         batch = self.batch(b, cache_len, n_stop=len(stop), top_k=cfg.top_k,
-                           repetition_penalty=cfg.repetition_penalty, ring=cfg.max_new_tokens)  # fmt: skip
+                           repetition_penalty=cfg.repetition_penalty, ring=stream_every)  # fmt: skip
         batch.reset()
         batch.set_stop(stop)
         admissions = [Admission(p, RowSampling.of(cfg, int(x)), cfg.max_new_tokens)
                       for p, x in zip(prompts, seeds, strict=True)]  # fmt: skip
-        first = batch.prefill(range(b), prompts, [0] * b, admissions)
+        first = batch.prefill(range(b), admissions)
         yield torch.tensor(first, dtype=torch.long)
         step, n = 1, cfg.max_new_tokens
         if all(t < 0 for t in first):

@@ -225,7 +225,10 @@ class Engine:
         queue: asyncio.Queue = asyncio.Queue()
 
         def deliver(items: list[object]) -> None:
-            loop.call_soon_threadsafe(_put_all, queue, items)
+            try:
+                loop.call_soon_threadsafe(_put_all, queue, items)
+            except RuntimeError:  # its event loop is closed: nobody waits for this request any more
+                request.cancelled = True
 
         request = _Request(job, deliver)
         with self._lock:
@@ -315,9 +318,9 @@ class Engine:
                 if self._closing:
                     self._shutdown_locked()
                     return
-                admit = self._sweep_locked()
+                self._sweep_locked()
             try:
-                self._round(admit)
+                self._round()
             except Exception as e:  # a failed forward: its requests are told, the server goes on
                 log.exception("generation failed")
                 err = APIError(500, f"internal error: {type(e).__name__}", type="server_error")
@@ -370,7 +373,7 @@ class Engine:
         self.peak_running = max(self.peak_running, sum(r is not None for r in self._rows))
         return admitted
 
-    def _round(self, admitted: list[_Request]) -> None:
+    def _round(self) -> None:
         batch = self._batch
         self._prefill()
         decoding = [r for r in self._rows if r is not None and r.text is not None]
