@@ -165,14 +165,11 @@ def build_page(engine: Engine, *, title: str, system_prompt: bool, sampling: Sam
     return page
 
 
-def launch_page(page: gr.Blocks, *, host: str, port: int, block: bool = True) -> str:
-    """Serve ``page`` on ``host:port`` (no share link, no SSR process, system fonts); return its local URL.
-    ``block``: wait until Ctrl-C (the command) or return at once (tests)."""
+def launch_page(page: gr.Blocks, *, host: str, port: int) -> None:
+    """Serve ``page`` on ``host:port`` until Ctrl-C: no share link, no server-side rendering process, system fonts."""
     import gradio as gr
 
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
     page.queue(default_concurrency_limit=None)  # the engine queues and limits what runs at once
-    _, url, _ = page.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False,
-                            mcp_server=False, show_error=True, footer_links=[], prevent_thread_lock=not block,
-                            quiet=True, theme=theme)  # fmt: skip
-    return url
+    page.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, mcp_server=False,
+                show_error=True, footer_links=[], quiet=True, theme=theme)  # fmt: skip
