@@ -107,6 +107,15 @@ def test_web_command_binds_localhost_by_default():
     assert (args.temperature, args.top_p, args.max_new_tokens) == (0.95, 0.7, 1024)
 
 
+@pytest.mark.parametrize("flags, message", [(["--temperature", "2.5"], "--temperature"), (["--top-p", "0"], "--top-p"),
+                                            (["--max-new-tokens", "0"], "--max-new-tokens"),
+                                            (["--max-concurrent", "0"], "--max-concurrent")])  # fmt: skip
+def test_web_command_refuses_bad_starting_values_before_loading(flags, message):
+    args = build_parser().parse_args(["web", "no/such/folder", *flags])
+    with pytest.raises(ValueError, match=message):
+        args.func(args)
+
+
 @pytest.mark.slow  # importing Gradio takes seconds
 def test_page_builds_without_analytics(engine, monkeypatch):
     gr = pytest.importorskip("gradio")
