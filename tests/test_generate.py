@@ -271,29 +271,13 @@ def test_eval_decode_choices_are_the_decoder_modes():
     assert tuple(action.choices) == DECODE_MODES
 
 
-@pytest.mark.parametrize("prefix", [False, True])
-def test_decode_batch_rows_join_and_leave_and_give_what_they_give_alone(model, prefix):
-    """Continuous batching on one DecodeBatch: sequences join free rows at different steps (prompts fed in chunks
-    where the model allows), a row is freed mid-way and taken again; every sequence gives what generate() gives it
-    alone, greedy or seeded sampling."""
-    from glmtune.generate import Admission, DecodeBatch, RowSampling
+def _drive_decode_batch(model, prompts, settings, limits, stop, decode="eager"):
+    """Sequences through one 3-row DecodeBatch: they join free rows at different steps (prompts fed in two parts
+    where the model allows, the row waiting between them), leave at their stop or limit, and their rows are taken
+    again. Returns each sequence's tokens."""
+    from glmtune.generate import Admission, DecodeBatch
 
-    if prefix:  # a P-Tuning prefix in the first slots of every row
-        if model.config.arch == "glm":
-            pytest.skip("the prefix case runs on one family")
-        model = build_model(model.config.replace(pre_seq_len=3, prefix_projection=True))
-        model.init_weights(seed=2)
-        model.eval()
-    stop, pad = _stop_pad(model)
-    prompts = _prompts(model, seed=7) + _prompts(model, seed=8)
-    settings = [RowSampling(), RowSampling(True, 0.8, 0.9, 11), RowSampling(True, 1.3, 1.0, 5)] * 2
-    limits = [6, 4, 7, 5, 6, 3]
-    want = []
-    for p, s, n in zip(prompts, settings, limits, strict=True):
-        cfg = GenerationConfig(max_new_tokens=n, do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p,
-                               seed=s.seed)  # fmt: skip
-        want.append(generate(model, [p], cfg, stop_ids=stop, pad_id=pad)[0])
-    batch = DecodeBatch(model, 3, 40, n_stop=1, ring=4, window_multiple=8)
+    batch = DecodeBatch(model, 3, 40, n_stop=1, ring=4, window_multiple=8, decode=decode)
     batch.reset()
     batch.set_stop(stop)
     whole = model.config.arch == "glm"  # v1 prompts are attended both ways: never split
@@ -335,4 +319,46 @@ def test_decode_batch_rows_join_and_leave_and_give_what_they_give_alone(model, p
     admit(2)
     while rows or waiting:
         advance(1 + batch.tick % 2)
-    assert [[t for t in got[i] if t >= 0] for i in range(len(prompts))] == want
+    return [[t for t in got[i] if t >= 0] for i in range(len(prompts))]
+
+
+def _join_leave_case(model):
+    from glmtune.generate import RowSampling
+
+    prompts = _prompts(model, seed=7) + _prompts(model, seed=8)
+    settings = [RowSampling(), RowSampling(True, 0.8, 0.9, 11), RowSampling(True, 1.3, 1.0, 5)] * 2
+    return prompts, settings, [6, 4, 7, 5, 6, 3]
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_decode_batch_rows_join_and_leave_and_give_what_they_give_alone(model, prefix):
+    """Continuous batching on one DecodeBatch: every sequence gives what generate() gives it alone, greedy or
+    seeded sampling, whatever joins and leaves beside it."""
+    if prefix:  # a P-Tuning prefix in the first slots of every row
+        if model.config.arch == "glm":
+            pytest.skip("the prefix case runs on one family")
+        model = build_model(model.config.replace(pre_seq_len=3, prefix_projection=True))
+        model.init_weights(seed=2)
+        model.eval()
+    stop, pad = _stop_pad(model)
+    prompts, settings, limits = _join_leave_case(model)
+    want = []
+    for p, s, n in zip(prompts, settings, limits, strict=True):
+        cfg = GenerationConfig(max_new_tokens=n, do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p,
+                               seed=s.seed)  # fmt: skip
+        want.append(generate(model, [p], cfg, stop_ids=stop, pad_id=pad)[0])
+    assert _drive_decode_batch(model, prompts, settings, limits, stop) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_decode_batch_equals_eager():
+    """The captured steps (one per cache window and step kind) replay what the eager steps compute, rows joining
+    and leaving."""
+    m = build_model(preset("tiny-chatglm2"))
+    m.init_weights(seed=1)
+    m = m.to("cuda").eval()
+    stop, _ = _stop_pad(m)
+    prompts, settings, limits = _join_leave_case(m)
+    eager = _drive_decode_batch(m, prompts, settings, limits, stop, decode="eager")
+    assert _drive_decode_batch(m, prompts, settings, limits, stop, decode="graph") == eager

@@ -253,3 +253,20 @@ def test_a_ptuning_checkpoint_is_not_an_adapter(folder, tmp_path, capsys):
     assert "P-Tuning checkpoint cannot share a batch" in capsys.readouterr().err
     assert main(["serve", str(folder), "--adapter", "nameless"]) == 2
     assert "expected NAME=PATH" in capsys.readouterr().err
+
+
+def test_a_client_that_leaves_a_non_streamed_request_frees_its_row(pretrained, monkeypatch):
+    import httpx
+
+    app = create_app(pretrained, model_name="tiny", limits=Limits(max_concurrent=2))
+    engine = app.state.engine
+    slow_steps(monkeypatch, engine, 0.05)  # 200 tokens: ~10 s; the client gives up after 0.5 s
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 200, "temperature": 0}
+    with serving(app) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/chat/completions", json=body, timeout=0.5)
+        deadline = time.monotonic() + 5
+        while engine.running or engine.cancelled == 0:
+            assert time.monotonic() < deadline, "the generation went on after its client left"
+            time.sleep(0.02)
+    assert engine.cancelled == 1 and engine.completed == 0

@@ -7,6 +7,7 @@ a request is queued before the response starts, so a full queue is a real 429 an
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glmtune.pretrained import Pretrained
-from glmtune.serve.engine import Engine, Job, Limits, Outcome
+from glmtune.serve.engine import Engine, Job, Limits, Outcome, Ticket
 from glmtune.serve.schemas import APIError, parse_chat_request, parse_json
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()  # the KV cache is allocated now: a server that cannot hold it does not start
         yield
         engine.close()
 
@@ -124,6 +126,7 @@ def create_app(
 
         if not req.stream:
             pieces, outcome = [], Outcome()
+            watch = asyncio.create_task(_cancel_when_gone(request, ticket))
             try:
                 async for item in run:
                     if isinstance(item, Outcome):
@@ -131,6 +134,7 @@ def create_app(
                     else:
                         pieces.append(item)
             finally:
+                watch.cancel()
                 await run.aclose()
             choice = {"index": 0, "message": _message(job, pieces, outcome), "finish_reason": outcome.finish_reason,
                       "logprobs": None}  # fmt: skip
@@ -172,6 +176,13 @@ def create_app(
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
+
+
+async def _cancel_when_gone(request: Request, ticket: Ticket, every: float = 0.1) -> None:
+    """Cancel ``ticket`` (its row is freed at once) when the client of a non-streamed request disconnects."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    ticket.cancel()
 
 
 def _message(job: Job, pieces: list[str], outcome: Outcome) -> dict:

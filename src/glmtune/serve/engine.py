@@ -231,6 +231,7 @@ class Engine:
                 request.cancelled = True
 
         request = _Request(job, deliver)
+        self.start()
         with self._lock:
             if self._closing:
                 raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
@@ -239,9 +240,20 @@ class Engine:
                                f"{len(self._waiting)} wait; try again later", type="rate_limit_error",
                                code="queue_full")  # fmt: skip
             self._waiting.append(request)
-            self._start_locked()
             self._lock.notify()
         return Ticket(self, request, queue)
+
+    def start(self) -> None:
+        """Allocate the decode batch (KV cache and step state: an error here, such as out of memory, is raised to
+        the caller) and start the worker. Called by the app at start-up; a first request calls it otherwise."""
+        with self._lock:
+            if self._thread is not None:
+                return
+            if self._closing:
+                raise APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+            self._batch = self._make_batch()
+            self._thread = threading.Thread(target=self._worker, name="glmtune-serve", daemon=True)
+            self._thread.start()
 
     async def run(self, job: Job | Ticket) -> AsyncIterator[str | Outcome]:
         """Text pieces, then the Outcome (a :class:`Job` is submitted first). Closing the iterator early (a client
@@ -285,11 +297,6 @@ class Engine:
     def _free_rows_locked(self) -> int:
         return self.limits.max_concurrent - sum(r is not None for r in self._rows)
 
-    def _start_locked(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._worker, name="glmtune-serve", daemon=True)
-            self._thread.start()
-
     def _make_batch(self) -> DecodeBatch:
         lim = self.limits
         batch = self.decoder.batch(lim.max_concurrent, lim.max_total_tokens, n_stop=len(self._stop_ids),
@@ -301,16 +308,6 @@ class Engine:
         return batch
 
     def _worker(self) -> None:
-        try:
-            self._batch = self._make_batch()
-        except Exception as e:  # the server cannot generate: every request is told
-            log.exception("could not set up the decode batch")
-            with self._lock:
-                self._closing = True
-                for r in self._waiting:
-                    _fail(r, APIError(503, f"the server cannot generate: {e}", type="server_error"))
-                self._waiting.clear()
-            return
         while True:
             with self._lock:
                 while not self._closing and not self._waiting and not any(self._rows):
