@@ -172,7 +172,11 @@ def test_limits_are_checked_and_enforced(pretrained):
         Limits(max_total_tokens=100, max_prompt_tokens=100).resolve(256, torch.device("cpu"))
     default = Limits().resolve(256, torch.device("cpu"))
     assert (default.max_concurrent, default.max_total_tokens, default.max_prompt_tokens) == (8, 256, 255)
-    assert Limits().resolve(32768, torch.device("cuda")).max_concurrent == 64
+    gpu = torch.device("cuda")
+    assert Limits().resolve(32768, gpu, token_bytes=28 * 1024, free_bytes=80 * 2**30).max_concurrent == 64
+    small = Limits().resolve(32768, gpu, token_bytes=28 * 1024, free_bytes=8 * 2**30)  # 4 GiB for 8192-token rows
+    assert (small.max_concurrent, small.max_total_tokens) == (18, 8192)
+    assert Limits(max_concurrent=40).resolve(32768, gpu, token_bytes=28 * 1024, free_bytes=1).max_concurrent == 40
     from glmtune.serve.engine import Engine
 
     engine = Engine(pretrained, limits=Limits(max_total_tokens=64, max_prompt_tokens=20))

@@ -50,12 +50,27 @@ class Limits:
     queue_timeout: float = 300.0  # seconds a request may wait for a row before it gets 503
     prefill_tokens: int | None = None  # prompt tokens prefilled per round: 2048 on CUDA, 256 on the CPU
 
-    def resolve(self, context: int, device: torch.device) -> Limits:
-        """These limits with every default filled in and checked against the model's ``context``."""
+    def resolve(self, context: int, device: torch.device, *, token_bytes: int = 0,
+                free_bytes: int | None = None) -> Limits:  # fmt: skip
+        """These limits with every default filled in and checked against the model's ``context``.
+
+        On CUDA the default ``max_concurrent`` (64) shrinks to the rows whose KV cache (``token_bytes`` a token,
+        ``max_total_tokens`` tokens a row) fits in half of ``free_bytes`` (default: the device's free memory now)."""
         cuda = device.type == "cuda"
         total = self.max_total_tokens if self.max_total_tokens is not None else min(context, 8192)
+        rows = self.max_concurrent
+        if rows is None:
+            rows = 64 if cuda else 8
+            if cuda and token_bytes:
+                free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info(device)[0]
+                fit = max(1, int(0.5 * free // (token_bytes * total)))
+                if fit < rows:
+                    log.warning("the KV cache of %d rows of %d tokens does not fit in half of the free GPU memory "
+                                "(%.1f GiB): serving %d requests at once (--max-concurrent, --max-total-tokens)",
+                                rows, total, free / 2**30, fit)  # fmt: skip
+                    rows = fit
         out = Limits(
-            max_concurrent=self.max_concurrent if self.max_concurrent is not None else (64 if cuda else 8),
+            max_concurrent=rows,
             max_queue=self.max_queue,
             max_total_tokens=total,
             max_prompt_tokens=self.max_prompt_tokens if self.max_prompt_tokens is not None else total - 1,
@@ -145,7 +160,9 @@ class Engine:
         p = pretrained
         self.context_length = int(p.config.seq_length)
         self.decoder = Decoder(p.model, decode=decode)
-        self.limits = (limits or Limits()).resolve(self.context_length, self.decoder.device)
+        cfg = p.config  # a token's keys and values in every layer
+        token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(self.decoder.dtype).bits // 8
+        self.limits = (limits or Limits()).resolve(self.context_length, self.decoder.device, token_bytes=token_bytes)
         self.model_name = model_name or Path(p.path).name
         self.names = {self.model_name: 0}
         self.multi_lora = None
