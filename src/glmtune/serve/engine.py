@@ -161,7 +161,7 @@ class Engine:
         self.context_length = int(p.config.seq_length)
         self.decoder = Decoder(p.model, decode=decode)
         cfg = p.config  # a token's keys and values in every layer
-        token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.finfo(self.decoder.dtype).bits // 8
+        token_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.decoder.dtype.itemsize
         self.limits = (limits or Limits()).resolve(self.context_length, self.decoder.device, token_bytes=token_bytes)
         self.model_name = model_name or Path(p.path).name
         self.names = {self.model_name: 0}
