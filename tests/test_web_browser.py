@@ -2,7 +2,7 @@
 (nothing is downloaded: both paths are given, so Selenium Manager never runs). The test starts the real command on
 a tiny ChatGLM3 folder, sends a message, waits for the streamed reply and compares it with what the serve engine
 answers for that prompt (greedy), sends a second one (its reply is the engine's for the whole conversation),
-checks that the page asked nothing of any host but its own, clears the chat, and saves a screenshot as
+checks that neither the page nor the server asked anything of another host, clears the chat, and saves a screenshot as
 ``<pytest's tmp_path>/glmtune-web.png`` (kept under /tmp/pytest-of-$USER/).
 
 Skips, saying how to install them, when Chromium or chromedriver is missing (scripts/install.sh installs both
@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -102,15 +103,55 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class OutboundRecorder:
+    """A proxy that answers nothing: the server runs with HTTP(S)_PROXY pointing here (127.0.0.1 excepted), so any
+    HTTP call it makes to another host (Gradio's analytics, its version check, Hugging Face telemetry) shows up as
+    a recorded request line (``CONNECT api.gradio.app:443``)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.requests: list[str] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    self.requests.append(conn.recv(256).split(b"\r\n")[0].decode("latin-1"))
+                except OSError as e:
+                    self.requests.append(f"a connection ({e})")
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 @pytest.fixture(scope="module")
-def web_page(tmp_path_factory):
-    """(URL, model folder) of a running ``glmtune web`` on a tiny ChatGLM3 folder, greedy, short replies."""
+def outbound():
+    recorder = OutboundRecorder()
+    yield recorder
+    recorder.close()
+
+
+@pytest.fixture(scope="module")
+def web_page(tmp_path_factory, outbound):
+    """(URL, model folder) of a running ``glmtune web`` on a tiny ChatGLM3 folder, greedy, short replies. The
+    environment asks for Gradio's analytics: the command must turn them off itself."""
     chromium_paths()
     folder = make_tiny_model_dir(tmp_path_factory.mktemp("web") / "tiny-chatglm3", corpus_lines(seed=0),
                                  generation="chatglm3", vocab_size=600)  # fmt: skip
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "True", "HTTP_PROXY": outbound.url, "HTTPS_PROXY": outbound.url,
+           "http_proxy": outbound.url, "https_proxy": outbound.url, "NO_PROXY": "127.0.0.1,localhost",
+           "no_proxy": "127.0.0.1,localhost"}  # fmt: skip
     command = [sys.executable, "-m", "glmtune", "web", str(folder), "--port", str(port), "--device", "cpu",
                "--dtype", "fp32", "--temperature", "0", "--max-new-tokens", str(MAX_TOKENS)]  # fmt: skip
     out = tmp_path_factory.mktemp("web-log") / "glmtune-web.log"
@@ -190,7 +231,7 @@ def send_and_wait(driver, prompt: str, want: str, n: int) -> list[str]:
     return seen
 
 
-def test_chat_in_the_browser(web_page, browser, tmp_path):
+def test_chat_in_the_browser(web_page, browser, outbound, tmp_path):
     url, folder = web_page
     alone = engine_replies(folder, [[{"role": "user", "content": p}] for p in PROMPTS])
     first, reply = pick(PROMPTS, alone)
@@ -215,6 +256,7 @@ def test_chat_in_the_browser(web_page, browser, tmp_path):
 
     outside = [u for u in requested_urls(browser) if not u.startswith((url, "data:", "blob:"))]
     assert outside == [], f"the page called out: {outside}"
+    assert outbound.requests == [], f"the server called out: {outbound.requests}"
 
     browser.find_element(By.ID, CLEAR_ID).click()
     WebDriverWait(browser, 5).until(lambda d: not d.find_elements(By.CSS_SELECTOR, BOT))

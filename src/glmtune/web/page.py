@@ -6,8 +6,8 @@ sends it again, as the OpenAI API does. A turn is an OpenAI-shaped request body 
 reply (greedy). When the conversation no longer fits the model's context the oldest turns are left out of the
 prompt (the page says how many); a reply longer than the room left stops at the context's end.
 
-Nothing calls out: analytics and Gradio's version check off, no share link, no server-side rendering process,
-system fonts (the default theme would load Google Fonts in the browser).
+Nothing calls out: analytics and Gradio's version check off, no share link, no server-side rendering process; the
+page's fonts and scripts come from the page's own server (the browser test checks both sides).
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 # Element ids the browser test finds the page's parts by.
 CHAT_ID, MESSAGE_ID, SEND_ID, STOP_ID, CLEAR_ID, SYSTEM_ID = "chat", "message", "send", "stop", "clear", "system"
-SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "Noto Sans CJK SC", "PingFang SC", "Microsoft YaHei", "sans-serif"]
-MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
 
 
 @dataclass(frozen=True)
@@ -166,10 +164,7 @@ def build_page(engine: Engine, *, title: str, system_prompt: bool, sampling: Sam
 
 
 def launch_page(page: gr.Blocks, *, host: str, port: int) -> None:
-    """Serve ``page`` on ``host:port`` until Ctrl-C: no share link, no server-side rendering process, system fonts."""
-    import gradio as gr
-
-    theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
+    """Serve ``page`` on ``host:port`` until Ctrl-C: no share link, no server-side rendering process."""
     page.queue(default_concurrency_limit=None)  # the engine queues and limits what runs at once
     page.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, mcp_server=False,
-                show_error=True, footer_links=[], quiet=True, theme=theme)  # fmt: skip
+                show_error=True, footer_links=[], quiet=True)  # fmt: skip
