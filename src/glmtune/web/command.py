@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         log.warning("serving the chat page on %s: anyone who can reach this port can use the model", args.host)
     log.info("chat page for %s on http://%s:%d (Ctrl-C stops)", args.model, args.host, args.port)
     try:
+        engine.start()  # the KV cache is allocated now: a page that could not answer does not start
         launch_page(page, host=args.host, port=args.port)
     finally:
         engine.close()
