@@ -38,7 +38,6 @@ from glmtune.models.checkpoint import (
     read_tensor_infos,
     read_tensors,
 )
-from glmtune.models.config import GLMConfig
 from glmtune.models.quant import QUANTIZED_WEIGHT, check_bits, dequantize_weight, quantize_weight
 from glmtune.pretrained import DTYPES, quantization
 
@@ -165,8 +164,7 @@ def merge_lora_to_checkpoint(
     raw_config = json.loads(config_path.read_text(encoding="utf-8"))
     if bits is not None:
         check_bits(bits)
-    config = GLMConfig.from_dict(raw_config, source=str(config_path))
-    scheme = quantization(config, trained_on, source=config_path)  # the folder's int4/int8, or what training used
+    scheme = quantization(raw_config, trained_on, source=config_path)  # the folder's int4/int8, or what training used
     stored_bits = int(scheme[3:]) if raw_config.get("quantization_bit") else 0
     checkpoint_files(base_dir)  # a clear error for a folder without weights
     adapter = read_lora_adapter(adapter_dir)
@@ -213,10 +211,8 @@ def merge_lora_to_checkpoint(
         config = dict(raw_config)
         if out_dtype is not None:
             config["torch_dtype"] = str(out_dtype).removeprefix("torch.")
-        if bits:
-            config["quantization_bit"] = bits
-        else:
-            config.pop("quantization_bit", None)
+        if bits or config.get("quantization_bit"):
+            config["quantization_bit"] = bits or 0  # 0: as the full-precision originals (v1) say it
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         _copy_side_files(base_dir, tmp, skip={CONFIG_NAME})
 

@@ -78,7 +78,7 @@ def _trained_quantization(run_dir: Path | None, given: str | None) -> tuple[str,
 
     from glmtune.pretrained import DTYPES
 
-    if run_dir is None:
+    if run_dir is None or not (run_dir / "config.yaml").is_file():  # a bare adapter, or a run without its config
         return given or "none", torch.float32
     from glmtune.runs import read_run
     from glmtune.train.config import load_config

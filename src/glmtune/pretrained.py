@@ -42,9 +42,9 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
     return DTYPES[name]
 
 
-def quantization(config: GLMConfig, quantize: str | None, *, source: str | Path = "config.json") -> str:
-    """The quantization to load with (``quant.SCHEMES``): the folder's ``quantization_bit`` (int4, int8), else
-    ``quantize`` (none, int8, int4, nf4; None: none)."""
+def quantization(config: GLMConfig | dict, quantize: str | None, *, source: str | Path = "config.json") -> str:
+    """The quantization to load with (``quant.SCHEMES``): the folder's ``quantization_bit`` (int4, int8; from a
+    GLMConfig or config.json's raw dict), else ``quantize`` (none, int8, int4, nf4; None: none)."""
     if quantize is not None and quantize not in SCHEMES:
         raise ValueError(f"unknown quantize {quantize!r}; choose one of {', '.join(SCHEMES)}")
     stored = scheme_of(config_bits(config, source))

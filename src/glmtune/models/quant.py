@@ -184,8 +184,12 @@ def quantize_model_(model: nn.Module, bits: int | str) -> nn.Module:
 
 
 def config_bits(config: object, source: object = "config.json") -> int:
-    """``quantization_bit`` of a GLMConfig (a v1 field; v2+ configs keep it in ``extra``); 0 when not quantized."""
-    bits = getattr(config, "quantization_bit", 0) or getattr(config, "extra", {}).get("quantization_bit", 0) or 0
+    """``quantization_bit`` of a GLMConfig (a v1 field; v2+ configs keep it in ``extra``) or of config.json's raw
+    dict; 0 when not quantized."""
+    if isinstance(config, dict):
+        bits = config.get("quantization_bit", 0) or 0
+    else:
+        bits = getattr(config, "quantization_bit", 0) or getattr(config, "extra", {}).get("quantization_bit", 0) or 0
     if bits and bits not in BITS:
         raise ValueError(f"{source}: 'quantization_bit' must be 4 or 8 (or 0), got {bits!r}")
     return int(bits)
