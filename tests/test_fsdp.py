@@ -27,11 +27,12 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 16
-# full fine-tuning, 2 rows per process and micro-batch, dev loss every 4 steps (7 dev samples in batches of 2:
-# 4 batches, uneven over 2 ranks is fine, 3 is padded), a checkpoint every 4 steps, all kept
+# full fine-tuning, 2 rows per process and micro-batch, dev loss every 4 steps (7 dev samples in batches of 3: rank 0
+# gets 2 batches, rank 1 one and a padding batch without targets, so that both run as many forward passes), a
+# checkpoint every 4 steps, all kept
 FULL = ("method.name=full", f"train.max_steps={STEPS}", "train.batch_size=2", "train.learning_rate=1e-3",
         "train.device=cpu", f"data.dev={ADGEN_DEV}", "data.max_dev_samples=7", "eval.every_steps=4",
-        "eval.batch_size=2", "save.every_steps=4", "save.keep_last=10")  # fmt: skip
+        "eval.batch_size=3", "save.every_steps=4", "save.keep_last=10")  # fmt: skip
 
 WORKER = """
 import logging, os, signal, sys
