@@ -299,7 +299,7 @@ def _drive_decode_batch(model, prompts, settings, limits, stop, decode="eager"):
 
     def advance(k: int) -> None:  # k steps; each row's new tokens recorded, finished rows freed and taken again
         cols = batch.step(k)
-        out = batch.read(cols).tolist()
+        out = (batch.read(cols) if k == 1 else batch.read_later(cols)()).tolist()  # both ways of reading
         finished = []
         for row, i in list(rows.items()):
             for t, token in zip(range(batch.tick - k, batch.tick), out[row], strict=True):

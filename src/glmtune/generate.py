@@ -447,6 +447,25 @@ class DecodeBatch:
         """The tokens of the given ring columns, (b, len(cols)) long on the CPU (one device sync)."""
         return self.state.out[:, list(cols)].cpu()
 
+    def read_later(self, cols: Sequence[int]) -> Callable[[], torch.Tensor]:
+        """:meth:`read` without waiting now: the copy is queued behind the steps, and the returned function waits
+        for it alone (not for steps queued after it), so the host can work on these tokens while the device runs
+        the next steps."""
+        out = self.state.out[:, list(cols)]
+        if self.device.type != "cuda":
+            host = out.cpu()
+            return lambda: host
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def wait() -> torch.Tensor:
+            copied.synchronize()
+            return host
+
+        return wait
+
 
 class Decoder:
     """Generation for one model that keeps its decode buffers — a :class:`DecodeBatch`: KV cache, step state and the

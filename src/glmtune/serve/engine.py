@@ -183,6 +183,7 @@ class Engine:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._done: list[_Request] = []  # finished this round, their last items not handed over yet
+        self._pending: tuple | None = None  # the last round's tokens (being copied), rows and ticks
         self.cancelled = 0  # generations stopped early because their client left
         self.peak_running = 0  # the most requests that shared the batch at once
         self.completed = 0
@@ -338,6 +339,7 @@ class Engine:
             except Exception as e:  # a failed forward: its requests are told, the server goes on
                 log.exception("generation failed")
                 err = APIError(500, f"internal error: {type(e).__name__}", type="server_error")
+                self._pending = None
                 with self._lock:
                     for i, r in enumerate(self._rows):
                         if r is not None:
@@ -388,20 +390,28 @@ class Engine:
         return admitted
 
     def _round(self) -> None:
+        """Prefill, queue ``stream_every`` decode steps, then hand out the tokens of the previous round's steps
+        while the device runs these (the host's work overlaps the device's; a row's request may run a round past
+        its end, which its device-side stop or limit makes harmless)."""
         batch = self._batch
         self._prefill()
         decoding = [r for r in self._rows if r is not None and r.text is not None]
+        previous, self._pending = self._pending, None
         if decoding:
             cols = batch.step(self.stream_every)
-            ticks = range(batch.tick - len(cols), batch.tick)
-            out = batch.read(cols).tolist()
-            for r in decoding:
-                if r.row < 0 or self._rows[r.row] is not r:
-                    continue
-                for t, token in zip(ticks, out[r.row], strict=True):
-                    if t >= r.joined and self._push(r, token):
-                        break
+            self._pending = (batch.read_later(cols), range(batch.tick - len(cols), batch.tick), decoding)
+        if previous is not None:
+            self._hand_out(*previous)
         self._flush()
+
+    def _hand_out(self, tokens: Callable[[], torch.Tensor], ticks: range, decoding: list[_Request]) -> None:
+        out = tokens().tolist()
+        for r in decoding:
+            if r.row < 0 or self._rows[r.row] is not r:  # finished or cancelled since
+                continue
+            for t, token in zip(ticks, out[r.row], strict=True):
+                if t >= r.joined and self._push(r, token):
+                    break
 
     def _prefill(self) -> None:
         """One prefill pass: the prompts of rows still being fed, in row order, up to ``prefill_tokens`` tokens (at
