@@ -113,6 +113,11 @@ def test_tool_call_round_trip_with_the_openai_client(trained):
         assert answer.choices[0].finish_reason == "stop"
         assert answer.choices[0].message.content == ANSWER
         assert not answer.choices[0].message.tool_calls
+        streamed = list(client.chat.completions.create(model="tiny", messages=back, tools=TOOLS, temperature=0,
+                                                       max_tokens=24, stream=True))  # fmt: skip
+        texts = [c.choices[0].delta.content for c in streamed if c.choices and c.choices[0].delta.content]
+        assert "".join(texts) == ANSWER and len(texts) > 1  # not a tool call: streamed as it comes
+        assert streamed[-1].choices[0].finish_reason == "stop"
 
         plain = client.chat.completions.create(model="tiny", messages=QUESTION, temperature=0, max_tokens=8)
         assert plain.choices[0].finish_reason in ("stop", "length") and not plain.choices[0].message.tool_calls

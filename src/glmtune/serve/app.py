@@ -152,7 +152,8 @@ def create_app(
                     if not isinstance(item, Outcome):
                         yield chunk({"content": item})
                         continue
-                    if job.tools is not None:  # a tool-call reply is sent whole, as one delta
+                    if item.tool_calls is not None or item.content:
+                        # a reply held back as a possible tool call is sent whole, as one delta
                         message = _message(job, [], item)
                         delta = {"content": message["content"]} if message["content"] else {}
                         if "tool_calls" in message:
@@ -187,7 +188,7 @@ async def _cancel_when_gone(request: Request, ticket: Ticket, every: float = 0.1
 
 def _message(job: Job, pieces: list[str], outcome: Outcome) -> dict:
     """The assistant message of a finished generation (with tools: its content and tool_calls)."""
-    if job.tools is None:
+    if job.tools is None or (outcome.content is None and outcome.tool_calls is None):  # streamed as text
         return {"role": "assistant", "content": "".join(pieces)}
     message: dict = {"role": "assistant", "content": outcome.content}
     if outcome.tool_calls:

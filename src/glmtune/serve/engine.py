@@ -106,7 +106,8 @@ class Job:
 
 @dataclass
 class Outcome:
-    """How a generation ended. With tools, the reply is ``content`` / ``tool_calls`` (no text pieces came)."""
+    """How a generation ended. With tools, a reply held back as a possible tool call ends as ``content`` /
+    ``tool_calls`` here (no text pieces came); once it cannot be a call its text streams as pieces (both None)."""
 
     completion_tokens: int = 0
     finish_reason: str = "length"
@@ -128,6 +129,7 @@ class _Request:
     ids: list[int] = field(default_factory=list)
     outcome: Outcome = field(default_factory=Outcome)
     pending: list[object] = field(default_factory=list)
+    held: bool = False  # a reply to a request with tools, held back while it may still be a tool call
 
     def __post_init__(self) -> None:
         gen = self.job.gen
@@ -439,7 +441,8 @@ class Engine:
         p = self.pretrained
         for r, token in zip(done, first, strict=True):
             r.joined = batch.tick
-            r.text = ReplyText(p.tokenizer, p.template.postprocess if r.job.tools is None else None)
+            r.held = r.job.tools is not None
+            r.text = ReplyText(p.tokenizer, None if r.held else p.template.postprocess)
             r.stops = StopText(r.job.stop)
             self._push(r, token)
 
@@ -450,7 +453,9 @@ class Engine:
             o.completion_tokens += 1
             r.ids.append(token)
             piece = r.stops.push(r.text.push(token))
-            if piece and r.job.tools is None:
+            if r.held and not r.stops.hit and not self._may_call(r):
+                piece = self._release(r)
+            if piece and not r.held:
                 r.pending.append(piece)
             if r.stops.hit:
                 return self._finish(r, "stop")
@@ -464,9 +469,9 @@ class Engine:
         o.finish_reason = reason
         if not r.stops.hit:
             rest = r.stops.push(r.text.finish()) + r.stops.flush()
-            if rest and r.job.tools is None:
+            if rest and not r.held:
                 r.pending.append(rest)
-        if r.job.tools is not None:
+        if r.held:
             self._tool_reply(r)
         r.pending += [o, _END]
         self._done.append(r)
@@ -476,6 +481,19 @@ class Engine:
                 self._batch.free([r.row])
             self.completed += 1
         return True
+
+    def _may_call(self, r: _Request) -> bool:
+        from glmtune.serve.tools import tool_call_possible
+
+        return tool_call_possible(r.text.text, self.pretrained.generation, r.job.tools)
+
+    def _release(self, r: _Request) -> str:
+        """A held reply that cannot be a tool call any more streams as plain text: the text so far, cleaned up."""
+        p = self.pretrained
+        r.held = False
+        r.text = ReplyText(p.tokenizer, p.template.postprocess)
+        r.stops = StopText(r.job.stop)
+        return r.stops.push("".join(r.text.push(t) for t in r.ids))
 
     def _tool_reply(self, r: _Request) -> None:
         from glmtune.serve.tools import reply_message
