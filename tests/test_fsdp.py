@@ -27,12 +27,12 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="no
 
 TESTS = Path(__file__).resolve().parent
 STEPS = 16
-# full fine-tuning, 2 rows per process and micro-batch, dev loss every 4 steps (7 dev samples in batches of 3: rank 0
-# gets 2 batches, rank 1 one and a padding batch without targets, so that both run as many forward passes), a
-# checkpoint every 4 steps, all kept
+# full fine-tuning (MLPs recomputed in the backward pass), 2 rows per process and micro-batch, dev loss every 4 steps
+# (7 dev samples in batches of 3: rank 0 gets 2 batches, rank 1 one and a padding batch without targets, so that both
+# run as many forward passes), a checkpoint every 4 steps, all kept
 FULL = ("method.name=full", f"train.max_steps={STEPS}", "train.batch_size=2", "train.learning_rate=1e-3",
-        "train.device=cpu", f"data.dev={ADGEN_DEV}", "data.max_dev_samples=7", "eval.every_steps=4",
-        "eval.batch_size=3", "save.every_steps=4", "save.keep_last=10")  # fmt: skip
+        "train.device=cpu", "train.gradient_checkpointing=mlp", f"data.dev={ADGEN_DEV}", "data.max_dev_samples=7",
+        "eval.every_steps=4", "eval.batch_size=3", "save.every_steps=4", "save.keep_last=10")  # fmt: skip
 
 WORKER = """
 import logging, os, signal, sys
@@ -195,10 +195,12 @@ def _free_port() -> int:
 
 def test_two_nodes_lora_over_sharded_base(two) -> None:
     """Two torchrun agents (--nnodes 2, one process each, c10d rendezvous on 127.0.0.1) train LoRA over an
-    FSDP-sharded frozen base together: the loss sequence of one process with the same global batch."""
+    FSDP-sharded frozen base together, every other block recomputed in the backward pass: the loss sequence of one
+    process with the same global batch. (train.compile under FSDP: the GPU test below, with inductor.)"""
     tmp, model = two["tmp"], two["model"]
     lora = ("method.name=lora", "train.distributed=fsdp", "train.max_steps=8", "train.batch_size=2",
-            "train.device=cpu", "method.dropout=0.0", "save.every_steps=4")  # fmt: skip
+            "train.device=cpu", "method.dropout=0.0", "save.every_steps=4",
+            "train.gradient_checkpointing=half")  # fmt: skip
     out = tmp / "nodes"
     script = _script(tmp, "nodes", model, out, lora)
     port = _free_port()
