@@ -371,3 +371,33 @@ def test_the_quantize_choices_are_one_list():
 
     hints = typing.get_type_hints(TrainConfig)
     assert QUANTIZE_CHOICES == SCHEMES == typing.get_args(hints["quantize"]) == ("none", "int8", "int4", "nf4")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+def test_quantize_on_load_holds_one_full_precision_weight_at_a_time(tmp_path, monkeypatch, scheme):
+    """Every block linear read from the checkpoint in full precision is quantized and dropped before the next one is
+    read: the loader never holds more than one (weak references to each weight it read, checked at every read)."""
+    import gc
+    import weakref
+
+    import glmtune.models.checkpoint as checkpoint
+
+    src = make_tiny_model_dir(tmp_path / "m", corpus_lines(seed=0), generation="glm4", vocab_size=500,
+                              sizes=QUALITY_SIZES["glm4"])  # fmt: skip
+    read = checkpoint._read_converted
+    alive: list[weakref.ref] = []
+    most = []
+
+    def tracking(reader, name, device, dtype):
+        gc.collect()
+        most.append(sum(r() is not None for r in alive))
+        t = read(reader, name, device, dtype)
+        if QUANTIZED_WEIGHT.match(name):
+            alive.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(checkpoint, "_read_converted", tracking)
+    pre = load_pretrained(src, dtype="float32", device="cpu", quantize=scheme)
+    gc.collect()
+    assert len(alive) == 4 * pre.config.num_layers and max(most) == 0
+    assert all(r() is None for r in alive)
