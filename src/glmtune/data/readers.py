@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 from glmtune.data.dropped import Dropped, describe
 from glmtune.data.messages import RecordError, Sample, validate_messages
-from glmtune.templates import CHATGLM3_TOOL_PROMPT, Message
+from glmtune.templates import CHATGLM3_TOOL_PROMPT, Message, chatglm3_tool_call
 
 log = logging.getLogger(__name__)
 
@@ -316,12 +316,6 @@ def _from_alpaca(rec: dict, opts: ReadOptions, where: str, on_number: _NumberWar
     return Sample(msgs, where, history_rounds="history" in rec)
 
 
-def _chatglm3_tool_call(name: str, parameters: dict) -> str:
-    """ChatGLM3's assistant text for a tool call: a python block calling tool_call(k=v, …)."""
-    args = ", ".join(f"{k}={v!r}" for k, v in parameters.items())
-    return f"```python\ntool_call({args})\n```"
-
-
 def _from_conversations(rec: dict, opts: ReadOptions, where: str) -> Sample:
     key = "conversations" if "conversations" in rec else "messages"
     items = rec.get(key)
@@ -357,7 +351,7 @@ def _from_conversations(rec: dict, opts: ReadOptions, where: str) -> Sample:
                 raise RecordError(where, f, f"tool call {item['name']!r} but the record defines no tools")
             if not isinstance(item["parameters"], dict):
                 raise RecordError(where, f"{f}.parameters", "expected an object of arguments")
-            call = _chatglm3_tool_call(item["name"], item["parameters"])
+            call = chatglm3_tool_call(item["parameters"])
             msgs.append(Message("assistant", call, metadata=str(item["name"]), train=train))
             obs = item.get("observation")
             msgs.append(Message("observation", obs if isinstance(obs, str) else json.dumps(obs, ensure_ascii=False)))
