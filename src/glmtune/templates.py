@@ -160,6 +160,16 @@ class Template:
         """The prompt as readable text (for inspection); specials shown by name."""
         raise NotImplementedError
 
+    # generation-based evaluation: one example per assistant turn (v3/GLM-4's process_batch_eval) or one per record
+    # (its last reply, the v1/v2 ptuning scripts)
+    eval_every_turn: bool = False
+
+    def eval_prompt(self, tokenizer: Tokenizer, history: list[Message], limit: int | None) -> list[int]:
+        """The prompt that asks for the reply after ``history``, cut to ``limit`` tokens as the original scripts cut
+        it (``max_source_length``)."""
+        ids = self.encode_prompt(tokenizer, history)
+        return ids[:limit] if limit is not None else ids
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
@@ -187,6 +197,12 @@ class ChatGLMTemplate(Template):
     def render_text(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         prefix, history, query = _split_prompt(messages)
         return prefix + self.build_prompt(query, history) + "[gMASK]<sop>"
+
+    def eval_prompt(self, tokenizer: Tokenizer, history: list[Message], limit: int | None) -> list[int]:
+        ids = self.encode_prompt(tokenizer, history)
+        if limit is not None and len(ids) > limit:
+            ids = ids[: max(limit - 2, 0)] + ids[-2:]  # text cut, [gMASK] <sop> kept at the end
+        return ids
 
     def encode_example(
         self, tokenizer: Tokenizer, messages: list[Message], options: EncodeOptions | None = None
@@ -290,6 +306,14 @@ class _RoleTemplate(Template):
 
     untrained_roles: tuple[str, ...] = ("system", "user")
     system_role = True
+    eval_every_turn = True
+
+    def eval_prompt(self, tokenizer: Tokenizer, history: list[Message], limit: int | None) -> list[int]:
+        """The first ``limit`` tokens of the history, then ``<|assistant|>`` (finetune_hf.py's process_batch_eval)."""
+        ids = self.encode_prompt(tokenizer, history, add_generation_prompt=False)
+        if limit is not None:
+            ids = ids[:limit]
+        return ids + [tokenizer.special_id("<|assistant|>")]
 
     def _message_blocks(self, tokenizer: Tokenizer, m: Message) -> list[list[int]]:
         raise NotImplementedError

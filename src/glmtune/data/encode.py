@@ -133,7 +133,7 @@ def eval_examples(
     ``<|assistant|>``.
     """
     o = options or EncodeOptions()
-    per_turn = template.name in ("chatglm3", "glm4") if every_turn is None else every_turn
+    per_turn = template.eval_every_turn if every_turn is None else every_turn
     out = []
     for s in samples:
         ends = [i for i, m in enumerate(s.messages) if m.role == "assistant"]
@@ -141,21 +141,6 @@ def eval_examples(
             history: list[Message] = s.messages[:i]
             if not history or history[-1].role not in ("user", "observation", "tool"):
                 continue
-            out.append(EvalExample(_eval_prompt(tokenizer, template, history, o), s.messages[i].content, s.origin))
+            prompt = template.eval_prompt(tokenizer, history, o.max_source_length)
+            out.append(EvalExample(prompt, s.messages[i].content, s.origin))
     return out
-
-
-def _eval_prompt(tokenizer: Tokenizer, template: Template, history: list[Message], o: EncodeOptions) -> list[int]:
-    limit = o.max_source_length
-    if template.name == "chatglm":
-        ids = template.encode_prompt(tokenizer, history)
-        if limit is not None and len(ids) > limit:
-            ids = ids[: max(limit - 2, 0)] + ids[-2:]  # text cut, [gMASK] <sop> kept at the end
-        return ids
-    if template.name == "chatglm2":
-        ids = template.encode_prompt(tokenizer, history)
-        return ids[:limit] if limit is not None else ids
-    ids = template.encode_prompt(tokenizer, history, add_generation_prompt=False)
-    if limit is not None:
-        ids = ids[:limit]
-    return ids + [tokenizer.special_id("<|assistant|>")]
