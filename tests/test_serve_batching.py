@@ -152,7 +152,8 @@ def test_after_close_requests_get_503(pretrained):
     from glmtune.serve.engine import Engine
 
     engine = Engine(pretrained, limits=Limits(max_concurrent=1))
-    job = engine.job(parse_chat_request({"messages": [{"role": "user", "content": "你好"}], "max_tokens": 3}))
+    body = {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 3, "temperature": 0}
+    job = engine.job(parse_chat_request(body))
 
     async def ask() -> list:
         return [item async for item in engine.run(job)]
