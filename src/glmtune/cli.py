@@ -9,6 +9,7 @@ import sys
 from glmtune import __version__
 from glmtune.cli_options import (
     add_model_options,
+    add_model_path,
     add_sampling_options,
     check_device,
     generation_config,
@@ -55,11 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("chat", help="streaming chat in the terminal (or one answer with --prompt)")
-    p.add_argument(
-        "model",
-        help="a model folder in the original layout, a run folder, a checkpoint, a PEFT adapter or P-Tuning folder",
-    )
-    p.add_argument("--base", help="base model folder for an adapter or P-Tuning folder that does not name one")
+    add_model_path(p)
     p.add_argument("--prompt", help="answer this one message, print the reply and exit")
     p.add_argument("--system", help="system prompt (ChatGLM3 and GLM-4)")
     p.add_argument("--raw", action="store_true", help="show replies without the generation's original clean-up")

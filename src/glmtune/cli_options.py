@@ -9,13 +9,29 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from glmtune.generations import GENERATIONS as GENERATION_CHOICES  # torch-free
+
 if TYPE_CHECKING:
     from glmtune.generate import GenerationConfig
     from glmtune.pretrained import Pretrained
 
-GENERATION_CHOICES = ("chatglm", "chatglm2", "chatglm3", "glm4")
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 QUANTIZE_CHOICES = ("none", "int8", "int4", "nf4")  # quant.SCHEMES (kept here: the parser imports no torch)
+
+
+def add_model_path(p: argparse.ArgumentParser) -> None:
+    """MODEL (any folder ``runs.resolve`` knows) and --base: the model of ``chat``, ``serve`` and ``web``."""
+    p.add_argument(
+        "model",
+        help="a model folder in the original layout, a run folder, a checkpoint, a PEFT adapter or P-Tuning folder",
+    )
+    p.add_argument("--base", help="base model folder for an adapter or P-Tuning folder that does not name one")
+
+
+def add_listen_options(p: argparse.ArgumentParser, *, port: int) -> None:
+    """--host (this machine only by default) and --port, for ``serve`` and ``web``."""
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=port, help=f"port (default {port})")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

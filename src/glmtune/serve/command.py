@@ -10,20 +10,21 @@ import logging
 import os
 from pathlib import Path
 
-from glmtune.cli_options import add_model_options, check_device, load_model_from_args
+from glmtune.cli_options import (
+    add_listen_options,
+    add_model_options,
+    add_model_path,
+    check_device,
+    load_model_from_args,
+)
 
 log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API (chat completions) on 127.0.0.1")
-    p.add_argument(
-        "model",
-        help="a model folder in the original layout, a run folder, a checkpoint, a PEFT adapter or P-Tuning folder",
-    )
-    p.add_argument("--base", help="base model folder for an adapter or P-Tuning folder that does not name one")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    add_model_path(p)
+    add_listen_options(p, port=8000)
     p.add_argument("--api-key", default=os.environ.get("GLMTUNE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GLMTUNE_API_KEY)")  # fmt: skip
     p.add_argument("--model-name", help="the model's id in the API (default: the folder's name)")

@@ -10,7 +10,13 @@ import logging
 import os
 from pathlib import Path
 
-from glmtune.cli_options import add_model_options, check_device, load_model_from_args
+from glmtune.cli_options import (
+    add_listen_options,
+    add_model_options,
+    add_model_path,
+    check_device,
+    load_model_from_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -19,13 +25,8 @@ DEFAULT_PORT = 7860  # Gradio's
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("web", help="chat in the browser (a Gradio page on 127.0.0.1, the engine of `serve`)")
-    p.add_argument(
-        "model",
-        help="a model folder in the original layout, a run folder, a checkpoint, a PEFT adapter or P-Tuning folder",
-    )
-    p.add_argument("--base", help="base model folder for an adapter or P-Tuning folder that does not name one")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    add_model_path(p)
+    add_listen_options(p, port=DEFAULT_PORT)
     p.add_argument("--system", default="", help="the system prompt the page starts with (ChatGLM3 and GLM-4)")
     p.add_argument("--temperature", type=float, default=0.95, help="the page's starting temperature; 0 is greedy")
     p.add_argument("--top-p", type=float, default=0.7, help="the page's starting top p (default 0.7)")
