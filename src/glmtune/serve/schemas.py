@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from glmtune.serve.tools import ToolError, message_text
+
 ROLES = ("system", "user", "assistant", "tool")
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 
@@ -89,18 +91,11 @@ def _integer(body: dict, name: str) -> int | None:
 
 
 def _content(v: Any, param: str) -> str:
-    """A message's content: a string, or a list of text parts (what the openai client sends for multi-part)."""
-    if isinstance(v, str):
-        return v
-    if isinstance(v, list):
-        texts = []
-        for i, part in enumerate(v):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise _bad(f"'{param}[{i}]' must be a text part {{\"type\": \"text\", \"text\": ...}}; only text "
-                           "content is supported", f"{param}[{i}]")  # fmt: skip
-            texts.append(part["text"])
-        return "".join(texts)
-    raise _bad(f"'{param}' must be a string or a list of text parts, got {_type_name(v)}", param, "invalid_type")
+    """A message's content as text (``tools.message_text``: a string or a list of text parts)."""
+    try:
+        return message_text(v, param)
+    except ToolError as e:
+        raise _bad(e.message, e.param, "invalid_type") from None
 
 
 def _messages(v: Any) -> list[tuple[str, str]]:
