@@ -224,6 +224,90 @@ def test_two_nodes_lora_over_sharded_base(two) -> None:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
+LOAD_WORKER = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from glmtune.models import checkpoint
+from glmtune.train import distributed, fsdp
+from glmtune.train.loop import Trainer
+from train_support import small_config
+
+reads = []  # (checkpoint name, shape read, rows only) of every tensor read from the model folder
+read = checkpoint._read_converted
+
+def spy(reader, name, device, dtype, rows=None):
+    out = read(reader, name, device, dtype, rows=rows)
+    reads.append((name, tuple(out.shape), rows is not None))
+    return out
+
+checkpoint._read_converted = spy
+cfg = small_config({model!r}, {out!r}, *{settings!r})
+info = distributed.setup("cpu")
+trainer = Trainer(cfg, info)
+trainer.load_model()
+real = sorted(n for n, p in trainer.model.named_parameters() if not p.is_meta)
+trainer.distribute()
+params = dict(trainer.model.named_parameters())
+ids = torch.randint(5, 400, (2, 12), generator=torch.Generator().manual_seed(7))
+trainer.model.eval()
+trainer.net.unshard()
+with torch.no_grad():
+    logits = trainer.model(ids)
+trainer.net.reshard()
+torch.save({{"reads": reads, "real_after_load": real, "ids": ids, "logits": logits,
+            "local": {{n: p.to_local().numel() for n, p in params.items()}},
+            "whole": {{n: p.numel() for n, p in params.items()}},
+            "trainable": {{n: fsdp.full_tensor(p.detach()) for n, p in trainer.named.items()}}}},
+           {out!r} + f"-rank{{info.rank}}.pt")
+distributed.teardown(info, together=True)
+"""
+
+
+def test_fsdp_loads_only_each_ranks_shards(tmp_path: Path) -> None:
+    """Under FSDP the base is built on meta (only the method's LoRA A/B are real, initialised as in one process) and
+    each rank reads only its rows of every parameter: no rank ever holds a whole block weight, each keeps half of
+    every parameter, and the sharded model gives the logits and the LoRA initial values of the one-process load."""
+    from glmtune.train.distributed import DistInfo
+    from glmtune.train.loop import Trainer
+
+    model = tiny_model(tmp_path)
+    settings = ("method.name=lora", "method.target_modules=all", "train.distributed=fsdp", "train.device=cpu")
+    out = tmp_path / "load"
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent(LOAD_WORKER).format(tests=str(TESTS), model=str(model), out=str(out),
+                                                          settings=settings))  # fmt: skip
+    proc = _standalone(script)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [torch.load(f"{out}-rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+    one = Trainer(small_config(model, tmp_path / "one", *settings), DistInfo())
+    one.load_model()  # the one-process load: the whole base on the device, then LoRA
+    whole = {n: p.detach() for n, p in one.model.named_parameters()}
+    with torch.no_grad():
+        logits = one.model.eval()(ranks[0]["ids"])
+    lora = [n for n in whole if ".lora_A." in n or ".lora_B." in n]
+    assert lora and set(ranks[0]["trainable"]) == set(lora)
+    block_weights = [n for n in whole if ".layers." in n and n.endswith(".weight") and whole[n].ndim == 2
+                     and n not in lora]  # fmt: skip
+    assert block_weights
+    for got in ranks:
+        assert got["real_after_load"] == sorted(lora)  # the base still on meta until sharded
+        rows_of = {name: (shape, rows) for name, shape, rows in got["reads"]}
+        for n in block_weights:
+            ckpt_name = n.replace(".base_layer.", ".")
+            shape, rows = rows_of[ckpt_name]
+            assert rows and shape[0] * 2 <= whole[n].shape[0] + 1, (n, shape)  # only this rank's rows were read
+        torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5)
+        for n in lora:
+            torch.testing.assert_close(got["trainable"][n], whole[n], rtol=0, atol=0)
+    for n, size in ranks[0]["whole"].items():
+        assert size == whole[n].numel()
+        assert ranks[0]["local"][n] + ranks[1]["local"][n] == size  # every parameter split over the two ranks
+    total = sum(ranks[0]["whole"].values())
+    assert all(sum(r["local"].values()) <= total / 2 + 1000 for r in ranks)
+
+
 def _two_gpus() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() >= 2
 

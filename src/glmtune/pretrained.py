@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 from glmtune.models import build_model
-from glmtune.models.checkpoint import load_weights
+from glmtune.models.checkpoint import LocalShards, load_weights
 from glmtune.models.config import GENERATIONS, GLMConfig
 from glmtune.models.quant import SCHEMES, config_bits, quantize_model_, scheme_of
 from glmtune.templates import Template, get_template
@@ -133,14 +135,48 @@ def load_model(
     Quantized (config.json's ``quantization_bit``, or ``quantize`` int8/int4/nf4): the block linears become
     ``QuantizedLinear`` / ``NF4Linear`` on meta first, so int8 weights load as they are and full-precision ones are
     quantized one tensor at a time on ``device`` (neither the host nor the GPU ever holds the whole model unquantized).
+
+    ``device`` "meta": the model is only built (its floating tensors in ``dtype``, as they would load); the caller
+    streams the weights in later with :func:`fill_model` (FSDP: each process its shards).
     """
     scheme = quantization(config, quantize, source=Path(model_dir) / "config.json")
     model = build_model(config, device="meta", generation=generation)
-    rules = model.checkpoint_rules()
     if scheme != "none":
         quantize_model_(model, scheme)
+    if device.type == "meta":
+        keep = [re.compile(r) for r in _rules(model, quantized=scheme != "none").get("keep_dtype", ())]
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if t.is_floating_point() and t.dtype != dtype and not any(r.search(name) for r in keep):
+                t.data = t.data.to(dtype)
+        return model
+    fill_model(model, model_dir, dtype=dtype, device=device, quantized=scheme != "none")
+    return model
+
+
+def _rules(model: nn.Module, *, quantized: bool) -> dict:
+    rules = model.checkpoint_rules()
+    if quantized:
         rules["keep_dtype"] = [*rules.get("keep_dtype", ()), r"\.weight_scale$"]
-    report = load_weights(model, model_dir, dtype=dtype, device=device, **rules)
+    return rules
+
+
+def fill_model(
+    model: nn.Module,
+    model_dir: str | Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantized: bool,
+    renamed: Mapping[str, str] | None = None,
+    shards: LocalShards | None = None,
+) -> None:
+    """Stream the weights of ``model_dir`` into ``model`` (built by :func:`load_model` on meta), then initialise what
+    the checkpoint lacks. ``renamed``: original tensor name -> the model's name now (a method wrapped modules:
+    LoRA's ``base_layer``); ``shards``: each process keeps its piece of the sharded parameters (FSDP)."""
+    rules = _rules(model, quantized=quantized)
+    if renamed:
+        aliases = {src: renamed.get(dst, dst) for src, dst in rules.get("aliases", {}).items()}
+        rules["aliases"] = {**{old: new for old, new in renamed.items() if old not in aliases}, **aliases}
+    report = load_weights(model, model_dir, dtype=dtype, device=device, shards=shards, **rules)
     model.init_missing(report.missing_optional, device=device, dtype=dtype)
     model.eval()
-    return model

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import safe_open
@@ -65,6 +65,18 @@ _SAFE_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
     "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }  # fmt: skip
+
+
+class LocalShards(Protocol):
+    """How a process keeps only its piece of sharded parameters as they load (FSDP: ``train/fsdp.py``)."""
+
+    def rows(self, template: torch.Tensor) -> tuple[int, int] | None:
+        """The rows (dim 0) of the model's tensor ``template`` this process keeps; None: the whole tensor."""
+        ...
+
+    def wrap(self, template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """The tensor to put in the model in place of ``template``, made of this process's rows ``local``."""
+        ...
 
 
 class CheckpointError(ValueError):
@@ -344,29 +356,35 @@ def _iter_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         reader.close()
 
 
-def _read_converted(reader: _ShardReader, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor converted into ``dtype`` on ``device``; a large one goes in row chunks, so the host never holds
-    more than a chunk of its source bytes."""
+def _read_converted(reader: _ShardReader, name: str, device: torch.device, dtype: torch.dtype,
+                    rows: tuple[int, int] | None = None) -> torch.Tensor:  # fmt: skip
+    """One tensor (``rows``: only its rows ``start:stop``) converted into ``dtype`` on ``device``; a large one goes in
+    row chunks, so the host never holds more than a chunk of its source bytes."""
     shape, src_dtype = reader.shape_dtype(name)
     numel = 1
     for d in shape:
         numel *= d
     nbytes = numel * src_dtype.itemsize
-    if nbytes <= _CHUNK_BYTES or len(shape) == 0 or shape[0] <= 1:
+    if rows is None and (nbytes <= _CHUNK_BYTES or len(shape) == 0 or shape[0] <= 1):
         t = reader.tensor(name)
         out = t.to(device=device, dtype=dtype, copy=True)
         del t
         reader.done(name, nbytes)
         return out
-    out = torch.empty(shape, dtype=dtype, device=device)
-    step = max(1, _CHUNK_BYTES // (nbytes // shape[0]))
-    for start in range(0, shape[0], step):
-        stop = min(start + step, shape[0])
+    first, end = rows if rows is not None else (0, shape[0])
+    if len(shape) == 0 or not 0 <= first <= end <= shape[0]:
+        raise CheckpointError(f"{reader.path}: cannot read rows {first}:{end} of tensor '{name}' {_shape(shape)}")
+    out = torch.empty((end - first, *shape[1:]), dtype=dtype, device=device)
+    step = max(1, _CHUNK_BYTES // max(nbytes // shape[0], 1))
+    for start in range(first, end, step):
+        stop = min(start + step, end)
         part = reader.rows(name, start, stop)
-        out[start:stop].copy_(part)
+        out[start - first : stop - first].copy_(part)
         n = part.nbytes
         del part
-        reader.done(name, n, last=stop == shape[0])
+        reader.done(name, n, last=stop == end)
+    if first == end:
+        reader.done(name, 0)
     return out
 
 
@@ -589,6 +607,7 @@ def load_weights(
     ignore: Sequence[str] = (),
     aliases: Mapping[str, str] | None = None,
     keep_dtype: Sequence[str] = (),
+    shards: LocalShards | None = None,
 ) -> LoadReport:
     """Stream a model folder's weights into ``model`` (built on device "meta"), shard by shard.
 
@@ -598,6 +617,8 @@ def load_weights(
         in ``LoadReport.missing_optional`` (one name per shared tensor) for the caller to initialise.
     ignore: regexes of checkpoint names to skip.
     aliases: checkpoint name -> model name, for tensors the model keeps under another name.
+    shards: for a model whose parameters are sharded over processes (still on meta): each tensor ``shards.rows``
+        names is read only in those rows (straight into ``device``) and put in as ``shards.wrap`` makes it.
 
     Parameters become ``nn.Parameter`` with the meta parameter's ``requires_grad``; tensors shared by several names
     stay shared. A checkpoint tensor that lands on an already loaded shared tensor is checked for equality; on a
@@ -658,6 +679,11 @@ def load_weights(
                     _put(scale_slot, ckpt_name + "_scale", scale.to(scale_slot.template.dtype), report, path)
                     continue
                 target = _target_dtype(slot, model_name, dtype, src_dtype, keep_re)
+                rows = shards.rows(slot.template) if shards is not None else None
+                if rows is not None:  # this process's piece only
+                    local = _read_converted(reader, ckpt_name, device, target, rows=rows)
+                    _put(slot, ckpt_name, shards.wrap(slot.template, local), report, path)
+                    continue
                 nf4 = _nf4_owner(slot)
                 if nf4 is not None:  # one weight at a time, in the load dtype on the device, becomes NF4
                     nf4.load_float_weight_(_read_converted(reader, ckpt_name, device, target))

@@ -33,6 +33,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from glmtune.adapters.full import WholeWeightsMethod, save_dtype
 from glmtune.models.checkpoint import ShardWriter
@@ -86,6 +87,106 @@ def shard(net: nn.Module, model: nn.Module, info: DistInfo, *, compute_dtype: to
     log.info("FSDP2: %d blocks + root sharded over %d processes (compute %s, gradients reduced in float32%s)",
              len(blocks), info.world_size, str(compute_dtype or "as stored").removeprefix("torch."),
              ", CPU offload" if offload else "")  # fmt: skip
+
+
+# ---- loading onto the shards -----------------------------------------------------------------------------------
+class _NewTensorsOn(TorchFunctionMode):
+    """Tensors made for the meta device are made on ``device`` instead (see :func:`new_tensors_on`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+        kwargs = kwargs or {}
+        where = kwargs.get("device")
+        if where is not None and torch.device(where).type == "meta":
+            kwargs = {**kwargs, "device": self.device}
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def new_tensors_on(device: torch.device) -> Iterator[None]:
+    """Inside, what a method adds to a model still on meta (LoRA's A and B, a prefix encoder) is made on ``device``,
+    initialised as it is over a loaded model: the same random numbers from the same seed, so a sharded run starts
+    from the adapter values of a one-process run. The base stays on meta."""
+    with _NewTensorsOn(device):
+        yield
+
+
+def tensor_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of each parameter and buffer of ``model``, by tensor object (to follow renames: :func:`renamed`)."""
+    out: dict[int, list[str]] = {}
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        out.setdefault(id(t), []).append(name)
+    return out
+
+
+def renamed(before: dict[int, list[str]], model: nn.Module) -> dict[str, str]:
+    """Old name -> new name of the tensors ``before`` (:func:`tensor_names`) that a method moved (LoRA wraps a linear
+    layer: ``x.weight`` becomes ``x.base_layer.weight``), so that the checkpoint's names find them."""
+    out: dict[str, str] = {}
+    for key, names in tensor_names(model).items():
+        old = before.get(key)
+        if old is None or old == names:
+            continue
+        if len(old) != len(names):
+            raise RuntimeError(f"the method renamed {old} to {names}: cannot tell which checkpoint tensor is which")
+        out.update({o: n for o, n in zip(old, names, strict=True) if o != n})
+    return out
+
+
+class RowShards:
+    """:class:`glmtune.models.checkpoint.LocalShards` for FSDP2's parameters: a DTensor sharded on dim 0 over a 1-D
+    mesh (``fully_shard``'s layout: ``torch.chunk`` of the rows) is read only in this rank's rows, cast to the
+    parameter's dtype (a trained weight of a bf16 load: bf16 values in float32, as a one-process run has them)."""
+
+    def rows(self, template: torch.Tensor) -> tuple[int, int] | None:
+        from torch.distributed.tensor import DTensor, Shard
+
+        if not isinstance(template, DTensor):
+            return None
+        mesh, placements = template.device_mesh, template.placements
+        if mesh.ndim != 1 or placements != (Shard(0),):
+            raise ValueError(f"cannot load a parameter sharded as {placements} over a {mesh.ndim}-D mesh "
+                             "(fully_shard's layout is Shard(0) over one dimension)")  # fmt: skip
+        n, world, rank = template.shape[0], mesh.size(), mesh.get_local_rank()
+        per = -(-n // world)  # torch.chunk's rows per rank
+        start = min(per * rank, n)
+        return start, start + template.to_local().shape[0]
+
+    def wrap(self, template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(local.to(template.dtype), template.device_mesh, template.placements,
+                                  run_check=False, shape=template.shape, stride=template.stride())  # fmt: skip
+
+
+def load_shards(net: nn.Module, model: nn.Module, model_dir: str | Path, *, dtype: torch.dtype,
+                device: torch.device, quantized: bool, renames: dict[str, str]) -> None:  # fmt: skip
+    """Stream the weights of ``model_dir`` into ``model`` (built on meta, its method set up, sharded by :func:`shard`
+    with ``net`` as the root): each rank reads only the rows of its shards, one tensor at a time, straight onto
+    ``device``; buffers (rotary tables, the int8/int4 weights of a quantized base) are loaded whole on every rank.
+    No rank ever holds a whole copy of the model's parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from glmtune.pretrained import fill_model
+
+    fill_model(model, model_dir, dtype=dtype, device=device, quantized=quantized, renamed=renames,
+               shards=RowShards())  # fmt: skip
+    still = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still:
+        raise RuntimeError(f"{model_dir}: left on the meta device after loading under FSDP: {still[:5]}")
+    with torch.no_grad():  # FSDP takes the new sharded parameters (as after ``model.to_empty``)
+        for module in net.modules():
+            if isinstance(module, FSDPModule):
+                state = module._get_fsdp_state()
+                groups = getattr(state, "_fsdp_param_groups", None)  # (torch < 2.9: one group per module)
+                if groups is None:
+                    groups = [g] if (g := getattr(state, "_fsdp_param_group", None)) is not None else []
+                for group in groups:
+                    for fsdp_param in group.fsdp_params:
+                        fsdp_param.reset_sharded_param()
 
 
 def sharded_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:

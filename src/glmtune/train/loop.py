@@ -17,8 +17,9 @@ everything an exact resume needs: ``train(config, resume=True)`` continues with 
 would have had. At the end the run folder's ``model/`` gets the best (else the last) weights.
 
 Several processes (torchrun) train as ``train.distributed`` says (``train/fsdp.py``): DDP wraps the loss module
-(``wrap``); FSDP2 shards the model right after it is loaded (``distribute``), and its checkpoints keep the trainable
-state sharded (``state/dcp/``); every rank then takes part in writing the method's output, which rank 0 writes.
+(``wrap``); under FSDP2 the model is built on meta, sharded (``distribute``), and only then does each rank load
+its shards of the weights, so no GPU holds a whole copy; its checkpoints keep the trainable state sharded
+(``state/dcp/``); every rank then takes part in writing the method's output, which rank 0 writes.
 
 Where a variant hooks in: ``load_model`` (a quantized base), ``distribute`` and ``wrap`` (DDP, FSDP2),
 ``TrainStep`` (the step), ``evaluate`` and ``save``.
@@ -260,7 +261,8 @@ class Trainer:
         barrier(self.info)
 
     def load_model(self) -> None:
-        """The base model in the training precision, the method set up on it (same seed on every rank)."""
+        """The base model in the training precision, the method set up on it (same seed on every rank). Under FSDP
+        the base stays on meta (``distribute`` loads each rank's shards); only the method's own tensors are real."""
         cfg = self.cfg
         self.precision, self.amp_dtype = resolve_precision(cfg.train.precision, self.info.device)
         seed_everything(cfg.seed)
@@ -277,11 +279,22 @@ class Trainer:
 
         # a frozen quantized base (quantize int8/int4/nf4, or a THUDM int4/int8 folder): lora and ptuning only
         quantize = check_trainable_base(cfg.model, method.name, cfg.quantize)
-        self.pretrained = load_pretrained(cfg.model, dtype=weights_dtype, device=str(self.info.device),
-                                          generation=cfg.generation, quantize=quantize)  # fmt: skip
+        # FSDP: the model is built on meta and each rank loads only its shards after sharding (``distribute``);
+        # an nf4 base (torchao's tensors) loads whole first
+        self.load_sharded = self.sharded and quantize != "nf4"
+        self.weights_dtype, self.quantized = weights_dtype, quantize != "none"
+        device = "meta" if self.load_sharded else str(self.info.device)
+        self.pretrained = load_pretrained(cfg.model, dtype=weights_dtype, device=device, generation=cfg.generation,
+                                          quantize=quantize)  # fmt: skip
         self.model, self.tokenizer = self.pretrained.model, self.pretrained.tokenizer
         self.template = check_template(self.pretrained, cfg.template)
-        method.setup(self.model)
+        if self.load_sharded:
+            before = fsdp.tensor_names(self.model)
+            with fsdp.new_tensors_on(self.info.device):  # the method's own tensors initialised as without FSDP
+                method.setup(self.model)
+            self.renames = fsdp.renamed(before, self.model)
+        else:
+            method.setup(self.model)
         self.named = trainable_parameters(method, self.model)
         apply_checkpointing(self.model, cfg.train.gradient_checkpointing)
         n_train, n_all = count_parameters(self.model, self.named)
@@ -289,8 +302,9 @@ class Trainer:
                  f"{n_all:,}", 100.0 * n_train / max(n_all, 1), self.precision)  # fmt: skip
 
     def distribute(self) -> None:
-        """The loss module the step runs; under FSDP the model sharded (blocks, then the loss module as the root)
-        and the trainable parameters taken anew (sharding replaces them)."""
+        """The loss module the step runs; under FSDP the model sharded (blocks, then the loss module as the root),
+        each rank's shards loaded into it (``load_model`` left the base on meta) and the trainable parameters taken
+        anew (sharding replaces them)."""
         info, t = self.info, self.cfg.train
         self.net = LMLoss(self.model, t.loss_chunk_tokens)
         if self.mode != "single":
@@ -303,6 +317,9 @@ class Trainer:
         fsdp.check_supported(precision=self.precision, offload=t.fsdp_offload, device=info.device)
         compute = None if self.precision == "fp32" else self.amp_dtype
         fsdp.shard(self.net, self.model, info, compute_dtype=compute, offload=t.fsdp_offload)
+        if self.load_sharded:
+            fsdp.load_shards(self.net, self.model, self.cfg.model, dtype=self.weights_dtype, device=info.device,
+                             quantized=self.quantized, renames=self.renames)  # fmt: skip
         self.named = fsdp.sharded_parameters(self.model, list(self.named))
 
     def compile(self) -> None:
