@@ -6,6 +6,7 @@ One two-process full fine-tuning run (module fixture) serves as the reference of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -264,15 +265,26 @@ distributed.teardown(info, together=True)
 """
 
 
-def test_fsdp_loads_only_each_ranks_shards(tmp_path: Path) -> None:
-    """Under FSDP the base is built on meta (only the method's LoRA A/B are real, initialised as in one process) and
-    each rank reads only its rows of every parameter: no rank ever holds a whole block weight, each keeps half of
-    every parameter, and the sharded model gives the logits and the LoRA initial values of the one-process load."""
+LOADS = {
+    "lora": ("chatglm3", ("method.name=lora", "method.target_modules=all")),
+    "ptuning-v1": ("chatglm", ("method.name=ptuning", "method.pre_seq_len=4")),  # ChatGLM-6B: tied output layer
+    "freeze-bf16": ("chatglm3", ("method.name=freeze", "method.trainable_layers=1", "train.precision=bf16")),
+    "lora-int8": ("chatglm3", ("method.name=lora", "quantize=int8")),  # int8 weights: buffers, whole on each rank
+}
+
+
+@pytest.mark.parametrize("variant", list(LOADS))
+def test_fsdp_loads_only_each_ranks_shards(tmp_path: Path, variant: str) -> None:
+    """Under FSDP the base is built on meta (only the method's own tensors are real, initialised as in one process)
+    and each rank reads only its rows of every parameter: no rank ever holds a whole block weight, each keeps half of
+    every parameter, and the sharded model gives the logits and the trainable values of the one-process load (a
+    freeze of a bf16 load: the bf16-rounded weights in float32)."""
     from glmtune.train.distributed import DistInfo
     from glmtune.train.loop import Trainer
 
-    model = tiny_model(tmp_path)
-    settings = ("method.name=lora", "method.target_modules=all", "train.distributed=fsdp", "train.device=cpu")
+    generation, method = LOADS[variant]
+    model = tiny_model(tmp_path, generation)
+    settings = (*method, "train.distributed=fsdp", "train.device=cpu")
     out = tmp_path / "load"
     script = tmp_path / "load.py"
     script.write_text(textwrap.dedent(LOAD_WORKER).format(tests=str(TESTS), model=str(model), out=str(out),
@@ -282,25 +294,26 @@ def test_fsdp_loads_only_each_ranks_shards(tmp_path: Path) -> None:
     ranks = [torch.load(f"{out}-rank{r}.pt", weights_only=True) for r in (0, 1)]
 
     one = Trainer(small_config(model, tmp_path / "one", *settings), DistInfo())
-    one.load_model()  # the one-process load: the whole base on the device, then LoRA
+    one.load_model()  # the one-process load: the whole base on the device, then the method
     whole = {n: p.detach() for n, p in one.model.named_parameters()}
-    with torch.no_grad():
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16) if "bf16" in variant else contextlib.nullcontext()
+    with torch.no_grad(), bf16:
         logits = one.model.eval()(ranks[0]["ids"])
-    lora = [n for n in whole if ".lora_A." in n or ".lora_B." in n]
-    assert lora and set(ranks[0]["trainable"]) == set(lora)
+    added = sorted(n for n in whole if ".lora_" in n or "prefix_encoder" in n)  # made by the method, not loaded
+    assert set(ranks[0]["trainable"]) == set(one.named)
     block_weights = [n for n in whole if ".layers." in n and n.endswith(".weight") and whole[n].ndim == 2
-                     and n not in lora]  # fmt: skip
-    assert block_weights
+                     and n not in added]  # fmt: skip
+    assert block_weights or variant == "lora-int8"
     for got in ranks:
-        assert got["real_after_load"] == sorted(lora)  # the base still on meta until sharded
+        assert got["real_after_load"] == added  # the base still on meta until sharded
         rows_of = {name: (shape, rows) for name, shape, rows in got["reads"]}
         for n in block_weights:
-            ckpt_name = n.replace(".base_layer.", ".")
-            shape, rows = rows_of[ckpt_name]
+            shape, rows = rows_of[n.replace(".base_layer.", ".")]
             assert rows and shape[0] * 2 <= whole[n].shape[0] + 1, (n, shape)  # only this rank's rows were read
-        torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5)
-        for n in lora:
-            torch.testing.assert_close(got["trainable"][n], whole[n], rtol=0, atol=0)
+        tol = 2e-2 if "bf16" in variant else 1e-5
+        torch.testing.assert_close(got["logits"], logits, rtol=tol, atol=tol)
+        for n, value in got["trainable"].items():
+            torch.testing.assert_close(value, whole[n], rtol=0, atol=0)
     for n, size in ranks[0]["whole"].items():
         assert size == whole[n].numel()
         assert ranks[0]["local"][n] + ranks[1]["local"][n] == size  # every parameter split over the two ranks
