@@ -139,7 +139,11 @@ def renamed(before: dict[int, list[str]], model: nn.Module) -> dict[str, str]:
 class RowShards:
     """:class:`glmtune.models.checkpoint.LocalShards` for FSDP2's parameters: a DTensor sharded on dim 0 over a 1-D
     mesh (``fully_shard``'s layout: ``torch.chunk`` of the rows) is read only in this rank's rows, cast to the
-    parameter's dtype (a trained weight of a bf16 load: bf16 values in float32, as a one-process run has them)."""
+    parameter's dtype (a trained weight of a bf16 load: bf16 values in float32, as a one-process run has them).
+    ``device``: where the shards live when not where they are read (``train.fsdp_offload``: the CPU)."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
 
     def rows(self, template: torch.Tensor) -> tuple[int, int] | None:
         from torch.distributed.tensor import DTensor, Shard
@@ -158,22 +162,24 @@ class RowShards:
     def wrap(self, template: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(local.to(template.dtype), template.device_mesh, template.placements,
-                                  run_check=False, shape=template.shape, stride=template.stride())  # fmt: skip
+        local = local.to(device=self.device, dtype=template.dtype)
+        return DTensor.from_local(local, template.device_mesh, template.placements, run_check=False,
+                                  shape=template.shape, stride=template.stride())  # fmt: skip
 
 
-def load_shards(net: nn.Module, model: nn.Module, model_dir: str | Path, *, dtype: torch.dtype,
-                device: torch.device, quantized: bool, renames: dict[str, str]) -> None:  # fmt: skip
+def load_shards(net: nn.Module, model: nn.Module, model_dir: str | Path, *, dtype: torch.dtype, device: torch.device,
+                quantized: bool, renames: dict[str, str], offload: bool = False) -> None:  # fmt: skip
     """Stream the weights of ``model_dir`` into ``model`` (built on meta, its method set up, sharded by :func:`shard`
     with ``net`` as the root): each rank reads only the rows of its shards, one tensor at a time, straight onto
-    ``device``; buffers (rotary tables, the int8/int4 weights of a quantized base) are loaded whole on every rank.
-    No rank ever holds a whole copy of the model's parameters."""
+    ``device`` (``offload``: the shards then go to the CPU, where FSDP keeps them); buffers (rotary tables, the
+    int8/int4 weights of a quantized base) are loaded whole on every rank. No rank ever holds a whole copy of the
+    model's parameters."""
     from torch.distributed.fsdp import FSDPModule
 
     from glmtune.pretrained import fill_model
 
     fill_model(model, model_dir, dtype=dtype, device=device, quantized=quantized, renamed=renames,
-               shards=RowShards())  # fmt: skip
+               shards=RowShards(torch.device("cpu") if offload else None))  # fmt: skip
     still = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still:
         raise RuntimeError(f"{model_dir}: left on the meta device after loading under FSDP: {still[:5]}")

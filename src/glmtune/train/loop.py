@@ -319,7 +319,7 @@ class Trainer:
         fsdp.shard(self.net, self.model, info, compute_dtype=compute, offload=t.fsdp_offload)
         if self.load_sharded:
             fsdp.load_shards(self.net, self.model, self.cfg.model, dtype=self.weights_dtype, device=info.device,
-                             quantized=self.quantized, renames=self.renames)  # fmt: skip
+                             quantized=self.quantized, renames=self.renames, offload=t.fsdp_offload)  # fmt: skip
         self.named = fsdp.sharded_parameters(self.model, list(self.named))
 
     def compile(self) -> None:
