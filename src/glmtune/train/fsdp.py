@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -97,7 +97,8 @@ class _NewTensorsOn(TorchFunctionMode):
         super().__init__()
         self.device = device
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's protocol)
+    def __torch_function__(self, func: Callable, types: Sequence[type], args: Sequence = (),
+                           kwargs: dict | None = None) -> object:  # fmt: skip
         kwargs = kwargs or {}
         where = kwargs.get("device")
         if where is not None and torch.device(where).type == "meta":
