@@ -8,7 +8,10 @@ for ``full``/``freeze``, ddp for adapters.
 
 How the model is sharded (:func:`shard`): every transformer block is its own FSDP unit, then the loss module
 (``LMLoss``: the model's embeddings, final norm, output layer, prefix encoder) is the root, so its forward gathers
-what lies outside the blocks. Parameter names do not change. Mixed precision: the sharded (master) parameters stay
+what lies outside the blocks. Parameter names do not change. Loading (:func:`load_shards`): the trainer builds the
+model on meta and sets the method up there (its own tensors made on the device: :func:`new_tensors_on`), shards it,
+and only then streams the model folder in, each rank reading only its rows of every parameter, so no GPU and no host
+ever holds a whole copy of the base. Mixed precision: the sharded (master) parameters stay
 as the trainer made them (float32 when trained), the blocks compute in the training precision (bf16) and gradients
 are reduced in float32; the optimizer steps on the float32 shards. ``train.gradient_checkpointing`` and
 ``train.compile`` work per block as without FSDP (the FSDP hooks run outside the compiled code). ``train.fsdp_offload``
