@@ -40,7 +40,8 @@ def prompts_for(batch: int, prompt_len: int, vocab: int) -> torch.Tensor:
 
 def timed(generate: Callable[[int], int], new_tokens: int, device: torch.device, warmup_tokens: int) -> dict:
     """Prefill (a 1-token run) and whole-run times of ``generate(n) -> tokens made per row``, after a warm-up run of
-    ``warmup_tokens`` (its time is kept: it holds one-time costs such as capturing CUDA graphs for the shapes)."""
+    ``warmup_tokens`` (its time is kept: it holds one-time costs such as capturing CUDA graphs for the shapes) and an
+    untimed 1-token run."""
 
     def run(n: int) -> tuple[float, int]:
         sync(device)
@@ -50,6 +51,7 @@ def timed(generate: Callable[[int], int], new_tokens: int, device: torch.device,
         return time.perf_counter() - t, made
 
     warmup_s, _ = run(warmup_tokens)
+    run(1)  # the 1-token run's own shapes warmed too: a first one can take 0.7 s and inflate decode tok/s
     first, _ = run(1)
     whole, made = run(new_tokens)
     decode_s = whole - first

@@ -107,7 +107,6 @@ def decode_row(model, args: argparse.Namespace, device: torch.device, vocab: int
     step's bound when the host keeps up) and whether graph decoding gives the eager tokens."""
     ids = prompts_for(1, args.prompt_len, vocab)
     run = glmtune_generate(model, ids, args.decode)
-    run(1)  # the 1-token reference run's shapes warmed too (a first one can take 0.7 s and skew decode tok/s)
     r = timed(run, args.new_tokens, device, warmup_tokens=args.new_tokens)
     r["whole_run_tokens_per_s"] = r["new_tokens"] / r["whole_s"]  # prefill included: robust to that outlier
     if device.type == "cuda":
