@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -29,7 +31,7 @@ def test_fsdp_speed_runs_and_combines(tmp_path: Path) -> None:
     two.write_text(json.dumps(data))
     out = tmp_path / "all.json"
     rows = fsdp_speed.main(["--combine", str(one), str(two), "--json", str(out)])["rows"]
-    assert [r["scaling"] for r in rows] == [1.0, 1.8]
+    assert [r["scaling"] for r in rows] == pytest.approx([1.0, 1.8])
     data["rows"][0]["checkpointing"] = "mlp"  # no 1-GPU row of these settings: no scaling
     two.write_text(json.dumps(data))
     rows = fsdp_speed.main(["--combine", str(one), str(two)])["rows"]
