@@ -68,6 +68,7 @@ if {logits!r}:  # the trained sharded model's logits on fixed ids, from rank 0
     trainer.net.reshard()
     if info.is_main:
         torch.save({{"ids": ids, "logits": logits}}, {logits!r})
+del trainer  # the sharded model holds the process group: freed before it ends (distributed.teardown)
 distributed.teardown(info, together=True)
 """
 
@@ -210,7 +211,12 @@ def test_two_nodes_lora_over_sharded_base(two) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", *args]
     nodes = [subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]  # fmt: skip
-    errs = [p.communicate(timeout=240)[1] for p in nodes]
+    try:
+        errs = [p.communicate(timeout=420)[1] for p in nodes]
+    finally:
+        for p in nodes:  # a timed-out agent is not left running
+            if p.poll() is None:
+                p.kill()
     assert [p.returncode for p in nodes] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
     single = tmp / "lora-single"
     run(small_config(model, single, *lora, "train.grad_accum=2"))
@@ -261,6 +267,7 @@ torch.save({{"reads": reads, "real_after_load": real, "ids": ids, "logits": logi
             "whole": {{n: p.numel() for n, p in params.items()}},
             "trainable": {{n: fsdp.full_tensor(p.detach()) for n, p in trainer.named.items()}}}},
            {out!r} + f"-rank{{info.rank}}.pt")
+del trainer, params  # they hold the process group: freed before it ends (distributed.teardown)
 distributed.teardown(info, together=True)
 """
 

@@ -135,6 +135,7 @@ def train(
     """
     info = distributed.setup(cfg.train.device, cpu_collectives=cfg.train.fsdp_offload)
     together = False  # whether every rank reaches the teardown (then it waits for all of them)
+    trainer = None
     try:
         distributed.check_same_config(info, cfg.to_yaml())
         trainer = Trainer(cfg, info, resume=resume, force=force, method=method, eval_hook=eval_hook, on_step=on_step)
@@ -158,6 +159,7 @@ def train(
         raise TrainError(lost_peer_message(e, info.rank, run_dir, latest_checkpoint(run_dir), info.world_size,
                                            info.local_world_size)) from e  # fmt: skip
     finally:
+        trainer = None  # noqa: F841 (its model's DDP/FSDP state holds the process group: freed before the group ends)
         distributed.teardown(info, together=together)
 
 
