@@ -282,8 +282,9 @@ class Trainer:
         # a frozen quantized base (quantize int8/int4/nf4, or a THUDM int4/int8 folder): lora and ptuning only
         quantize = check_trainable_base(cfg.model, method.name, cfg.quantize)
         # FSDP: the model is built on meta and each rank loads only its shards after sharding (``distribute``);
-        # an nf4 base (torchao's tensors) loads whole first
-        self.load_sharded = self.sharded and quantize != "nf4"
+        # an nf4 base (torchao's tensors) loads whole first, and so does train.fsdp_offload for now (on the GPU the
+        # sharded load left the root's embedding shard on the device, which CPUOffloadPolicy refuses)
+        self.load_sharded = self.sharded and quantize != "nf4" and not cfg.train.fsdp_offload
         self.weights_dtype, self.quantized = weights_dtype, quantize != "none"
         device = "meta" if self.load_sharded else str(self.info.device)
         self.pretrained = load_pretrained(cfg.model, dtype=weights_dtype, device=device, generation=cfg.generation,
