@@ -34,6 +34,12 @@ def add_listen_options(p: argparse.ArgumentParser, *, port: int) -> None:
     p.add_argument("--port", type=int, default=port, help=f"port (default {port})")
 
 
+def add_out_dir(p: argparse.ArgumentParser) -> None:
+    """OUT_DIR and --overwrite: the folder ``merge``, ``export`` and ``quantize`` write."""
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """--device, --dtype, --generation and --quantize."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 … (default: cuda if available)")

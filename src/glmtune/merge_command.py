@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from glmtune.cli_options import add_out_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -22,7 +24,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("source", metavar="RUN_OR_ADAPTER", help="a LoRA run folder, one of its checkpoints, or a PEFT "
                    "adapter folder")  # fmt: skip
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist or be empty)")
+    add_out_dir(p)
     p.add_argument("--base", help="base model folder (default: the run's base_model, or the adapter's "
                    "base_model_name_or_path when that is a local folder)")  # fmt: skip
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -33,7 +35,6 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--base-quantize", choices=["none", "int8", "int4", "nf4"],
                    help="the quantization the adapter was trained over (default: the run's `quantize`; none for an "
                    "adapter folder without a run): the merge adds the adapter to that dequantized base")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
     p.set_defaults(func=run_merge)
 
     p = subparsers.add_parser(
@@ -47,11 +48,10 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("source", metavar="RUN", help="a P-Tuning run folder, one of its checkpoints, or a prefix folder "
                    "(official or PEFT)")  # fmt: skip
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist or be empty)")
+    add_out_dir(p)
     p.add_argument("--base", help="base model folder (default: the run's base_model)")
     p.add_argument("--format", default="official", choices=["official", "peft"],
                    help="official prefix-only checkpoint (default) or PEFT PREFIX_TUNING adapter")  # fmt: skip
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
     p.set_defaults(func=run_export)
 
 

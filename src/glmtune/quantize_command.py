@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from glmtune.cli_options import add_out_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -22,9 +24,8 @@ def add_parser(subparsers: Any) -> None:
         "quantization_bit, and the tokenizer files. glmtune chat/eval load it as it is. Works shard by shard.",
     )
     p.add_argument("source", metavar="MODEL", help="a full-precision model folder in the original layout")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (must not exist or be empty)")
+    add_out_dir(p)
     p.add_argument("--bits", type=int, required=True, choices=[4, 8], help="4 (two values per byte) or 8")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it holds files")
     p.set_defaults(func=run_quantize)
 
 
