@@ -124,3 +124,31 @@ def test_tool_call_round_trip_with_the_openai_client(trained):
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model="tiny", messages=QUESTION, tools=[{"type": "function"}])
         assert e.value.body["param"].startswith("tools[0]")
+
+
+def test_a_named_tool_choice_forces_the_call(trained):
+    """A named ``tool_choice`` (and ``"required"`` with one tool) puts the tool's name line after ``<|assistant|>``:
+    the model writes only the arguments, and the server reads the call with that line in front. After the tool's
+    result the trained model answers in text; forced, its reply starts as the call."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    app = create_app(trained, model_name="tiny")
+    back = [*QUESTION, {"role": "assistant", "content": None, "tool_calls": [CALL]}, RESULT]
+    with serving(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        for choice_ in (named, "required"):
+            first = client.chat.completions.create(model="tiny", messages=QUESTION, tools=TOOLS, temperature=0,
+                                                   max_tokens=48, tool_choice=choice_)  # fmt: skip
+            [choice] = first.choices
+            assert choice.finish_reason == "tool_calls", choice
+            [call] = choice.message.tool_calls
+            assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "北京"}
+        plain = client.chat.completions.create(model="tiny", messages=back, tools=TOOLS, temperature=0, max_tokens=24)
+        assert plain.choices[0].finish_reason == "stop" and not plain.choices[0].message.tool_calls
+        forced = client.chat.completions.create(model="tiny", messages=back, tools=TOOLS, temperature=0,
+                                                max_tokens=48, tool_choice=named)  # fmt: skip
+        # the tiny model never saw a call after a result: its arguments need not parse, but the reply is the call's
+        message = forced.choices[0].message
+        if message.tool_calls:
+            assert message.tool_calls[0].function.name == "get_weather"
+        else:
+            assert message.content.split("\n")[0] == "get_weather" and message.content != ANSWER

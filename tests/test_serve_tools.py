@@ -9,7 +9,14 @@ import re
 
 import pytest
 
-from glmtune.serve.tools import ToolError, parse_tools, reply_message, request_messages, tool_call_possible
+from glmtune.serve.tools import (
+    ToolError,
+    forced_tool,
+    parse_tools,
+    reply_message,
+    request_messages,
+    tool_call_possible,
+)
 from glmtune.templates import CHATGLM3_TOOL_PROMPT, GLM4_SYSTEM, get_template
 from test_data_fake import FakeTokenizer
 
@@ -352,3 +359,13 @@ def test_tools_for_an_old_generation_are_refused_in_the_messages_too():
     with pytest.raises(ToolError) as e:
         request_messages([U], [{"type": "function", "function": CLOCK}], "chatglm2")
     assert e.value.param == "tools"
+
+
+def test_which_tool_choice_forces_a_call():
+    tools = parse_tools(TOOLS, None, "glm4")
+    named = {"type": "function", "function": {"name": "get_time"}}
+    assert forced_tool(named, parse_tools(TOOLS, named, "glm4")) == "get_time"
+    assert forced_tool("required", tools) is None and forced_tool("auto", tools) is None  # several tools: no pick
+    one = parse_tools(TOOLS[:1], "required", "glm4")
+    assert forced_tool("required", one) == TOOLS[0]["function"]["name"]
+    assert forced_tool("none", None) is None and forced_tool(None, None) is None

@@ -321,6 +321,11 @@ class _RoleTemplate(Template):
     def _message_texts(self, m: Message) -> list[str]:
         raise NotImplementedError
 
+    def reply_start(self, tokenizer: Tokenizer, metadata: str) -> list[int]:
+        """The ids that begin an assistant reply whose metadata line is ``metadata`` (a tool's name), to put after
+        the prompt's ``<|assistant|>``: the reply then continues as that tool's call (a forced tool call)."""
+        return tokenizer.encode(f"{metadata}\n")
+
     def encode_prompt(
         self, tokenizer: Tokenizer, messages: list[Message], add_generation_prompt: bool = True
     ) -> list[int]:
@@ -419,6 +424,9 @@ class ChatGLM3Template(_RoleTemplate):
 
     def _message_texts(self, m: Message) -> list[str]:
         return [f"{_role_token(m.role)}{m.metadata}\n{self._content(m)}"]
+
+    def reply_start(self, tokenizer: Tokenizer, metadata: str) -> list[int]:
+        return _plain(tokenizer, f"{metadata}\n")  # as _message_blocks encodes a call turn's head
 
 
 # The tools preamble of glm-4-9b-chat's current tokenizer_config.json chat template (its first release said

@@ -102,6 +102,7 @@ class Job:
     adapter: int = 0  # 0: the served model itself; k: the k-th --adapter
     tools: list[dict] | None = None
     model: str | None = None  # the name the request asked for
+    reply_start: str = ""  # a forced tool call's metadata line ("name\n"), already at the end of ``prompt``
 
 
 @dataclass
@@ -201,9 +202,12 @@ class Engine:
                 raise APIError(404, f"the model {req.model!r} does not exist; this server serves {known}",
                                param="model", code="model_not_found")  # fmt: skip
             adapter = self.names[req.model]
-        tools, messages = self._messages(req)
+        tools, messages, forced = self._messages(req)
+        reply_start = f"{forced}\n" if forced else ""
         try:
             prompt = p.template.encode_prompt(p.tokenizer, messages)
+            if forced:  # the reply starts as that tool's call: the model writes only its arguments
+                prompt += p.template.reply_start(p.tokenizer, forced)
         except ValueError as e:  # the generation's own rules (v1/v2: alternating turns, no system role...)
             raise APIError(400, f"'messages' cannot be rendered for {p.generation}: {e}", param="messages",
                            code="invalid_value") from None  # fmt: skip
@@ -224,18 +228,19 @@ class Engine:
             top_p=req.top_p,
             seed=req.seed,
         )
-        return Job(prompt, gen, req.stop, adapter, tools, req.model)
+        return Job(prompt, gen, req.stop, adapter, tools, req.model, reply_start)
 
-    def _messages(self, req: ChatRequest) -> tuple[list[dict] | None, list[Message]]:
-        """(the tools to show, the turns): through serve/tools.py when the request involves tools."""
+    def _messages(self, req: ChatRequest) -> tuple[list[dict] | None, list[Message], str | None]:
+        """(the tools to show, the turns, the tool whose call is forced): through serve/tools.py when the request
+        involves tools."""
         if not req.uses_tools:
-            return None, [Message(role, content) for role, content in req.messages]
-        from glmtune.serve.tools import ToolError, parse_tools, request_messages
+            return None, [Message(role, content) for role, content in req.messages], None
+        from glmtune.serve.tools import ToolError, forced_tool, parse_tools, request_messages
 
         generation = self.pretrained.generation
         try:
             tools = parse_tools(req.tools, req.tool_choice, generation)
-            return tools, request_messages(req.raw_messages, tools, generation)
+            return tools, request_messages(req.raw_messages, tools, generation), forced_tool(req.tool_choice, tools)
         except ToolError as e:
             raise APIError(400, e.message, param=e.param, code="invalid_value") from None
 
@@ -485,7 +490,7 @@ class Engine:
     def _may_call(self, r: _Request) -> bool:
         from glmtune.serve.tools import tool_call_possible
 
-        return tool_call_possible(r.text.text, self.pretrained.generation, r.job.tools)
+        return tool_call_possible(r.job.reply_start + r.text.text, self.pretrained.generation, r.job.tools)
 
     def _release(self, r: _Request) -> str:
         """A held reply that cannot be a tool call any more streams as plain text: the text so far, cleaned up."""
@@ -502,6 +507,7 @@ class Engine:
         raw = p.tokenizer.decode(r.ids, skip_special_tokens=False)
         if r.stops.hit:  # the text up to the stop string
             raw = StopText(r.job.stop).push(raw)
+        raw = r.job.reply_start + raw  # a forced call's metadata line came with the prompt
         o.content, o.tool_calls = reply_message(raw, p.generation, r.job.tools)
         if o.tool_calls:
             o.finish_reason = "tool_calls"

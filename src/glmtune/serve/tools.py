@@ -18,9 +18,11 @@ The formats (as THUDM's ``openai_api_demo``/``basic_demo`` servers, ``PROMPT.md`
 Choices where the official demos differ or say nothing:
 
 - the caller's own system message is kept as its own system turn after the tools (the demos drop it);
-- ``tool_choice`` ``"required"`` shows the tools as ``"auto"`` does: neither format can make the model call one,
-  so a client that needs a call checks ``finish_reason == "tool_calls"``; a named ``tool_choice`` shows only that
-  tool (as GLM-4's demo); ``"none"`` shows none;
+- a named ``tool_choice`` shows only that tool (as GLM-4's demo) and forces its call: the reply is started with the
+  tool's name as its metadata line (:func:`forced_tool`), so the model can only go on with the arguments;
+  ``"required"`` forces the call the same way when there is one tool; with several it shows them as ``"auto"``
+  does (the formats have no way to make the model pick one), so a client that needs a call checks
+  ``finish_reason == "tool_calls"``; ``"none"`` shows none;
 - function definitions reach the prompt as ``name``, ``description``, ``parameters`` in that order (other keys
   such as ``strict`` are not shown to the model);
 - an assistant message with text *and* tool calls becomes a plain assistant turn followed by one turn per call,
@@ -95,8 +97,8 @@ def _function(tool: Any, param: str) -> dict[str, Any]:
 
 def parse_tools(tools: Any, tool_choice: Any, generation: str) -> list[dict[str, Any]] | None:
     """The checked ``tools`` to show the model as ``[{"type": "function", "function": {...}}]``, or None (no tools,
-    an empty list, or ``tool_choice`` ``"none"``). A named ``tool_choice`` keeps only that tool; ``"required"``
-    acts as ``"auto"`` (see the module docstring). Raises :class:`ToolError` naming the field."""
+    an empty list, or ``tool_choice`` ``"none"``). A named ``tool_choice`` keeps only that tool (whose call
+    :func:`forced_tool` then forces). Raises :class:`ToolError` naming the field."""
     if tools is not None and not isinstance(tools, list):
         raise ToolError(f"'tools' must be an array of tool definitions, got {_kind(tools)}", "tools")
     functions = [_function(t, f"tools[{i}]") for i, t in enumerate(tools or [])]
@@ -136,6 +138,17 @@ def parse_tools(tools: Any, tool_choice: Any, generation: str) -> list[dict[str,
         raise ToolError(f"'tool_choice.function.name' {name!r} is not among 'tools' ({known})",
                         "tool_choice.function.name")  # fmt: skip
     return [{"type": "function", "function": picked[0]}]
+
+
+def forced_tool(tool_choice: Any, tools: list[dict[str, Any]] | None) -> str | None:
+    """The name of the tool whose call the reply must be (its metadata line is put in the prompt), or None: a named
+    ``tool_choice``, or ``"required"`` with one tool. ``tools`` and ``tool_choice`` as :func:`parse_tools` checked
+    and returned them."""
+    if not tools:
+        return None
+    if isinstance(tool_choice, dict) or (tool_choice == "required" and len(tools) == 1):
+        return tools[0]["function"]["name"]
+    return None
 
 
 def message_text(v: Any, param: str, *, optional: bool = False) -> str:
