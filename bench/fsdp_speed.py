@@ -18,6 +18,16 @@ without the input embedding; the recomputed forward of checkpointing is not coun
     CUDA_VISIBLE_DEVICES=0 PYTHONPATH=src python bench/fsdp_speed.py --json out/fsdp-1.json
     PYTHONPATH=src torchrun --standalone --nproc-per-node 2 bench/fsdp_speed.py --json out/fsdp-2.json
     python bench/fsdp_speed.py --combine out/fsdp-1.json out/fsdp-2.json --json bench/results/fsdp_speed.json
+    # sharding variants measured one after the other in one run (compiled once): keep = last block units kept
+    # gathered from forward to backward, prefetch = units gathered ahead, units = blocks per FSDP unit,
+    # ctas = NCCL's CTAs (SMs) per collective at most (0: NCCL's choice)
+    PYTHONPATH=src torchrun --standalone --nproc-per-node 2 bench/fsdp_speed.py --checkpointing false \
+        --variant keep=0 --variant keep=1 --variant keep=1,prefetch=2 --json out/fsdp-variants.json
+    # (sdpa=1: the compiled blocks attend through SDPA's dense masks rather than FlexAttention)
+
+The profiled step is broken down by kernel kind (rank 0): matmuls, FlexAttention, compiled elementwise kernels,
+the optimizer (fused AdamW) and gradient clipping, NCCL, FSDP's copies, and how much of NCCL's time no other kernel
+overlapped ("exposed").
 """
 
 from __future__ import annotations
@@ -67,8 +77,9 @@ def model_config(tiny: bool) -> GLMConfig:
 
 
 def build_step(cfg: GLMConfig, info: distributed.DistInfo, *, precision: torch.dtype, checkpointing: bool | str,
-               compile: bool, offload: bool):  # fmt: skip
-    """The trainer's full fine-tuning step on a random model: sharded over the processes when there are several."""
+               compile: bool, offload: bool, sharding: dict | None = None):  # fmt: skip
+    """The trainer's full fine-tuning step on a random model: sharded over the processes when there are several
+    (``sharding``: :func:`glmtune.train.fsdp.shard`'s options, ``ctas`` for a process group of that many NCCL CTAs)."""
     model = build_model(cfg, device="meta", dtype=torch.float32, generation="chatglm3")
     method = build_method("full", {})
     method.setup(model)
@@ -76,19 +87,137 @@ def build_step(cfg: GLMConfig, info: distributed.DistInfo, *, precision: torch.d
     apply_checkpointing(model, checkpointing)
     net = LMLoss(model, OptimConfig().loss_chunk_tokens)
     sharded = info.world_size > 1
+    options = dict(sharding or {})
+    sdpa = options.pop("sdpa", 0)
     if sharded:
         compute = None if precision == torch.float32 else precision
-        fsdp.shard(net, model, info, compute_dtype=compute, offload=offload)
+        mesh = comm_mesh(info, options.pop("ctas", 0))
+        fsdp.shard(net, model, info, compute_dtype=compute, offload=offload, mesh=mesh, **options)
     random_fill(model, info.device, torch.float32)  # (sharded: each rank draws its shard only)
     named = dict(model.named_parameters())
     named = {n: named[n] for n in names}
     if compile:
         compile_blocks(model)
+        if sdpa:  # packed rows through SDPA's dense masks instead of FlexAttention's block masks
+            model.set_attention_backend("sdpa")
     optimizer = build_optimizer(named, OptimConfig(learning_rate=1e-5), info.device)
     autocast = torch.autocast(info.device.type, dtype=precision, enabled=precision != torch.float32)
     step_class = fsdp.ShardedTrainStep if sharded else TrainStep
     model.train()
     return step_class(net, list(named.values()), optimizer, info=info, autocast=autocast, max_grad_norm=1.0)
+
+
+VARIANT_KEYS = {
+    "keep": "keep_gathered",
+    "prefetch": "prefetch",
+    "units": "blocks_per_unit",
+    "ctas": "ctas",
+    "sdpa": "sdpa",
+}
+
+
+def parse_variant(text: str) -> dict[str, int]:
+    """``keep=1,prefetch=2,units=1,ctas=8`` -> shard options (unnamed ones: fsdp.shard's defaults, ctas 0);
+    ``sdpa=1``: compiled blocks attend through SDPA rather than FlexAttention."""
+    out = {"keep_gathered": fsdp.KEEP_GATHERED, "prefetch": fsdp.PREFETCH, "blocks_per_unit": fsdp.BLOCKS_PER_UNIT,
+           "ctas": 0}  # fmt: skip
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition("=")
+        if key not in VARIANT_KEYS:
+            raise ValueError(f"unknown variant key {key!r} in {text!r} (known: {', '.join(VARIANT_KEYS)})")
+        out[VARIANT_KEYS[key]] = int(value)
+    return out
+
+
+def comm_mesh(info: distributed.DistInfo, ctas: int):
+    """A device mesh over a new NCCL group whose collectives use at most ``ctas`` CTAs (0: None, the default
+    group)."""
+    if not ctas:
+        return None
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    opts = dist.ProcessGroupNCCL.Options()
+    opts.config.max_ctas = ctas
+    return DeviceMesh.from_group(dist.new_group(backend="nccl", pg_options=opts), info.device.type)
+
+
+KINDS = (  # (kind, substrings of the kernel name), first match wins
+    ("nccl", ("nccl",)),
+    ("optimizer", ("adam",)),
+    ("clip/foreach", ("multi_tensor_apply", "foreach", "norm_kernel", "lpnorm")),
+    ("flex attention", ("flex", "triton_tem")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma", "sm90")),
+    ("loss", ("softmax", "nll_loss", "cross_entropy")),
+    ("compiled elementwise", ("triton_",)),
+    ("fsdp copies", ("chunk_cat", "split_with_sizes", "catarraybatched", "copy", "cast", "fill", "zero")),
+)
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+def _overlap(spans: list[tuple[float, float]], cover: list[tuple[float, float]]) -> float:
+    """Length of ``spans`` (disjoint, sorted) that ``cover`` (disjoint, sorted) covers."""
+    total, j = 0.0, 0
+    for a, b in spans:
+        while j < len(cover) and cover[j][1] <= a:
+            j += 1
+        k = j
+        while k < len(cover) and cover[k][0] < b:
+            total += min(b, cover[k][1]) - max(a, cover[k][0])
+            k += 1
+    return total
+
+
+def kernel_breakdown(events: list[dict], steps: int) -> dict[str, float]:
+    """Milliseconds per step of each kernel kind (:data:`KINDS`), memcpy/memset, the span from the first kernel to
+    the last, the time no kernel ran ("idle") and NCCL's time that no other kernel overlapped ("nccl exposed"),
+    from a profiler's Chrome trace events."""
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    if not gpu:
+        return {}
+    out: dict[str, float] = {}
+    spans = {"nccl": [], "other": []}
+    for e in gpu:
+        kind = kind_of(e.get("name", "")) if e["cat"] == "kernel" else "memcpy/memset"
+        start, dur = float(e["ts"]), float(e["dur"])
+        out[kind] = out.get(kind, 0.0) + dur
+        spans["nccl" if kind == "nccl" else "other"].append((start, start + dur))
+    busy = _union(spans["nccl"] + spans["other"])
+    nccl, other = _union(spans["nccl"]), _union(spans["other"])
+    out["span"] = busy[-1][1] - busy[0][0]
+    out["idle"] = out["span"] - sum(b - a for a, b in busy)
+    out["nccl exposed"] = sum(b - a for a, b in nccl) - _overlap(nccl, other)
+    return {k: v / 1e3 / steps for k, v in sorted(out.items())}
+
+
+def profile_step(run, device: torch.device, steps: int) -> dict[str, float]:
+    """:func:`kernel_breakdown` of ``run()`` (``steps`` steps) under the profiler (CUDA kernels only)."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    return kernel_breakdown(events, steps)
 
 
 def batches(cfg: GLMConfig, info: distributed.DistInfo, *, rows: int, pack_length: int, n: int, seed: int):
@@ -108,7 +237,8 @@ def batches(cfg: GLMConfig, info: distributed.DistInfo, *, rows: int, pack_lengt
     return out, tokens
 
 
-def measure(args) -> dict:
+def measure(args) -> list[dict]:
+    """One row per sharding variant (``--variant``; one process: the plain path, one row)."""
     info = distributed.setup(args.device)
     try:
         cfg = model_config(args.tiny)
@@ -116,47 +246,73 @@ def measure(args) -> dict:
         n_params = non_embedding_params(build_model(cfg, device="meta"))
         data, tokens = batches(cfg, info, rows=args.rows, pack_length=args.pack_length,
                                n=args.warmup + args.steps + args.profile_steps, seed=args.seed)  # fmt: skip
-        free_memory()
-        t0 = time.perf_counter()
-        step = build_step(cfg, info, precision=precision, checkpointing=args.checkpointing, compile=args.compile,
-                          offload=args.offload)  # fmt: skip
-        build_s = time.perf_counter() - t0
-        losses = []
-        t0 = time.perf_counter()
-        timing = time_steps(lambda b: losses.append(step([b])), data, tokens, device=info.device, warmup=args.warmup,
-                            steps=args.steps, profile_steps=args.profile_steps)  # fmt: skip
-        run_s = time.perf_counter() - t0
-        cuda = info.device.type == "cuda"
-        mine = {"tokens_per_s": timing.useful_tokens_per_s, "step_ms": timing.step_ms, "gpu_busy": timing.gpu_busy,
-                "peak_gib": torch.cuda.max_memory_allocated(info.device) / 2**30 if cuda else None}  # fmt: skip
-        every = distributed.gather_objects(info, mine)
-        first = losses[0].loss_sum / max(float(losses[0].targets), 1.0)
-        last = losses[-1].loss_sum / max(float(losses[-1].targets), 1.0)
-        per_gpu = sum(r["tokens_per_s"] for r in every) / len(every)
-        peaks = [r["peak_gib"] for r in every if r["peak_gib"] is not None]
-        busy = [r["gpu_busy"] for r in every if r["gpu_busy"] is not None]
-        return {
-            "gpus": info.world_size,
-            "mode": "fsdp" if info.world_size > 1 else "single",
-            "checkpointing": args.checkpointing,
-            "compiled": args.compile,
-            "offload": args.offload,
-            "rows_x_length": f"{args.rows}x{args.pack_length}",
-            "n_params": n_params,
-            "useful_tokens_per_s_per_gpu": per_gpu,
-            "useful_tokens_per_s_total": per_gpu * info.world_size,
-            "mfu": mfu(6 * n_params, per_gpu, args.peak_tflops if cuda else None),
-            "peak_gib_per_gpu": max(peaks) if peaks else None,
-            "step_ms": max(r["step_ms"] for r in every),
-            "gpu_busy": min(busy) if busy else None,
-            "build_s": build_s,
-            "run_s": run_s,
-            "first_loss": float(first),
-            "last_loss": float(last),
-            "is_main": info.is_main,
-        }
+        variants = [parse_variant(v) for v in args.variant or [""]] if info.world_size > 1 else [None]
+        rows = []
+        for sharding in variants:
+            try:
+                rows.append(measure_one(args, info, cfg, precision, n_params, data, tokens, sharding))
+            except Exception as e:  # an OOM of one variant is a result too; the next one runs
+                log.exception("variant %s failed", sharding)
+                rows.append({"gpus": info.world_size, "mode": "?", "sharding": sharding, "is_main": info.is_main,
+                             "error": f"{type(e).__name__}: {e}"[:500]})  # fmt: skip
+            free_memory()
+        return rows
     finally:
         distributed.teardown(info, together=True)
+
+
+def measure_one(args, info, cfg, precision, n_params, data, tokens, sharding: dict | None) -> dict:
+    free_memory()
+    cuda = info.device.type == "cuda"
+    start_gib = torch.cuda.memory_allocated(info.device) / 2**30 if cuda else None
+    torch.manual_seed(args.seed)  # (DTensor's random ops draw from the default generators, not random_fill's)
+    t0 = time.perf_counter()
+    step = build_step(cfg, info, precision=precision, checkpointing=args.checkpointing, compile=args.compile,
+                      offload=args.offload, sharding=sharding)  # fmt: skip
+    build_s = time.perf_counter() - t0
+    losses = []
+    t0 = time.perf_counter()
+    timing = time_steps(lambda b: losses.append(step([b])), data, tokens, device=info.device, warmup=args.warmup,
+                        steps=args.steps, profile_steps=0)  # fmt: skip
+    run_s = time.perf_counter() - t0
+    kernels = {}
+    if cuda and args.profile_steps:
+        first = args.warmup + args.steps
+        kernels = profile_step(lambda: [step([b]) for b in data[first : first + args.profile_steps]], info.device,
+                               args.profile_steps)  # fmt: skip
+    kernel_ms = sum(v for k, v in kernels.items() if k not in ("span", "idle", "nccl exposed")) or None
+    mine = {"tokens_per_s": timing.useful_tokens_per_s, "step_ms": timing.step_ms,
+            "gpu_busy": kernel_ms / timing.step_ms if kernel_ms else None,
+            "peak_gib": torch.cuda.max_memory_allocated(info.device) / 2**30 if cuda else None}  # fmt: skip
+    every = distributed.gather_objects(info, mine)
+    first_loss = losses[0].loss_sum / max(float(losses[0].targets), 1.0)
+    last_loss = losses[-1].loss_sum / max(float(losses[-1].targets), 1.0)
+    per_gpu = sum(r["tokens_per_s"] for r in every) / len(every)
+    peaks = [r["peak_gib"] for r in every if r["peak_gib"] is not None]
+    busy = [r["gpu_busy"] for r in every if r["gpu_busy"] is not None]
+    return {
+        "gpus": info.world_size,
+        "mode": "fsdp" if info.world_size > 1 else "single",
+        "checkpointing": args.checkpointing,
+        "compiled": args.compile,
+        "offload": args.offload,
+        "rows_x_length": f"{args.rows}x{args.pack_length}",
+        "sharding": sharding,
+        "n_params": n_params,
+        "useful_tokens_per_s_per_gpu": per_gpu,
+        "useful_tokens_per_s_total": per_gpu * info.world_size,
+        "mfu": mfu(6 * n_params, per_gpu, args.peak_tflops if cuda else None),
+        "peak_gib_per_gpu": max(peaks) if peaks else None,
+        "step_ms": max(r["step_ms"] for r in every),
+        "gpu_busy": min(busy) if busy else None,
+        "kernels_ms_rank0": kernels,
+        "start_gib": start_gib,
+        "build_s": build_s,
+        "run_s": run_s,
+        "first_loss": float(first_loss),
+        "last_loss": float(last_loss),
+        "is_main": info.is_main,
+    }
 
 
 SAME_SETTING = ("checkpointing", "compiled", "offload", "rows_x_length")
@@ -180,12 +336,23 @@ COLUMNS = [
     ("GPUs", "gpus", ""), ("mode", "mode", ""), ("checkpointing", "checkpointing", ""), ("compiled", "compiled", ""),
     ("rows x length / GPU", "rows_x_length", ""), ("useful tok/s / GPU", "useful_tokens_per_s_per_gpu", ",.0f"),
     ("MFU (6N)", "mfu", ".1%"), ("peak GiB / GPU", "peak_gib_per_gpu", ".1f"), ("step ms", "step_ms", ".0f"),
-    ("GPU busy", "gpu_busy", ".0%"), ("scaling", "scaling", ".2f"),
+    ("GPU busy", "gpu_busy", ".0%"), ("scaling", "scaling", ".2f"), ("sharding", "sharding_text", ""),
 ]  # fmt: skip
 
 
+def sharding_text(sharding: dict | None) -> str:
+    """``keep 1, prefetch 1, 1 block/unit`` (with ``, 8 CTAs`` when NCCL's CTAs were limited); ``-`` for none."""
+    if not sharding:
+        return "-"
+    text = (f"keep {sharding['keep_gathered']}, prefetch {sharding['prefetch']}, "
+            f"{sharding['blocks_per_unit']} block/unit")  # fmt: skip
+    text += f", {sharding['ctas']} CTAs" if sharding.get("ctas") else ""
+    return text + (", SDPA" if sharding.get("sdpa") else "")
+
+
 def table(rows: list[dict]) -> str:
-    shown = [r if "error" not in r else {**r, "mode": f"failed: {r['error'][:80]}"} for r in rows]
+    shown = [{**r, "sharding_text": sharding_text(r.get("sharding"))} for r in rows]
+    shown = [r if "error" not in r else {**r, "mode": f"failed: {r['error'][:80]}"} for r in shown]
     return markdown_table(shown, COLUMNS)
 
 
@@ -198,6 +365,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--checkpointing", default="true", help="train.gradient_checkpointing: true, false, mlp, half")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="blocks eager (default: compiled)")
     ap.add_argument("--offload", action="store_true", help="train.fsdp_offload (shards and AdamW on the CPU)")
+    ap.add_argument("--variant", action="append", default=None,
+                    help="sharding options measured in turn in this run, e.g. keep=1,prefetch=2,units=1,ctas=8 "
+                         "(unnamed: fsdp.shard's defaults); default: one run with the defaults")  # fmt: skip
     ap.add_argument("--rows", type=int, default=4, help="packed rows per GPU and step")
     ap.add_argument("--pack-length", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=3)
@@ -220,20 +390,25 @@ def main(argv: list[str] | None = None) -> dict:
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.checkpointing = {"true": True, "false": False}.get(args.checkpointing, args.checkpointing)
     try:
-        row = measure(args)
+        rows = measure(args)
     except Exception as e:  # the JSON says what failed (an OOM at 6B is a result too)
         log.exception("run failed")
-        row = {"gpus": None, "mode": "?", "error": f"{type(e).__name__}: {e}"[:500],
-               "is_main": os.environ.get("RANK", "0") == "0"}  # fmt: skip
+        rows = [{"gpus": None, "mode": "?", "error": f"{type(e).__name__}: {e}"[:500],
+                 "is_main": os.environ.get("RANK", "0") == "0"}]  # fmt: skip
     device = torch.cuda.get_device_name() if cuda else "cpu"  # (benchlib.device_info also imports transformers)
     info = {"device": device, "torch": torch.__version__, "precision": args.precision,
             "peak_tflops": args.peak_tflops, "tiny": args.tiny, "warmup": args.warmup, "steps": args.steps,
             "command": " ".join(sys.argv), "note": args.note}  # fmt: skip
-    result = {"info": info, "rows": [row]}
-    if row.pop("is_main"):
+    is_main = all([r.pop("is_main") for r in rows])
+    result = {"info": info, "rows": rows}
+    if is_main:
         if args.json:
             write_json(args.json, result)
         print(table(result["rows"]))
+        for r in rows:
+            if r.get("kernels_ms_rank0"):
+                print(sharding_text(r.get("sharding")), "ms/step:",
+                      ", ".join(f"{k} {v:.1f}" for k, v in r["kernels_ms_rank0"].items()))  # fmt: skip
     return result
 
 

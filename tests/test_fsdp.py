@@ -351,6 +351,84 @@ def test_two_gpus_fsdp_full_match_one(tmp_path: Path, variant: str) -> None:
     assert is_sharded(checkpoint_dir(out, 8)) and (out / "model" / "model.safetensors").is_file()
 
 
+# ---- sharding options, one process (gloo, world size 1) --------------------------------------------------------
+@contextlib.contextmanager
+def _one_process_group():
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                         world_size=1)  # fmt: skip
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _sharded_full(**options):
+    """A 4-block tiny ChatGLM3 (same random weights each call), full fine-tuning, sharded with ``options``."""
+    import dataclasses
+
+    from glmtune.adapters import build_method
+    from glmtune.models import build_model
+    from glmtune.models.config import preset
+    from glmtune.train.config import OptimConfig
+    from glmtune.train.setup import build_optimizer, trainable_parameters
+    from glmtune.train.step import LMLoss
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(preset("tiny-chatglm3"), num_layers=4)
+    model = build_model(cfg, device="cpu", dtype=torch.float32, generation="chatglm3")
+    method = build_method("full", {})
+    method.setup(model)
+    names = list(trainable_parameters(method, model))
+    net = LMLoss(model, 8)
+    fsdp.shard(net, model, distributed.DistInfo(), compute_dtype=None, **options)
+    named = fsdp.sharded_parameters(model, names)
+    optimizer = build_optimizer(named, OptimConfig(learning_rate=1e-2), torch.device("cpu"))
+    return net, model, named, optimizer
+
+
+def test_shard_options_train_alike_and_save_after_an_eval_forward(tmp_path: Path) -> None:
+    """Blocks kept gathered from forward to backward (all of them here), two blocks per FSDP unit and prefetching
+    two units ahead train as the default sharding does; after an evaluation (a forward without backward, which
+    leaves kept units gathered) the weights are sharded again, so the DCP checkpoint saves and loads."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.tensor import DTensor
+
+    from glmtune.train.evaluation import evaluate_loss
+    from glmtune.train.state import sharded_dir
+
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+               for ids in torch.randint(5, 500, (4, 2, 16), generator=g)]  # fmt: skip
+    info = distributed.DistInfo()
+    runs = {}
+    with _one_process_group():
+        for name, options in {"default": {}, "options": dict(keep_gathered=4, prefetch=2, blocks_per_unit=2)}.items():
+            net, model, named, optimizer = _sharded_full(**options)
+            losses = []
+            for k, batch in enumerate(batches):
+                loss = net(input_ids=batch["input_ids"], labels=batch["labels"])
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(float(loss.detach()))
+                if k in (1, 3):  # an eval-only forward, then training goes on (k=1) or the checkpoint is saved
+                    losses.append(evaluate_loss(net, batches[:1], info, contextlib.nullcontext()))
+            assert all(isinstance(p, DTensor) for p in model.parameters())  # no unit left gathered
+            ckpt = tmp_path / name
+            dcp.save(fsdp.checkpoint_state(model, named, optimizer), checkpoint_id=str(sharded_dir(ckpt)))
+            runs[name] = (losses, {n: p.full_tensor() for n, p in named.items()}, ckpt)
+        assert runs["options"][0] == pytest.approx(runs["default"][0], rel=1e-6)
+        assert runs["default"][0][-1] < runs["default"][0][0]
+        # the checkpoint saved after the eval forward holds the trained weights and loads into a default sharding
+        _, model, named, optimizer = _sharded_full()
+        fsdp.load_checkpoint_state(runs["options"][2], model, named, optimizer)
+        for n, p in named.items():
+            torch.testing.assert_close(p.full_tensor(), runs["options"][1][n], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(runs["options"][1][n], runs["default"][1][n], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="blocks_per_unit"):
+        fsdp.shard(torch.nn.Module(), model, info, compute_dtype=None, prefetch=0)
+
+
 # ---- the pieces, without processes ----------------------------------------------------------------------------
 def test_choose_mode() -> None:
     assert fsdp.choose_mode("auto", "full", 1) == "single"

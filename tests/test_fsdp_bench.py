@@ -37,3 +37,27 @@ def test_fsdp_speed_runs_and_combines(tmp_path: Path) -> None:
     rows = fsdp_speed.main(["--combine", str(one), str(two)])["rows"]
     assert "scaling" not in rows[1]
     assert "| 2 | fsdp |" in out.with_suffix(".md").read_text()
+
+
+def test_kernel_breakdown_and_variants() -> None:
+    """Kernel time by kind from trace events; NCCL time under no other kernel is "exposed", time under no kernel
+    "idle"."""
+    events = [
+        {"cat": "kernel", "name": "sm90_xmma_gemm_bf16bf16", "ts": 0.0, "dur": 10_000.0},
+        {"cat": "kernel", "name": "ncclDevKernel_ReduceScatter_Sum_f32_RING_LL", "ts": 5_000.0, "dur": 10_000.0},
+        {"cat": "kernel", "name": "triton_poi_fused_mul_silu_0", "ts": 20_000.0, "dur": 2_000.0},
+        {"cat": "kernel", "name": "multi_tensor_apply_kernel<FusedAdamMathFunctor>", "ts": 22_000.0, "dur": 4_000.0},
+        {"cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 26_000.0, "dur": 1_000.0},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0.0, "dur": 99_000.0},  # not a GPU event
+    ]
+    got = fsdp_speed.kernel_breakdown(events, steps=2)  # ms per step
+    assert got == pytest.approx({"matmul": 5.0, "nccl": 5.0, "compiled elementwise": 1.0, "optimizer": 2.0,
+                                 "memcpy/memset": 0.5, "span": 13.5, "idle": 2.5, "nccl exposed": 2.5})  # fmt: skip
+    assert fsdp_speed.kind_of("triton_tem_fused_flex_attention_backward_3") == "flex attention"
+    assert fsdp_speed.parse_variant("keep=3,units=2") == {"keep_gathered": 3, "prefetch": 1, "blocks_per_unit": 2,
+                                                           "ctas": 0}  # fmt: skip
+    with pytest.raises(ValueError, match="unknown variant key 'kep'"):
+        fsdp_speed.parse_variant("kep=1")
+    assert fsdp_speed.sharding_text({"keep_gathered": 1, "prefetch": 2, "blocks_per_unit": 1, "ctas": 8}) == (
+        "keep 1, prefetch 2, 1 block/unit, 8 CTAs"
+    )

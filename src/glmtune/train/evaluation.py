@@ -14,6 +14,7 @@ from glmtune.templates import Template
 from glmtune.train.config import TrainConfig
 from glmtune.train.data import encode_options
 from glmtune.train.distributed import DistInfo, all_reduce_sum
+from glmtune.train.fsdp import reshard_all
 from glmtune.train.loss import count_targets
 from glmtune.train.state import Progress
 from glmtune.train.step import device_inputs
@@ -35,6 +36,7 @@ def evaluate_loss(
             total += net(**device_inputs(batch, info.device)).detach().double()
         n += count_targets(batch["labels"])
     net.train(was_training)
+    reshard_all(net)  # FSDP: without a backward pass the root and the last block units keep their gathered weights
     total_sum, n_sum = all_reduce_sum(info, [float(total), float(n)])
     return total_sum / n_sum if n_sum else float("nan")
 

@@ -8,7 +8,9 @@ for ``full``/``freeze``, ddp for adapters.
 
 How the model is sharded (:func:`shard`): every transformer block is its own FSDP unit, then the loss module
 (``LMLoss``: the model's embeddings, final norm, output layer, prefix encoder) is the root, so its forward gathers
-what lies outside the blocks. Parameter names do not change. Loading (:func:`load_shards`): the trainer builds the
+what lies outside the blocks; the last block keeps its gathered weights from its forward to its backward, which
+follows at once (no second all-gather; after a forward without backward, as in evaluation, :func:`reshard_all`
+frees them). Parameter names do not change. Loading (:func:`load_shards`): the trainer builds the
 model on meta and sets the method up there (its own tensors made on the device: :func:`new_tensors_on`), shards it,
 and only then streams the model folder in, each rank reading only its rows of every parameter, so no GPU and no host
 ever holds a whole copy of the base. Mixed precision: the sharded (master) parameters stay
@@ -32,7 +34,7 @@ import logging
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
@@ -45,6 +47,9 @@ from glmtune.templates import IGNORE_INDEX
 from glmtune.train.compile import transformer_blocks
 from glmtune.train.distributed import DistInfo
 from glmtune.train.step import TrainStep
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +78,59 @@ def check_supported(*, precision: str, offload: bool, device: torch.device) -> N
                          f"(this run is on {device})")  # fmt: skip
 
 
+KEEP_GATHERED = 1  # last block units left gathered after the forward (their backward starts right after it)
+PREFETCH = 1  # block units whose all-gather is in flight ahead of the one computing (1: FSDP's own prefetching)
+BLOCKS_PER_UNIT = 1
+
+
 def shard(net: nn.Module, model: nn.Module, info: DistInfo, *, compute_dtype: torch.dtype | None,
-          offload: bool = False) -> None:  # fmt: skip
-    """``fully_shard`` every transformer block of ``model``, then ``net`` (the module whose forward the step calls,
-    holding ``model``) as the root. ``compute_dtype``: the dtype the blocks compute in (None: as the weights are)."""
+          offload: bool = False, keep_gathered: int = KEEP_GATHERED, prefetch: int = PREFETCH,
+          blocks_per_unit: int = BLOCKS_PER_UNIT, mesh: DeviceMesh | None = None) -> None:  # fmt: skip
+    """``fully_shard`` the transformer blocks of ``model`` (``blocks_per_unit`` consecutive blocks gathered
+    together), then ``net`` (the module whose forward the step calls, holding ``model``) as the root.
+    ``compute_dtype``: the dtype the blocks compute in (None: as the weights are).
+
+    ``keep_gathered``: the last units keep their gathered weights from the forward to their backward (no second
+    all-gather, one unit's bf16 weights more memory each; a forward without backward leaves them gathered:
+    :func:`reshard_all`). ``prefetch`` > 1: each unit's forward (backward) gathers that many of the next (previous)
+    units ahead. ``mesh``: the device mesh (default: every process, the default process group)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    if blocks_per_unit < 1 or prefetch < 1 or keep_gathered < 0:
+        raise ValueError(f"blocks_per_unit and prefetch must be >= 1, keep_gathered >= 0 (got {blocks_per_unit}, "
+                         f"{prefetch}, {keep_gathered})")  # fmt: skip
+    mesh = mesh if mesh is not None else init_device_mesh(info.device.type, (info.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     policy = CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy()
-    blocks = transformer_blocks(model)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp, offload_policy=policy)
+    blocks = list(transformer_blocks(model))
+    units = [blocks[i : i + blocks_per_unit] for i in range(0, len(blocks), blocks_per_unit)]
+    heads = []  # each unit's first block: the FSDPModule that stands for the unit
+    for k, unit in enumerate(units):
+        keep = k >= len(units) - keep_gathered
+        fully_shard(unit if len(unit) > 1 else unit[0], mesh=mesh, mp_policy=mp, offload_policy=policy,
+                    reshard_after_forward=not keep)  # fmt: skip
+        heads.append(unit[0])
     fully_shard(net, mesh=mesh, mp_policy=mp, offload_policy=policy)
-    log.info("FSDP2: %d blocks + root sharded over %d processes (compute %s, gradients reduced in float32%s)",
-             len(blocks), info.world_size, str(compute_dtype or "as stored").removeprefix("torch."),
-             ", CPU offload" if offload else "")  # fmt: skip
+    if prefetch > 1:
+        for k, head in enumerate(heads):
+            head.set_modules_to_forward_prefetch(heads[k + 1 : k + 1 + prefetch])
+            head.set_modules_to_backward_prefetch(heads[max(k - prefetch, 0) : k][::-1])
+    log.info("FSDP2: %d blocks in %d units + root sharded over %d processes (compute %s, gradients reduced in float32"
+             "; last %d units kept gathered for the backward; prefetch %d%s)", len(blocks), len(units),
+             info.world_size, str(compute_dtype or "as stored").removeprefix("torch."), min(keep_gathered, len(units)),
+             prefetch, ", CPU offload" if offload else "")  # fmt: skip
+
+
+def reshard_all(net: nn.Module) -> None:
+    """Free the gathered weights of every FSDP unit in ``net`` (a no-op without FSDP). After a forward without
+    backward (evaluation), the root and the units kept gathered (``shard``'s ``keep_gathered``) still hold them:
+    their registered parameters are then the whole tensors, which a checkpoint's state dict cannot take."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in net.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 # ---- loading onto the shards -----------------------------------------------------------------------------------
