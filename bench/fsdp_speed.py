@@ -33,11 +33,13 @@ overlapped ("exposed").
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -89,6 +91,7 @@ def build_step(cfg: GLMConfig, info: distributed.DistInfo, *, precision: torch.d
     sharded = info.world_size > 1
     options = dict(sharding or {})
     sdpa = options.pop("sdpa", 0)
+    options.pop("norecompute", None)  # (measure_one's)
     if sharded:
         compute = None if precision == torch.float32 else precision
         mesh = comm_mesh(info, options.pop("ctas", 0))
@@ -113,12 +116,14 @@ VARIANT_KEYS = {
     "units": "blocks_per_unit",
     "ctas": "ctas",
     "sdpa": "sdpa",
+    "norecompute": "norecompute",
 }
 
 
 def parse_variant(text: str) -> dict[str, int]:
     """``keep=1,prefetch=2,units=1,ctas=8`` -> shard options (unnamed ones: fsdp.shard's defaults, ctas 0);
-    ``sdpa=1``: compiled blocks attend through SDPA rather than FlexAttention."""
+    ``sdpa=1``: compiled blocks attend through SDPA rather than FlexAttention; ``norecompute=1``: the chunked loss
+    keeps its logits for the backward instead of recomputing the output layer (measured here only)."""
     out = {"keep_gathered": fsdp.KEEP_GATHERED, "prefetch": fsdp.PREFETCH, "blocks_per_unit": fsdp.BLOCKS_PER_UNIT,
            "ctas": 0}  # fmt: skip
     for part in filter(None, text.split(",")):
@@ -140,6 +145,23 @@ def comm_mesh(info: distributed.DistInfo, ctas: int):
     opts = dist.ProcessGroupNCCL.Options()
     opts.config.max_ctas = ctas
     return DeviceMesh.from_group(dist.new_group(backend="nccl", pg_options=opts), info.device.type)
+
+
+@contextlib.contextmanager
+def loss_recompute(enabled: bool) -> Iterator[None]:
+    """Inside, unless ``enabled``, the chunked loss (glmtune.train.loss) runs its chunks without activation
+    checkpointing: the output layer's forward is not recomputed in the backward (what that would save)."""
+    if enabled:
+        yield
+        return
+    from glmtune.train import loss
+
+    saved = loss.checkpoint
+    loss.checkpoint = lambda fn, *args, **_options: fn(*args)
+    try:
+        yield
+    finally:
+        loss.checkpoint = saved
 
 
 KINDS = (  # (kind, substrings of the kernel name), first match wins
@@ -251,6 +273,12 @@ def measure(args) -> list[dict]:
         for sharding in variants:
             try:
                 rows.append(measure_one(args, info, cfg, precision, n_params, data, tokens, sharding))
+                if info.is_main:  # each row as it comes (a run stopped early keeps them in its log)
+                    r = rows[-1]
+                    kernels = {k: round(v, 2) for k, v in r["kernels_ms_rank0"].items()}
+                    log.info("row %s: MFU %.4f, step %.1f ms, peak %.2f GiB, start %.2f GiB; ms/step %s",
+                             sharding_text(sharding), r["mfu"] or 0.0, r["step_ms"], r["peak_gib_per_gpu"] or 0.0,
+                             r["start_gib"] or 0.0, json.dumps(kernels))  # fmt: skip
             except Exception as e:  # an OOM of one variant is a result too; the next one runs
                 log.exception("variant %s failed", sharding)
                 rows.append({"gpus": info.world_size, "mode": "?", "sharding": sharding, "is_main": info.is_main,
@@ -272,14 +300,15 @@ def measure_one(args, info, cfg, precision, n_params, data, tokens, sharding: di
     build_s = time.perf_counter() - t0
     losses = []
     t0 = time.perf_counter()
-    timing = time_steps(lambda b: losses.append(step([b])), data, tokens, device=info.device, warmup=args.warmup,
-                        steps=args.steps, profile_steps=0)  # fmt: skip
-    run_s = time.perf_counter() - t0
     kernels = {}
-    if cuda and args.profile_steps:
-        first = args.warmup + args.steps
-        kernels = profile_step(lambda: [step([b]) for b in data[first : first + args.profile_steps]], info.device,
-                               args.profile_steps)  # fmt: skip
+    with loss_recompute(not (sharding or {}).get("norecompute")):
+        timing = time_steps(lambda b: losses.append(step([b])), data, tokens, device=info.device,
+                            warmup=args.warmup, steps=args.steps, profile_steps=0)  # fmt: skip
+        run_s = time.perf_counter() - t0
+        if cuda and args.profile_steps:
+            first = args.warmup + args.steps
+            kernels = profile_step(lambda: [step([b]) for b in data[first : first + args.profile_steps]],
+                                   info.device, args.profile_steps)  # fmt: skip
     kernel_ms = sum(v for k, v in kernels.items() if k not in ("span", "idle", "nccl exposed")) or None
     mine = {"tokens_per_s": timing.useful_tokens_per_s, "step_ms": timing.step_ms,
             "gpu_busy": kernel_ms / timing.step_ms if kernel_ms else None,
@@ -347,7 +376,8 @@ def sharding_text(sharding: dict | None) -> str:
     text = (f"keep {sharding['keep_gathered']}, prefetch {sharding['prefetch']}, "
             f"{sharding['blocks_per_unit']} block/unit")  # fmt: skip
     text += f", {sharding['ctas']} CTAs" if sharding.get("ctas") else ""
-    return text + (", SDPA" if sharding.get("sdpa") else "")
+    text += ", SDPA" if sharding.get("sdpa") else ""
+    return text + (", loss not recomputed" if sharding.get("norecompute") else "")
 
 
 def table(rows: list[dict]) -> str:
