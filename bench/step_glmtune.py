@@ -9,6 +9,9 @@ widths and fixed packed shapes, whatever those are when the benchmark runs. ``co
 trainer's default (``train.compile``), True/False force it; the trainer's ``compile_blocks`` where it exists,
 else each transformer block wrapped in ``torch.compile`` here (``GlmtuneStep.compile_mode`` says which).
 
+``cuda_graph``: None follows ``train.cuda_graph``'s default (on with compiled blocks on CUDA: the step replayed as
+CUDA graphs, ``GraphedTrainStep``), True/False force it; ``prepare(batches)`` captures every batch key before timing.
+
 This is the one file to adapt when the trainer changes: ``GlmtuneStep.__call__`` must stay one optimizer step of
 the real trainer on one micro-batch.
 """
@@ -39,6 +42,10 @@ try:
     from glmtune.train import compile as train_compile
 except ImportError:  # before train.compile
     train_compile = None
+try:
+    from glmtune.train.graph_step import GraphedTrainStep, use_cuda_graph
+except ImportError:  # before train.cuda_graph
+    GraphedTrainStep = use_cuda_graph = None
 
 
 def default_compile(device: torch.device) -> bool:
@@ -85,6 +92,7 @@ class GlmtuneStep:
         lr: float = 3e-4,
         max_grad_norm: float = 1.0,
         model: torch.nn.Module | None = None,
+        cuda_graph: bool | None = None,
     ) -> None:
         self.device = device
         # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base;
@@ -97,7 +105,6 @@ class GlmtuneStep:
         self.params = list(named.values())
         self.model.transformer.gradient_checkpointing = gradient_checkpointing
         opt = OptimConfig(learning_rate=lr, max_grad_norm=max_grad_norm)
-        self.optimizer = build_optimizer(named, opt, device)
         self.max_grad_norm = max_grad_norm
         self.autocast = torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
         self.net = LMLoss(self.model, opt.loss_chunk_tokens)
@@ -111,11 +118,39 @@ class GlmtuneStep:
                 for block in _blocks(self.model):
                     block.compile()
                 self.compile_mode = "each transformer block torch.compile'd by the bench"
+        # train.cuda_graph as the trainer decides it (auto: with compiled blocks on CUDA; a caller's model, e.g. a
+        # quantized base, counts as quantized), or forced
+        self.graphed = False
+        if use_cuda_graph is not None:
+            self.graphed = use_cuda_graph("auto" if cuda_graph is None else cuda_graph, device,
+                                          compiled=self.compile_mode is not None, single=True,
+                                          precision="fp32" if precision == torch.float32 else "bf16",
+                                          gradient_checkpointing=gradient_checkpointing,
+                                          quantized=model is not None)  # fmt: skip
+        self.optimizer = build_optimizer(named, opt, device, **({"fused": True} if self.graphed else {}))
         self.train_step = None
-        if TrainStep is not None:
-            self.train_step = TrainStep(self.net, self.params, self.optimizer, info=DistInfo(device=device),
-                                        autocast=self.autocast, max_grad_norm=max_grad_norm)  # fmt: skip
+        info = DistInfo(device=device)
+        if self.graphed:
+            self.train_step = GraphedTrainStep(self.net, self.params, self.optimizer, info=info,
+                                               autocast=self.autocast, max_grad_norm=max_grad_norm)  # fmt: skip
+        elif TrainStep is not None:
+            self.train_step = TrainStep(self.net, self.params, self.optimizer, info=info, autocast=self.autocast,
+                                        max_grad_norm=max_grad_norm)  # fmt: skip
         self.model.train()
+
+    def prepare(self, batches: list[dict[str, torch.Tensor]]) -> int:
+        """With CUDA graphs: steps on ``batches`` until a step on any of them only replays graphs (each batch
+        key runs eagerly once and is captured at its second step), so no capture falls into the timed steps.
+        Returns the steps it ran."""
+        done = 0
+        if not self.graphed or not self.train_step.capture:
+            return done
+        for _ in range(3):
+            for batch in batches:
+                if not self.train_step.ready(batch):
+                    self(batch)
+                    done += 1
+        return done
 
     def __call__(self, batch: dict[str, torch.Tensor]):
         """One optimizer step on ``batch``; returns the mean token loss (a device tensor, or a float)."""

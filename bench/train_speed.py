@@ -17,6 +17,9 @@ after every run (a killed run keeps what it measured; compiled runs go last) and
 
     PYTHONPATH=src python bench/train_speed.py --json bench/results/train_speed.json
     PYTHONPATH=src python bench/train_speed.py --runs 'adgen-lora/*' --steps 10   # a subset (glob on run ids)
+
+glmtune's compiled runs replay the whole step as CUDA graphs (``train.cuda_graph``'s default; ``--cuda-graph off``
+measures them without); every batch key is captured before the timed steps (``prepare_steps`` in the JSON).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class Run:
     model: str = "6b"  # "6b" | "1.5b"
     checkpointing: bool = False
     compile: bool | None = None  # None: the implementation's default (glmtune: train.compile's; transformers: off)
+    cuda_graph: bool | None = None  # glmtune: None = train.cuda_graph's default (on when compiled on CUDA)
 
     @property
     def id(self) -> str:
@@ -148,8 +152,9 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
     from step_glmtune import GlmtuneStep
 
     options = {"lora": LORA, "ptuning": PTUNING, "full": {}}[run.method]
+    kw = {"cuda_graph": run.cuda_graph} if run.cuda_graph is not None else {}
     return GlmtuneStep(cfg, method=run.method, options=options, device=device, precision=precision,
-                       gradient_checkpointing=run.checkpointing, compile=run.compile)  # fmt: skip
+                       gradient_checkpointing=run.checkpointing, compile=run.compile, **kw)  # fmt: skip
 
 
 def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device, precision: torch.dtype) -> dict:
@@ -171,6 +176,11 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
     row["compiled"] = bool(getattr(step, "compile_mode", None)) if run.impl == GLMTUNE else bool(run.compile)
     if getattr(step, "compile_mode", None):
         row["compile_mode"] = step.compile_mode
+    row["cuda_graph"] = bool(getattr(step, "graphed", False))
+    if row["cuda_graph"]:  # every batch key captured before timing (as compilation: warm-up)
+        t0 = time.perf_counter()
+        row["prepare_steps"] = step.prepare(batches[: args.warmup + args.steps + args.profile_steps])
+        row["prepare_s"] = time.perf_counter() - t0
     losses = []
 
     def one(batch):
@@ -201,6 +211,7 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
 
 COLUMNS = [
     ("setting", "setting", ""), ("impl", "impl", ""), ("variant", "variant", ""), ("compiled", "compiled", ""),
+    ("CUDA graphs", "graphs", ""),
     ("rows x width", "shape", ""), ("samples/step", "samples_per_step", ".1f"),
     ("useful tok/s", "useful_tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"), ("step ms", "step_ms", ".1f"),
     ("GPU busy", "gpu_busy", ".0%"), ("kernels/step", "kernels_per_step", ",.0f"), ("peak GiB", "peak_gib", ".1f"),
@@ -214,7 +225,8 @@ def table(rows: list[dict]) -> str:
             shown.append({**r, "variant": f"{r['variant']} (failed: {r['error'][:80]})"})
         else:
             shown.append({**r, "shape": f"{r['rows_per_step']} x {r['mean_width']:.0f}",
-                          "compiled": "yes" if r["compiled"] else "no"})  # fmt: skip
+                          "compiled": "yes" if r["compiled"] else "no",
+                          "graphs": "yes" if r.get("cuda_graph") else "no"})  # fmt: skip
     return markdown_table(shown, COLUMNS)
 
 
@@ -225,6 +237,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers+peft runs")
     ap.add_argument("--compile", choices=["default", "on", "off"], default="default",
                     help="glmtune runs of no fixed compile setting: train.compile's default, or forced")  # fmt: skip
+    ap.add_argument("--cuda-graph", choices=["default", "on", "off"], default="default",
+                    help="glmtune runs: train.cuda_graph's default (on when compiled on CUDA), or forced")  # fmt: skip
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--profile-steps", type=int, default=2)
@@ -257,6 +271,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.compile != "default":
         forced = args.compile == "on"
         runs = [replace(r, compile=forced) if r.impl == GLMTUNE and r.compile is None else r for r in runs]
+    if args.cuda_graph != "default":
+        runs = [replace(r, cuda_graph=args.cuda_graph == "on") if r.impl == GLMTUNE else r for r in runs]
     for run in sorted(runs, key=lambda r: r.compile is True):  # compiled runs last: the slowest to start
         cfg = model_config(run.model, args.tiny)
         # glmtune's batcher makes fixed shapes when its step is compiled (as the trainer does)

@@ -85,10 +85,12 @@ def test_inductor_matches_eager(models: Path, tmp_path: Path) -> None:
     assert [v for _, v in compiled.losses] == pytest.approx([v for _, v in eager.losses], rel=1e-5, abs=1e-6)
 
 
-def test_exact_resume_with_compile(models: Path, tmp_path: Path, backend) -> None:
-    """A run stopped at step 2 and resumed to 4 has the losses of one that ran through (dropout on: RNG restored)."""
+@pytest.mark.parametrize("mode", ["train.compile=true", "train.cuda_graph=true"])
+def test_exact_resume_with_compile(models: Path, tmp_path: Path, backend, mode: str) -> None:
+    """A run stopped at step 2 and resumed to 4 has the losses of one that ran through (dropout on: RNG restored);
+    compiled, or with the CUDA-graph step (plain calls on the CPU: padded loss positions, lr and scale tensors)."""
     model = tiny_model(models)
-    settings = ("train.compile=true", "method.dropout=0.1", "train.scheduler=constant", "save.every_steps=2",
+    settings = (mode, "method.dropout=0.1", "train.scheduler=constant", "save.every_steps=2",
                 "data.max_samples=12")  # fmt: skip
     whole = run(small_config(model, tmp_path / "whole", *settings, "train.max_steps=4"))
     run(small_config(model, tmp_path / "parts", *settings, "train.max_steps=2"))

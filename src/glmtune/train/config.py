@@ -100,6 +100,9 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     gradient_checkpointing: Literal["mlp", "half"] | bool = False  # true: every block; mlp, half: less
     compile: Literal["auto"] | bool = "auto"  # torch.compile each block; auto: on CUDA (YAML on/off = true/false)
+    # the whole step replayed as CUDA graphs (train/graph_step.py); auto: with compile, one process, no fp16,
+    # no gradient checkpointing, an unquantized base
+    cuda_graph: Literal["auto"] | bool = "auto"
     loss_chunk_tokens: int = 1024  # tokens per chunk of the output layer + loss (memory ~ chunk * vocab)
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
     # several processes: fsdp shards weights, gradients and optimizer state, ddp copies them; auto: fsdp for

@@ -48,6 +48,7 @@ from glmtune.train.config import TrainConfig
 from glmtune.train.data import dev_batches, load_datasets, make_batcher
 from glmtune.train.distributed import DistInfo, barrier
 from glmtune.train.evaluation import EvalHook
+from glmtune.train.graph_step import GraphedTrainStep, use_cuda_graph
 from glmtune.train.interrupt import (
     StopRequest,
     TrainInterrupted,
@@ -326,10 +327,18 @@ class Trainer:
         self.named = fsdp.sharded_parameters(self.model, list(self.named))
 
     def compile(self) -> None:
-        """``train.compile``: the transformer blocks compiled in place (names unchanged), fixed batch shapes."""
-        self.compiled = use_compile(self.cfg.train.compile, self.info.device)
+        """``train.compile``: the transformer blocks compiled in place (names unchanged), fixed batch shapes;
+        ``train.cuda_graph``: the step replayed as CUDA graphs (``graph_step.py``)."""
+        t = self.cfg.train
+        self.compiled = use_compile(t.compile, self.info.device)
         if self.compiled:
             compile_blocks(self.model)
+        self.graphed = use_cuda_graph(t.cuda_graph, self.info.device, compiled=self.compiled,
+                                      single=self.mode == "single" and not self.info.enabled,
+                                      precision=self.precision, gradient_checkpointing=t.gradient_checkpointing,
+                                      quantized=self.quantized)  # fmt: skip
+        if self.graphed:
+            log.info("train.cuda_graph: each step replayed as CUDA graphs (captured per batch shape)")
 
     def write_run_files(self) -> None:
         if self.info.is_main:
@@ -354,7 +363,7 @@ class Trainer:
         self.datasets = datasets
         self.batcher = make_batcher(datasets.train, cfg=cfg.data, batch_size=t.batch_size, grad_accum=t.grad_accum,
                                     world_size=info.world_size, seed=cfg.seed, tokenizer=self.tokenizer,
-                                    template=self.template, fixed_shapes=self.compiled)  # fmt: skip
+                                    template=self.template, fixed_shapes=self.compiled or self.graphed)  # fmt: skip
         self.total = t.max_steps or t.epochs * self.batcher.steps_per_epoch
         self.dev = dev_batches(datasets.dev, batch_size=cfg.eval.batch_size, rank=info.rank, world_size=info.world_size,
                                tokenizer=self.tokenizer, template=self.template)  # fmt: skip
@@ -370,7 +379,7 @@ class Trainer:
 
     def build_optimization(self) -> None:
         t, device = self.cfg.train, self.info.device
-        self.optimizer = build_optimizer(self.named, t, device)
+        self.optimizer = build_optimizer(self.named, t, device, fused=True if self.graphed else None)
         warmup = warmup_steps_for(self.total, t.warmup_steps, t.warmup_ratio)
         self.schedule = LRSchedule(t.scheduler, self.total, warmup, t.min_lr_ratio)
         self.scheduler = build_scheduler(self.optimizer, self.schedule)
@@ -424,10 +433,14 @@ class Trainer:
     def start(self) -> None:
         """Last things before the first step: the wrapped step, the metrics writer, the eval hook, the RNG."""
         cfg, info = self.cfg, self.info
-        step_class = fsdp.ShardedTrainStep if self.sharded else TrainStep
-        self.step_fn = step_class(self.wrap(), list(self.named.values()), self.optimizer, info=info,
-                                 autocast=self.autocast, scaler=self.scaler,
-                                 max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
+        params = list(self.named.values())
+        if self.graphed:
+            self.step_fn = GraphedTrainStep(self.net, params, self.optimizer, info=info, autocast=self.autocast,
+                                            max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
+        else:
+            step_class = fsdp.ShardedTrainStep if self.sharded else TrainStep
+            self.step_fn = step_class(self.wrap(), params, self.optimizer, info=info, autocast=self.autocast,
+                                      scaler=self.scaler, max_grad_norm=cfg.train.max_grad_norm)  # fmt: skip
         resume_step = self.progress.step if self.resume else None
         self.writer = MetricsWriter(self.run_dir, enabled=info.is_main, tensorboard=cfg.log.tensorboard,
                                     plot=cfg.log.plot, resume_step=resume_step)  # fmt: skip

@@ -24,7 +24,7 @@ def count_targets(labels: torch.Tensor) -> int:
 def _chunk_loss(h: torch.Tensor, targets: torch.Tensor, output_layer: nn.Module) -> torch.Tensor:
     logits = output_layer(h)  # (n, vocab): one chunk only
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> float32 for the softmax
-    return F.cross_entropy(logits, targets, reduction="sum")
+    return F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE_INDEX)  # (padded slots: no loss)
 
 
 def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,8 @@ def indexed_lm_loss(
     output_layer: nn.Module,
     chunk_tokens: int = 1024,
 ) -> torch.Tensor:
-    """Sum of the token losses at ``index`` (see :func:`loss_targets`), in chunks of ``chunk_tokens`` rows."""
+    """Sum of the token losses at ``index`` (see :func:`loss_targets`), in chunks of ``chunk_tokens`` rows. A
+    target ``IGNORE_INDEX`` takes no loss (the CUDA-graph step pads ``index``/``targets`` to a fixed length so)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     h = hidden.flatten(0, 1).index_select(0, index)  # (n, H)
@@ -71,7 +72,9 @@ def indexed_lm_loss(
     for start in range(0, n, chunk_tokens):
         hs, ts = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
         if grad:
-            total = total + checkpoint(_chunk_loss, hs, ts, output_layer, use_reentrant=False).to(acc)
+            # nothing random inside: no RNG state to keep (reading it is not allowed while a CUDA graph captures)
+            total = total + checkpoint(_chunk_loss, hs, ts, output_layer, use_reentrant=False,
+                                       preserve_rng_state=False).to(acc)  # fmt: skip
         else:
             total = total + _chunk_loss(hs, ts, output_layer).to(acc)
     return total
