@@ -52,7 +52,7 @@ from glmtune.generate import Decoder, GenerationConfig, generate  # noqa: E402
 from glmtune.models import build_model  # noqa: E402
 from glmtune.models.checkpoint import save_pretrained  # noqa: E402
 from glmtune.models.config import GLMConfig, preset  # noqa: E402
-from glmtune.models.quant import quantize_model_  # noqa: E402
+from glmtune.models.quant import dequantize_weight, quantize_model_  # noqa: E402
 from glmtune.pretrained import load_pretrained  # noqa: E402
 
 log = logging.getLogger("quant_speed")
@@ -220,35 +220,65 @@ def _bench(fn, rep_ms: int) -> float:
 
 def kernel_row(qk, w_bf16: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int, m: int, sweeps: list,
                rep_ms: int) -> dict:  # fmt: skip
-    """One linear at ``m`` rows: bf16 cuBLAS, dequantize + cuBLAS, the automatic choice, and each (path, config) of
-    ``sweeps`` (config None: the default); the best of each path is kept beside the whole sweep."""
+    """One linear at ``m`` rows: bf16 cuBLAS, dequantize + cuBLAS, the automatic choice, and each (label, path,
+    config) of ``sweeps`` (config None: the default); the best of each label is kept beside the whole sweep. Every
+    result is compared with x @ the dequantized weight (float32): ``max_rel_err`` over all of them."""
     n, k = w_bf16.shape
     x = torch.randn(m, k, device=w_bf16.device, dtype=torch.bfloat16)
+    ref = x.float() @ dequantize_weight(q, scale, bits, torch.float32).T
+    errors = []
+
+    def checked(y: torch.Tensor) -> None:
+        errors.append(((y.float() - ref).norm() / ref.norm()).item())
+
+    checked(qk.linear(x, q, scale, bits, None))
     row = {"n": n, "k": k, "bits": bits, "m": m,
            "bf16_cublas_us": _bench(lambda: torch.nn.functional.linear(x, w_bf16), rep_ms),
            "dequant_cublas_us": _bench(lambda: qk.linear(x, q, scale, bits, None, path="dequant"), rep_ms),
            "auto_us": _bench(lambda: qk.linear(x, q, scale, bits, None), rep_ms), "sweep": []}  # fmt: skip
     best: dict[str, tuple[float, dict]] = {}
-    for path, c in sweeps:
+    for label, path, c in sweeps:
+        checked(qk.linear(x, q, scale, bits, None, path=path, config=c))
         us = _bench(lambda path=path, c=c: qk.linear(x, q, scale, bits, None, path=path, config=c), rep_ms)
         config = vars(c if c is not None else qk.gemv_config(m, n, q.shape[1], bits))
-        row["sweep"].append({"path": path, "us": us, **config})
-        if path not in best or us < best[path][0]:
-            best[path] = (us, config)
-    for path, (us, config) in best.items():
-        row[f"{path}_us"], row[f"{path}_config"] = us, config
+        row["sweep"].append({"label": label, "path": path, "us": us, **config})
+        if label not in best or us < best[label][0]:
+            best[label] = (us, config)
+    for label, (us, config) in best.items():
+        row[f"{label}_us"], row[f"{label}_config"] = us, config
+    row["max_rel_err"] = max(errors)
+    if bits == 4 and m == 1:
+        row["tinygemm_us"] = tinygemm_us(n, k, m, w_bf16.device, rep_ms)
     row["weight_gb_per_s_auto"] = (q.nbytes + scale.nbytes) / (row["auto_us"] * 1e-6) / 1e9
     row["bf16_weight_gb_per_s"] = w_bf16.nbytes / (row["bf16_cublas_us"] * 1e-6) / 1e9
     return row
+
+
+def tinygemm_us(n: int, k: int, m: int, device: torch.device, rep_ms: int) -> float | None:
+    """A reference only (not used by glmtune: another weight layout, group-wise scales): torch's tinygemm INT4
+    matmul (``aten._weight_int4pack_mm``, group size 128) on the same shape, random packed weights."""
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
+    x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
+    scales_zeros = torch.randn(k // 128, n, 2, dtype=torch.bfloat16, device=device)
+    for inner_k_tiles in (8, 4, 2):
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack(w, inner_k_tiles)
+            return _bench(lambda p=packed: torch.ops.aten._weight_int4pack_mm(x, p, 128, scales_zeros), rep_ms)
+        except Exception as e:  # noqa: BLE001 - a reference only: the shape or this torch may not take it
+            log.info("tinygemm (inner_k_tiles=%d) on %dx%d: %s", inner_k_tiles, n, k, e)
+    return None
 
 
 def kernels(args: argparse.Namespace, device: torch.device, add) -> None:
     from glmtune.models import quant_kernels as qk
     from glmtune.models.quant import quantize_weight
 
-    gemv_sweep = [qk.GemvConfig(1, bn, bk, nw) for bn, bk, nw in
-                  [(2, 1024, 4), (4, 256, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8),
-                   (16, 256, 4)]]  # fmt: skip
+    mma = [qk.GemvConfig(bn, bw, nw, st) for bn, bw, nw, st in
+           [(4, 256, 4, 3), (8, 128, 4, 3), (8, 256, 4, 3), (8, 256, 4, 1), (8, 256, 8, 3), (8, 512, 4, 3),
+            (16, 128, 4, 3), (16, 256, 4, 3), (16, 256, 8, 3), (32, 128, 4, 3)]]  # fmt: skip
+    cuda_cores = [qk.GemvConfig(bn, bw, nw, st, mma=False) for bn, bw, nw, st in
+                  [(4, 256, 4, 3), (8, 128, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 3),
+                   (16, 512, 8, 3), (32, 128, 4, 3)]]  # fmt: skip
     dot_skinny = [qk.DotConfig(16, bn, bk, 1) for bn, bk in [(16, 128), (32, 64), (32, 128), (32, 256)]]
     dot_large = [qk.DotConfig(bm, bn, bk, 8, nw, st) for bm, bn, bk, nw, st in
                  [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 4)]]  # fmt: skip
@@ -258,16 +288,20 @@ def kernels(args: argparse.Namespace, device: torch.device, add) -> None:
             q, scale = quantize_weight(w, bits)
             for m in args.kernel_rows:
                 sweeps: list = []
-                if m <= 4:
-                    sweeps += [("gemv", c) for c in (gemv_sweep if m == 1 else [None])]
-                large = [c for c in dot_large if c.block_m <= max(64, m)]
-                sweeps += [("dot", c) for c in (dot_skinny if m <= 16 else large)]
+                if m == 1:
+                    sweeps += [("gemv_mma", "gemv", c) for c in (mma if bits == 4 else [])]
+                    sweeps += [("gemv_cuda_cores", "gemv", c) for c in cuda_cores]
+                elif m <= 4:
+                    sweeps.append(("gemv", "gemv", None))
+                if m > 1:
+                    large = [c for c in dot_large if c.block_m <= max(64, m)]
+                    sweeps += [("dot", "dot", c) for c in (dot_skinny if m <= 16 else large)]
                 add({"shape": name, **kernel_row(qk, w.to(torch.bfloat16), q, scale, bits, m, sweeps, args.rep_ms)})
 
 
 def best_gemv(rows: list[dict]) -> dict[tuple[int, int, int], dict]:
     """(out, stored cols, bits) -> the fastest matrix-vector config at one row, where it beat the default."""
-    rows = [r for r in rows if r["m"] == 1 and "gemv_config" in r]
+    rows = [r for r in rows if r["m"] == 1 and r.get("sweep")]
     if not rows:
         return {}
     from glmtune.models import quant_kernels as qk
@@ -275,8 +309,10 @@ def best_gemv(rows: list[dict]) -> dict[tuple[int, int, int], dict]:
     table = {}
     for r in rows:
         kp = r["k"] // 2 if r["bits"] == 4 else r["k"]
-        if r["gemv_config"] != vars(qk.gemv_config(1, r["n"], kp, r["bits"])):
-            table[(r["n"], kp, r["bits"])] = r["gemv_config"]
+        fastest = min((e for e in r["sweep"] if e["path"] == "gemv"), key=lambda e: e["us"])
+        config = {f: fastest[f] for f in qk.GemvConfig.__dataclass_fields__}
+        if config != vars(qk.gemv_config(1, r["n"], kp, r["bits"])):
+            table[(r["n"], kp, r["bits"])] = config
     return table
 
 
@@ -292,9 +328,12 @@ E2E_COLUMNS = [("precision", "precision", ""), ("decode tok/s", "tokens_per_s_pe
                ("reserved GiB", "peak_reserved_gib", ".2f")]  # fmt: skip
 KERNEL_COLUMNS = [("shape", "shape", ""), ("bits", "bits", "d"), ("M", "m", "d"),
                   ("bf16 cuBLAS µs", "bf16_cublas_us", ".1f"),
-                  ("auto µs", "auto_us", ".1f"), ("gemv µs", "gemv_us", ".1f"), ("dot µs", "dot_us", ".1f"),
+                  ("auto µs", "auto_us", ".1f"), ("gemv mma µs", "gemv_mma_us", ".1f"),
+                  ("gemv CUDA-core µs", "gemv_cuda_cores_us", ".1f"), ("gemv µs", "gemv_us", ".1f"),
+                  ("dot µs", "dot_us", ".1f"), ("tinygemm µs", "tinygemm_us", ".1f"),
                   ("dequant+cuBLAS µs", "dequant_cublas_us", ".1f"),
-                  ("auto weight GB/s", "weight_gb_per_s_auto", ",.0f")]  # fmt: skip
+                  ("auto weight GB/s", "weight_gb_per_s_auto", ",.0f"),
+                  ("max rel err", "max_rel_err", ".1e")]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -82,7 +82,7 @@ def _small_config(qk, path: str, m: int):
     """Blocks smaller than the input, so that every kernel loops, masks and tiles; the GPU tests run the defaults
     (the interpreter is slow at the matrix-vector kernel's reduction over large blocks)."""
     if path == "gemv":
-        return qk.GemvConfig(block_m=1 if m == 1 else 2, block_n=16, block_k=16)
+        return qk.GemvConfig(block_n=16, block_w=4)
     return qk.DotConfig(block_m=16, block_n=16, block_k=16, group_m=2) if path == "dot" else None
 
 
@@ -101,6 +101,28 @@ def test_each_path_matches_float64(qk, bits, path, dtype):
         _close(qk.linear(x, q, scale, bits, b, path=path, config=config), ref, dtype)
         if CUDA:  # the default blocks (larger than these shapes: masked everywhere)
             _close(qk.linear(x, q, scale, bits, b, path=path), ref, dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemv_reads_words_or_bytes_and_masks_the_edges(qk, bits, dtype):
+    """The matrix-vector kernel on stored rows that are whole 32-bit words (read as int32: 136 columns) and on rows
+    that are not (70 columns: assembled from bytes), blocks that cut the rows and the words mid-way, over the whole
+    integer range, a row of zeros, with and without bias; on the GPU also the tensor-core variant (INT4, bf16)."""
+    dev = _device()
+    g = torch.Generator().manual_seed(bits)
+    configs = [qk.GemvConfig(block_n=4, block_w=4), qk.GemvConfig(block_n=16, block_w=8, num_warps=2)]
+    if CUDA:
+        configs += [qk.GemvConfig(block_n=8, block_w=32, mma=False), qk.GemvConfig(block_n=4, block_w=32),
+                    qk.GemvConfig(block_n=32, block_w=128, num_warps=8), None]  # fmt: skip
+    for n, k in ((37, 136), (19, 70)):
+        q, scale = _weight(n, k, bits, seed=n, device=dev)
+        for m, bias in ((1, True), (2, False)):
+            x = torch.randn(m, k, generator=g).to(dev, dtype)
+            b = torch.randn(n, generator=g).to(dev, dtype) if bias else None
+            ref = _reference(x, q, scale, bits, b)
+            for config in configs:
+                _close(qk.linear(x, q, scale, bits, b, path="gemv", config=config), ref, dtype)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -169,13 +191,16 @@ def test_bad_shapes_and_bits_are_named(qk):
 
 # ---- GPU only -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("path", ["gemv", "dot", "dequant"])
-@pytest.mark.parametrize("m", [1, 2, 5, 16, 100])
+@pytest.mark.parametrize(("path", "m"), [("gemv", 1), ("gemv", 3), ("dot", 2), ("dot", 16), ("dequant", 17),
+                                         ("dequant", 100)])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [2050, 4104])
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_gpu_kernels_at_larger_shapes(qk, bits, path, m, dtype):
-    n, k = 1031, 2050  # several tiles, none full at the edges; INT4 stores an odd 1025 columns
+def test_gpu_kernels_at_larger_shapes(qk, bits, path, m, dtype, k):
+    """Several tiles, none full at the edges: 2,050 inputs (INT4: an odd 1,025 stored columns, read as bytes) and
+    4,104 (whole 32-bit words, a partial last step; INT4 + bf16 at one row: the tensor-core kernel)."""
+    n = 1031
     q, scale = _weight(n, k, bits, seed=m, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     b = torch.randn(n, device="cuda", dtype=dtype)
