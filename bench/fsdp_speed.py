@@ -226,20 +226,44 @@ def kernel_breakdown(events: list[dict], steps: int) -> dict[str, float]:
     return {k: v / 1e3 / steps for k, v in sorted(out.items())}
 
 
-def profile_step(run, device: torch.device, steps: int) -> dict[str, float]:
-    """:func:`kernel_breakdown` of ``run()`` (``steps`` steps) under the profiler (CUDA kernels only)."""
+def idle_gaps(events: list[dict], top: int = 6, min_ms: float = 0.5) -> list[dict]:
+    """The ``top`` longest stretches (of at least ``min_ms``) in which no kernel ran: where (ms after the first
+    kernel), how long, and the kernels on either side (where the GPU waited for the host, or for a peer)."""
+    gpu = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"]), e.get("name", "")) for e in events
+                 if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)  # fmt: skip
+    if not gpu:
+        return []
+    gaps, end, before = [], gpu[0][1], gpu[0][2]
+    for start, stop, name in gpu[1:]:
+        if start - end >= min_ms * 1e3:
+            gaps.append({"at_ms": (end - gpu[0][0]) / 1e3, "ms": (start - end) / 1e3, "before": before[:80],
+                         "after": name[:80]})  # fmt: skip
+        if stop > end:
+            end, before = stop, name
+    return sorted(gaps, key=lambda g: -g["ms"])[:top]
+
+
+def profile_step(run, device: torch.device, steps: int, trace: Path | None = None) -> tuple[dict, list[dict]]:
+    """(:func:`kernel_breakdown`, :func:`idle_gaps`) of ``run()`` (``steps`` steps) under the profiler (CUDA
+    kernels; with ``trace``, the host's operators too, and the Chrome trace written there, gzipped)."""
+    import gzip
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if trace is not None else [])
+    with profile(activities=activities) as prof:
         run()
         torch.cuda.synchronize(device)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text()).get("traceEvents", [])
-    return kernel_breakdown(events, steps)
+        text = path.read_text()
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.write_bytes(gzip.compress(text.encode()))
+    events = json.loads(text).get("traceEvents", [])
+    return kernel_breakdown(events, steps), idle_gaps(events)
 
 
 def batches(cfg: GLMConfig, info: distributed.DistInfo, *, rows: int, pack_length: int, n: int, seed: int):
@@ -279,6 +303,9 @@ def measure(args) -> list[dict]:
                     log.info("row %s: MFU %.4f, step %.1f ms, peak %.2f GiB, start %.2f GiB; ms/step %s",
                              sharding_text(sharding), r["mfu"] or 0.0, r["step_ms"], r["peak_gib_per_gpu"] or 0.0,
                              r["start_gib"] or 0.0, json.dumps(kernels))  # fmt: skip
+                    for g in r["idle_gaps_rank0"]:
+                        log.info("  idle %.1f ms at %.1f ms, after %s, before %s", g["ms"], g["at_ms"], g["before"],
+                                 g["after"])  # fmt: skip
             except Exception as e:  # an OOM of one variant is a result too; the next one runs
                 log.exception("variant %s failed", sharding)
                 rows.append({"gpus": info.world_size, "mode": "?", "sharding": sharding, "is_main": info.is_main,
@@ -300,15 +327,18 @@ def measure_one(args, info, cfg, precision, n_params, data, tokens, sharding: di
     build_s = time.perf_counter() - t0
     losses = []
     t0 = time.perf_counter()
-    kernels = {}
+    kernels, gaps = {}, []
     with loss_recompute(not (sharding or {}).get("norecompute")):
         timing = time_steps(lambda b: losses.append(step([b])), data, tokens, device=info.device,
                             warmup=args.warmup, steps=args.steps, profile_steps=0)  # fmt: skip
         run_s = time.perf_counter() - t0
         if cuda and args.profile_steps:
             first = args.warmup + args.steps
-            kernels = profile_step(lambda: [step([b]) for b in data[first : first + args.profile_steps]],
-                                   info.device, args.profile_steps)  # fmt: skip
+            trace = None
+            if args.trace is not None and info.is_main:
+                trace = args.trace / f"trace-{sharding_text(sharding).replace(', ', '_').replace(' ', '')}.json.gz"
+            kernels, gaps = profile_step(lambda: [step([b]) for b in data[first : first + args.profile_steps]],
+                                         info.device, args.profile_steps, trace)  # fmt: skip
     kernel_ms = sum(v for k, v in kernels.items() if k not in ("span", "idle", "nccl exposed")) or None
     mine = {"tokens_per_s": timing.useful_tokens_per_s, "step_ms": timing.step_ms,
             "gpu_busy": kernel_ms / timing.step_ms if kernel_ms else None,
@@ -335,6 +365,7 @@ def measure_one(args, info, cfg, precision, n_params, data, tokens, sharding: di
         "step_ms": max(r["step_ms"] for r in every),
         "gpu_busy": min(busy) if busy else None,
         "kernels_ms_rank0": kernels,
+        "idle_gaps_rank0": gaps,
         "start_gib": start_gib,
         "build_s": build_s,
         "run_s": run_s,
@@ -406,6 +437,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peak-tflops", type=float, default=H200_BF16_PEAK_TFLOPS, help="for MFU (H200 bf16 dense)")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--trace", type=Path, default=None, help="folder: rank 0's profiled step as a gzipped Chrome "
+                    "trace per variant (host operators too)")  # fmt: skip
     ap.add_argument("--note", default=None, help="kept in the JSON (e.g. the glmtune commit measured)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

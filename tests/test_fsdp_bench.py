@@ -61,3 +61,21 @@ def test_kernel_breakdown_and_variants() -> None:
     assert fsdp_speed.sharding_text({"keep_gathered": 1, "prefetch": 2, "blocks_per_unit": 1, "ctas": 8}) == (
         "keep 1, prefetch 2, 1 block/unit, 8 CTAs"
     )
+
+
+def test_idle_gaps() -> None:
+    """The longest stretches without any kernel, with the kernels on either side; overlapping kernels (another
+    stream) close a gap."""
+    events = [
+        {"cat": "kernel", "name": "a", "ts": 0.0, "dur": 1_000.0},
+        {"cat": "kernel", "name": "b", "ts": 500.0, "dur": 3_000.0},  # overlaps a: no gap
+        {"cat": "kernel", "name": "c", "ts": 5_500.0, "dur": 1_000.0},  # 2 ms after b
+        {"cat": "gpu_memset", "name": "d", "ts": 6_700.0, "dur": 100.0},  # 0.2 ms: below min_ms
+        {"cat": "kernel", "name": "e", "ts": 12_000.0, "dur": 1_000.0},  # 5.2 ms after d
+    ]
+    got = fsdp_speed.idle_gaps(events, top=5, min_ms=0.5)
+    assert got == [
+        {"at_ms": pytest.approx(6.8), "ms": pytest.approx(5.2), "before": "d", "after": "e"},
+        {"at_ms": pytest.approx(3.5), "ms": pytest.approx(2.0), "before": "b", "after": "c"},
+    ]
+    assert fsdp_speed.idle_gaps(events, top=1)[0]["after"] == "e" and fsdp_speed.idle_gaps([]) == []
