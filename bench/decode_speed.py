@@ -6,7 +6,8 @@ batch size, after a warm-up generation, greedy decoding of ``--new-tokens`` toke
 (no stop token) is timed whole, and a 1-token generation of the same prompts gives the prefill time; decode
 tok/s = (new tokens - 1) / (whole - prefill), per sequence and in total. glmtune's warm-up has the timed length
 (it captures a CUDA graph per cache size, once; the warm-up time is reported). glmtune runs each ``--decode`` mode
-("auto" is its default). Nothing is downloaded.
+("auto" is its default) with each ``--matvec`` path for one-row products ("auto" is its default: the Triton
+kernel on CUDA; "torch" cuBLAS; "inductor" inductor's own, compiled mode only). Nothing is downloaded.
 
     PYTHONPATH=src python bench/decode_speed.py --json bench/results/decode_speed.json
 """
@@ -41,7 +42,8 @@ def prompts_for(batch: int, prompt_len: int, vocab: int) -> torch.Tensor:
 def timed(generate: Callable[[int], int], new_tokens: int, device: torch.device, warmup_tokens: int) -> dict:
     """Prefill (a 1-token run) and whole-run times of ``generate(n) -> tokens made per row``, after a warm-up run of
     ``warmup_tokens`` (its time is kept: it holds one-time costs such as capturing CUDA graphs for the shapes) and an
-    untimed 1-token run."""
+    untimed 1-token run. ``whole_tokens_per_s``: tokens per second over the whole run, prefill included (immune to an
+    outlying 1-token run, which the decode rate subtracts)."""
 
     def run(n: int) -> tuple[float, int]:
         sync(device)
@@ -56,17 +58,25 @@ def timed(generate: Callable[[int], int], new_tokens: int, device: torch.device,
     whole, made = run(new_tokens)
     decode_s = whole - first
     return {"new_tokens": made, "warmup_s": warmup_s, "first_token_s": first, "whole_s": whole, "decode_s": decode_s,
-            "tokens_per_s_per_seq": (made - 1) / decode_s}  # fmt: skip
+            "tokens_per_s_per_seq": (made - 1) / decode_s,
+            "whole_tokens_per_s": made / whole}  # fmt: skip
 
 
-def glmtune_generate(model, ids: torch.Tensor, decode: str) -> Callable[[int], int]:
-    """glmtune as chat, eval and a server run it: one Decoder kept across calls (buffers and captured step reused)."""
+def glmtune_generate(model, ids: torch.Tensor, decode: str, matvec: str = "auto") -> Callable[..., int]:
+    """glmtune as chat, eval and a server run it: one Decoder kept across calls (buffers and captured step reused).
+    ``generate(n, stop_after)``: a generation of ``n`` new tokens, left after ``stop_after`` of them if given (the
+    same cache size, hence the same captured step, as the whole run)."""
     prompts = ids.tolist()
-    decoder = Decoder(model, decode=decode)
+    decoder = Decoder(model, decode=decode, matvec=matvec)
 
-    def generate(n: int) -> int:
+    def generate(n: int, stop_after: int | None = None) -> int:
         cfg = GenerationConfig(max_new_tokens=n, do_sample=False)
-        return sum(1 for _ in generate_stream(model, prompts, cfg, stop_ids=[], pad_id=0, decoder=decoder))
+        made = 0
+        for _ in generate_stream(model, prompts, cfg, stop_ids=[], pad_id=0, decoder=decoder):
+            made += 1
+            if made == stop_after:
+                break
+        return made
 
     return generate
 
@@ -85,7 +95,24 @@ def hf_generate(model, ids: torch.Tensor) -> Callable[[int], int]:
 COLUMNS = [("impl", "impl", ""), ("batch", "batch", "d"), ("warm-up s", "warmup_s", ".2f"),
            ("first token s", "first_token_s", ".3f"),
            ("decode tok/s per seq", "tokens_per_s_per_seq", ",.1f"),
+           ("whole-run tok/s per seq", "whole_tokens_per_s", ",.1f"),
            ("decode tok/s total", "tokens_per_s_total", ",.1f")]  # fmt: skip
+
+
+def profiled(run: Callable[..., int], new_tokens: int, tokens: int, title: str) -> dict:
+    """Kernel time and launches per token of ``run``'s first ``tokens`` tokens (prefill included) under the profiler,
+    its top kernels printed."""
+    from profile_decode import kernel_profile, top_kernels
+
+    summary, prof = kernel_profile(lambda: run(new_tokens, tokens), tokens)
+    print(f"== {title}: {summary}\n{top_kernels(prof, 12, 70)}", flush=True)
+    return summary
+
+
+def matvec_configs() -> dict[str, str]:
+    """The Triton matrix-vector kernel's measured blocks, if it ran ((out, in, dtype, bias, device) -> config)."""
+    gemv = sys.modules.get("glmtune.models.gemv")
+    return {str(k): str(v) for k, v in gemv.tuned_configs().items()} if gemv is not None else {}
 
 
 def table(rows: list[dict]) -> str:
@@ -100,6 +127,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     ap.add_argument("--decode", nargs="+", default=["auto", "graph"], help="glmtune decode modes (auto: default)")
+    ap.add_argument(
+        "--matvec",
+        nargs="+",
+        default=["auto"],
+        help="one-row product paths (auto, torch, triton, inductor; inductor with --decode compiled only)",
+    )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="DECODE:MATVEC",
+        help="glmtune runs as decode:matvec pairs (instead of every --decode with every --matvec)",
+    )
+    ap.add_argument(
+        "--profile-batch",
+        type=int,
+        nargs="*",
+        default=[],
+        help="batch sizes whose glmtune runs are also profiled (kernel time per token, top kernels)",
+    )
+    ap.add_argument("--profile-tokens", type=int, default=64)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     ap.add_argument("--json", type=Path, default=None)
@@ -124,19 +172,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
     random_fill(model, device, dtype, seed=0)
     model.eval()
     info["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    for decode in args.decode:
+    if args.variants:
+        variants = [tuple(v.split(":", 1)) if ":" in v else (v, "auto") for v in args.variants]
+    else:
+        variants = [(d, m) for d in args.decode for m in args.matvec if m != "inductor" or d == "compiled"]
+    for decode, matvec in variants:
         for b in args.batch:
             ids = prompts_for(b, args.prompt_len, cfg.padded_vocab_size)
             # warm-up at the timed length: glmtune captures a CUDA graph per cache size, once
-            r = timed(glmtune_generate(model, ids, decode), args.new_tokens, device, warmup_tokens=args.new_tokens)
+            run = glmtune_generate(model, ids, decode, matvec)
+            r = timed(run, args.new_tokens, device, warmup_tokens=args.new_tokens)
+            if b in args.profile_batch:
+                r.update(profiled(run, args.new_tokens, args.profile_tokens, f"{decode} {matvec} batch {b}"))
             add(
                 {
-                    "impl": f"glmtune decode={decode}",
+                    "impl": f"glmtune decode={decode}" + (f" matvec={matvec}" if matvec != "auto" else ""),
                     "batch": b,
                     **r,
                     "tokens_per_s_total": b * r["tokens_per_s_per_seq"],
                 }
             )
+    info["matvec_configs"] = matvec_configs()
     del model
     free_memory()
     if not args.no_hf:

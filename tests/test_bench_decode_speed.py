@@ -38,6 +38,17 @@ def test_decode_speed_runs_on_cpu(tmp_path):
     assert out.with_suffix(".md").read_text().count("\n") == len(rows) + 2
 
 
+def test_decode_speed_variants_and_profile():
+    rows = decode_speed.main(["--preset", "tiny-chatglm3", "--device", "cpu", "--batch", "1", "2", "--prompt-len",
+                              "8", "--new-tokens", "6", "--variants", "eager:torch", "graph", "--profile-batch", "2",
+                              "--profile-tokens", "3", "--no-hf"])  # fmt: skip
+    assert [(r["impl"], r["batch"]) for r in rows] == [("glmtune decode=eager matvec=torch", 1),
+        ("glmtune decode=eager matvec=torch", 2), ("glmtune decode=graph", 1), ("glmtune decode=graph", 2)]  # fmt: skip
+    assert ["kernel_ms_per_token" in r for r in rows] == [False, True, False, True]
+    for r in rows:
+        assert r["whole_tokens_per_s"] == pytest.approx(r["new_tokens"] / r["whole_s"])
+
+
 @pytest.mark.skipif(not HAS_HF, reason="transformers is a dev extra")
 def test_transformers_peer_decodes_glmtunes_tokens_from_the_same_weights():
     import peer_hf

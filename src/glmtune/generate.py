@@ -16,6 +16,7 @@ its batch, with no per-row generator and no host round trip. Tokens are copied t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,9 @@ from torch import nn
 from glmtune.models.layout import SequenceLayout, next_positions, prompt_layout
 
 DECODE_MODES = ("auto", "eager", "graph", "compiled")
+# How a decode step multiplies one row by a weight (batch 1): "torch" F.linear (cuBLAS); "triton" glmtune's Triton
+# matrix-vector kernel (models/gemv.py); "inductor" (decode="compiled" only) inductor's own, coordinate-descent tuned.
+MATVEC_MODES = ("auto", "torch", "triton", "inductor")
 
 
 @dataclass
@@ -230,15 +234,18 @@ class DecodeStep:
     ``use_graph``: capture the step as a CUDA graph on its first call and replay it after (CUDA only).
     ``compile_backend``: run the step through ``torch.compile`` with this backend first (fusing the hundreds of small
     elementwise kernels of a step; the compiled step is what the graph captures). ``pool``: the graphs' shared
-    memory pool (steps of one batch never run at the same time)."""
+    memory pool (steps of one batch never run at the same time). ``matvec``: one of ``MATVEC_MODES`` but "auto"
+    (:func:`matvec_context`), in force for every call that is not a replay (warm-up, compilation, capture)."""
 
     def __init__(self, model: nn.Module, cache: Any, state: DecodeState, kind: StepKind, max_position: int,
-                 *, use_graph: bool, compile_backend: str | None = None, pool: Any = None) -> None:  # fmt: skip
+                 *, use_graph: bool, compile_backend: str | None = None, pool: Any = None,
+                 matvec: str = "torch") -> None:  # fmt: skip
         self.model, self.cache, self.state, self.kind = model, cache, state, kind
         self.max_position = max_position
         self.graph: Any = None
         self.pool = pool
         self.use_graph = use_graph and state.ids.device.type == "cuda"
+        self.compile_backend, self.matvec = compile_backend, matvec
         self._step = self._run if compile_backend is None else torch.compile(self._run, backend=compile_backend,
                                                                              dynamic=False)  # fmt: skip
 
@@ -250,9 +257,13 @@ class DecodeStep:
                               seen=st.seen, seeds=st.seeds, step=st.row_step))  # fmt: skip
 
     def __call__(self) -> None:
-        if not self.use_graph:
-            self._step()
-        elif self.graph is None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        with matvec_context(self.matvec, self.compile_backend):
+            if not self.use_graph:
+                self._step()
+                return
             # Warm up on a side stream (this runs the real step), then capture the step it will replay. The capture
             # itself runs nothing, so it must not advance the state: it is recorded from the state as it is now.
             side = torch.cuda.Stream()
@@ -260,11 +271,26 @@ class DecodeStep:
             with torch.cuda.stream(side):
                 self._step()
             torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=self.pool):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
                 self._step()
-        else:
-            self.graph.replay()
+            self.graph = graph
+
+
+def matvec_context(matvec: str, compile_backend: str | None) -> contextlib.AbstractContextManager:
+    """What a decode step's un-replayed calls run under for ``matvec``: "triton" routes one-row ``F.linear`` calls
+    to the Triton kernel (``models.gemv.MatvecMode``: the others, and every CPU call, run as they are); "inductor"
+    with the inductor backend turns on its coordinate-descent tuning for this compilation only (it then lowers a
+    one-row matrix product to a reduction it tunes, instead of calling cuBLAS); otherwise nothing."""
+    if matvec == "triton":
+        from glmtune.models.gemv import MatvecMode
+
+        return MatvecMode()
+    if matvec == "inductor" and compile_backend == "inductor":
+        from torch._inductor import config as inductor_config
+
+        return inductor_config.patch(coordinate_descent_tuning=True)
+    return contextlib.nullcontext()
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -298,12 +324,12 @@ class DecodeBatch:
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, n_stop: int, decode: str = "eager",
                  compile_backend: str | None = None, ring: int = 8, window_multiple: int = 64, top_k: int = 0,
-                 repetition_penalty: float = 1.0) -> None:  # fmt: skip
+                 repetition_penalty: float = 1.0, matvec: str = "torch") -> None:  # fmt: skip
         self.model = model
         self.device, self.dtype = _model_device_dtype(model)
         self.batch_size, self.max_len = batch_size, max_len
         self.n_prefix = model.n_prefix()
-        self.decode, self.compile_backend = decode, compile_backend
+        self.decode, self.compile_backend, self.matvec = decode, compile_backend, matvec
         self.window_multiple = window_multiple
         self.top_k, self.repetition_penalty = top_k, repetition_penalty
         # the rotary table covers every position the cache can hold, so it is built before any capture
@@ -433,7 +459,8 @@ class DecodeBatch:
             if step is None:
                 view = self.cache.view(None, w)
                 step = DecodeStep(self.model, view, self.state, kind, 0, use_graph=self.decode in ("graph", "compiled"),
-                                  compile_backend=self.compile_backend, pool=self.pool)  # fmt: skip
+                                  compile_backend=self.compile_backend, pool=self.pool,
+                                  matvec=self.matvec)  # fmt: skip
                 self.steps[(w, kind)] = step
             if self.before_forward is not None:
                 self.before_forward(None)
@@ -474,14 +501,16 @@ class Decoder:
 
     Holds at most ``max_entries`` batches (the oldest dropped). Only for the model it was made for, unchanged.
     ``decode="compiled"``: the step goes through ``torch.compile`` (``compile_backend``) and, on CUDA, is then captured
-    as a graph; the first generation of each shape pays the compilation (tens of seconds for a 6B model)."""
+    as a graph; the first generation of each shape pays the compilation (tens of seconds for a 6B model).
+    ``matvec``: how a step multiplies a one-row input by a weight (``MATVEC_MODES``, :func:`resolve_matvec`)."""
 
     def __init__(self, model: nn.Module, *, decode: str = "auto", cache_multiple: int = 64, max_entries: int = 4,
-                 compile_backend: str = "inductor") -> None:  # fmt: skip
+                 compile_backend: str = "inductor", matvec: str = "auto") -> None:  # fmt: skip
         self.model = model
         self.device, self.dtype = _model_device_dtype(model)
         self.decode = resolve_decode(decode, self.device)
         self.compile_backend = compile_backend if self.decode == "compiled" else None
+        self.matvec = resolve_matvec(matvec, self.device, self.decode)
         self.cache_multiple = cache_multiple
         self.max_entries = max_entries
         self._batches: dict[tuple, DecodeBatch] = {}
@@ -501,7 +530,7 @@ class Decoder:
         batch = DecodeBatch(self.model, b, max_len, n_stop=n_stop, decode=self.decode,
                             compile_backend=self.compile_backend, ring=ring,
                             window_multiple=window_multiple or max_len + self.model.n_prefix(), top_k=top_k,
-                            repetition_penalty=repetition_penalty)  # fmt: skip
+                            repetition_penalty=repetition_penalty, matvec=self.matvec)  # fmt: skip
         self._batches[key] = batch
         return batch
 
@@ -557,6 +586,24 @@ def resolve_decode(decode: str, device: torch.device) -> str:
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     return decode if decode != "auto" else ("graph" if device.type == "cuda" else "eager")
+
+
+def resolve_matvec(matvec: str, device: torch.device, decode: str) -> str:
+    """The matrix-vector path ``matvec`` stands for on ``device`` with the (resolved) ``decode`` mode: "auto" is
+    "triton" on CUDA where Triton imports, else "torch"; "inductor" needs decode="compiled"."""
+    if matvec not in MATVEC_MODES:
+        raise ValueError(f"matvec must be one of {', '.join(MATVEC_MODES)}, got {matvec!r}")
+    if matvec == "inductor" and decode != "compiled":
+        raise ValueError('matvec="inductor" is inductor\'s own kernel: it needs decode="compiled"')
+    if matvec != "auto":
+        return matvec
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import glmtune.models.gemv  # noqa: F401  (Triton present and the kernel built)
+    except ImportError:
+        return "torch"
+    return "triton"
 
 
 def generate_stream(
