@@ -103,7 +103,8 @@ def _assert_same(ref, got, rel: float = 1e-5) -> None:
     # Adam's first steps divide by sqrt(v): elements with ~eps-sized gradients carry rounding differences (the
     # output layer runs over more rows here) into the weights at ~1e-5; a wrong lr or scale moves them by ~lr
     for a, b in zip(got_params, ref_params, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=5e-5)
+        diff = (a - b).abs()
+        assert float(diff.max()) < 2e-3 and float(diff.mean()) < 2e-5, (float(diff.max()), float(diff.mean()))
 
 
 @pytest.mark.parametrize(("method", "packing"), [("lora", True), ("lora", False), ("ptuning", True)])
