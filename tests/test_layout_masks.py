@@ -161,8 +161,10 @@ def test_specs():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["tiny-chatglm2", "tiny-chatglm"])
-def test_compiled_flex_blocks_match_eager_sdpa_on_cuda(name):
-    """Compiled blocks with FlexAttention give eager SDPA's loss and gradients on packed rows (fp32, CUDA)."""
+@pytest.mark.parametrize("backend", ["flex", "varlen"])
+def test_compiled_flex_blocks_match_eager_sdpa_on_cuda(name, backend):
+    """Compiled blocks with FlexAttention (or the varlen backend: its fp32 dense fallback for v2, flex for v1's
+    context) give eager SDPA's loss and gradients on packed rows (fp32, CUDA)."""
     from glmtune.models import build_model
     from glmtune.train.compile import compile_blocks
 
@@ -175,7 +177,8 @@ def test_compiled_flex_blocks_match_eager_sdpa_on_cuda(name):
     compiled.init_weights(seed=3, std=0.3)
     compiled = compiled.cuda()
     compile_blocks(compiled)
-    assert compiled.attention_backend == "flex"
+    assert compiled.attention_backend in ("varlen", "flex")
+    compiled.set_attention_backend(backend)
     seg = torch.tensor([[0] * 50 + [1] * 40 + [2] * 30 + [-1] * 8, [0] * 100 + [1] * 28]).cuda()
     ids = torch.randint(10, 400, seg.shape).cuda()
     pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in ([50, 40, 30, 8], [100, 28])]).cuda()

@@ -5,6 +5,10 @@ Layouts: queries (b, n_head, s, d); keys/values (b, n_kv, t, d). Masks come from
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -144,9 +148,64 @@ class KVCacheView:
         return keys[:, :, : self.max_len], values[:, :, : self.max_len]
 
 
+def varlen_supported(device: torch.device | str) -> bool:
+    """Whether flash attention over variable-length runs (``torch.nn.attention.varlen``) runs on ``device``."""
+    device = torch.device(device)
+    if device.type != "cuda" or importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+@functools.cache
+def _varlen_signature() -> tuple[bool, bool]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    return "window_size" in params, "enable_gqa" in params
+
+
+@torch.compiler.assume_constant_result  # read once when traced, not traced into
+def _varlen_api() -> tuple[bool, bool]:
+    """(causal given as ``window_size=(-1, 0)`` (torch >= 2.11; 2.10: ``is_causal``), ``enable_gqa`` accepted)."""
+    return _varlen_signature()
+
+
+def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """Causal flash attention within the runs of ``mask.cu_seqlens`` (the tokens of all rows flattened)."""
+    b, n_head, s, d = q.shape
+    n_kv = k.shape[1]
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        return attend(q, k, v, AttentionMask(dense=_dense_from_runs(mask.cu_seqlens, b, s)))
+    from torch.nn.attention.varlen import varlen_attn
+
+    window, gqa = _varlen_api()
+    kwargs: dict = {"window_size": (-1, 0)} if window else {"is_causal": True}
+    if n_kv != n_head:
+        if gqa:
+            kwargs["enable_gqa"] = True
+        else:  # heads h = kv * g + j use key head kv (flash's grouping too)
+            k = k.repeat_interleave(n_head // n_kv, dim=1)
+            v = v.repeat_interleave(n_head // n_kv, dim=1)
+    # (b, heads, s, d) -> (b * s, heads, d): free when the projections were viewed as (b, s, heads, d)
+    qf, kf, vf = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v))
+    cu = mask.cu_seqlens
+    out = varlen_attn(qf, kf, vf, cu, cu, mask.max_len, mask.max_len, **kwargs)  # (b * s, n_head, d)
+    return out.reshape(b, s, n_head, d).transpose(1, 2)
+
+
+def _dense_from_runs(cu_seqlens: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """The varlen form as a dense bool mask (b, 1, s, s): same run and not later (the CPU, fp32)."""
+    tokens = torch.arange(b * s, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    run = torch.searchsorted(cu_seqlens, tokens, right=True).reshape(b, s)  # run index + 1 of every token
+    order = torch.arange(s, device=cu_seqlens.device)
+    return ((run[:, :, None] == run[:, None, :]) & (order[None, :] <= order[:, None]))[:, None]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Scaled dot-product attention with grouped KV heads. q (b, h, s, d); k, v (b, n_kv, t, d) -> (b, h, s, d)."""
     n_head = q.shape[1]
+    if mask.cu_seqlens is not None:
+        return _attend_varlen(q, k, v, mask)
     if mask.block is not None:
         from torch.nn.attention.flex_attention import flex_attention
 

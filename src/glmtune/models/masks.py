@@ -7,12 +7,17 @@ slot) and a context flag (v1: inside its sample's bidirectional prompt). A query
 prefix key, or when both belong to the same sample and the key comes no later than the query or lies in the
 sample's context. A padding query sees every key: its output is never read, and no softmax row is empty.
 
-Three forms of the same rule:
+Four forms of the same rule:
 - the causal fast path (nothing to mask but the future: one unpadded sample per row, no prefix, no cache): SDPA's
   ``is_causal``, which runs flash attention;
 - a dense bool mask (b, 1, s, t) for SDPA (the CPU, the tests, decode steps);
 - a FlexAttention ``BlockMask`` (packed rows, v1's bidirectional prompts, P-Tuning prefixes on the GPU), whose
-  kernels skip the blocks the rule hides. It only pays off under ``torch.compile``.
+  kernels skip the blocks the rule hides. It only pays off under ``torch.compile``;
+- variable-length runs (backend "varlen": packed causal rows without v1 context, prefix or cache, i.e. the training
+  rows of v2/v3/GLM-4): the (b, s) tokens flattened, cut where the segment changes or a row starts, as flash
+  attention's ``cu_seqlens``. Each run attends causally to itself; a padding run is a run of its own (its outputs
+  are never read). Exact when every sample's tokens are contiguous in its row (collated rows always are; a sample
+  split by padding would become two runs). Every other masked layout takes the flex form under this backend.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from glmtune.models.layout import SequenceLayout
 
@@ -28,7 +34,12 @@ if TYPE_CHECKING:
     from glmtune.models.attention import KVCache
 
 ALL = -2  # segment of keys every query sees (the P-Tuning prefix)
-BACKENDS = ("sdpa", "flex")
+BACKENDS = ("sdpa", "flex", "varlen")
+# Runs the varlen form can hold: b * s // VARLEN_MEAN_RUN + b (each row's samples averaging at least this many tokens,
+# plus a padding run per row). Flash attention's backward allocates 128 float rows per run (dq accumulator), so the
+# bound costs memory: b=4, s=1024, 32 heads, d=128 -> 260 runs, ~0.6 GB transient. A batch with more runs stops
+# on a device-side assert (never silently wrong); a larger bound is a ``max_runs`` argument away.
+VARLEN_MEAN_RUN = 16
 
 
 @dataclass
@@ -37,16 +48,39 @@ class AttentionMask:
 
     dense: torch.Tensor | None = None  # bool (b, 1, s, t), True = may attend
     block: Any = None  # torch.nn.attention.flex_attention.BlockMask
+    cu_seqlens: torch.Tensor | None = None  # int32 (n_max + 1,): run starts in the flattened (b * s) tokens, then b * s
+    max_len: int = 0  # with cu_seqlens: a bound on a run's length (the row width s)
 
     @property
     def causal(self) -> bool:
-        return self.dense is None and self.block is None
+        return self.dense is None and self.block is None and self.cu_seqlens is None
 
 
 def visible(q_seg, q_ord, k_seg, k_ord, k_ctx):  # broadcastable tensors -> bool
     """The rule (see the module docstring); works elementwise, so the dense and the flex forms share it."""
     same = (q_seg == k_seg) & (k_seg >= 0)
     return (k_seg == ALL) | (same & ((k_ord <= q_ord) | k_ctx)) | (q_seg < 0)
+
+
+def varlen_max_runs(b: int, s: int) -> int:
+    """The default number of runs the varlen form of a (b, s) batch holds (see ``VARLEN_MEAN_RUN``)."""
+    return b * s // VARLEN_MEAN_RUN + b
+
+
+def packed_cu_seqlens(segments: torch.Tensor, max_runs: int | None = None) -> torch.Tensor:
+    """Segments (b, s) of packed causal rows -> cu_seqlens, int32 (max_runs + 1,), on their device.
+
+    A run starts at every row start and wherever the segment differs from the previous token's. Fixed shape, no
+    host sync (a compiled step with ``dynamic=False``, a CUDA graph): the starts are padded with ``b * s``, i.e.
+    zero-length runs at the end, and a batch with more than ``max_runs`` runs trips a device-side assert."""
+    b, s = segments.shape
+    n = b * s
+    max_runs = varlen_max_runs(b, s) if max_runs is None else max_runs
+    first = torch.ones((b, 1), dtype=torch.bool, device=segments.device)
+    starts = torch.cat([first, segments[:, 1:] != segments[:, :-1]], dim=1).reshape(n)
+    torch._assert_async(starts.sum() <= max_runs, "packed rows hold more runs than the varlen mask's max_runs")
+    idx = torch.nonzero_static(starts, size=max_runs, fill_value=n)[:, 0]  # (max_runs,) long
+    return F.pad(idx, (0, 1), value=n).to(torch.int32)
 
 
 def _query_keys(layout: SequenceLayout, n_prefix: int, cache: KVCache | None, device: torch.device):
@@ -76,16 +110,21 @@ def build_mask(
     cache: KVCache | None = None,
     backend: str = "sdpa",
     device: torch.device | str | None = None,
+    max_runs: int | None = None,
 ) -> AttentionMask:
     """The attention mask of ``layout``'s queries over their keys: ``n_prefix`` P-Tuning keys then the layout's own
-    tokens, or, with ``cache``, every slot of the cache (written before attending)."""
+    tokens, or, with ``cache``, every slot of the cache (written before attending). ``max_runs``: the varlen form's
+    capacity (default ``varlen_max_runs``)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device) if device is not None else layout.positions.device
     if cache is None and layout.segments is None and layout.context is None and n_prefix == 0:
         return AttentionMask()
+    if backend == "varlen" and cache is None and n_prefix == 0 and layout.context is None:
+        segments = layout.segments  # (b, s); not None here (else the causal fast path above)
+        return AttentionMask(cu_seqlens=packed_cu_seqlens(segments, max_runs), max_len=segments.shape[1])
     q_seg, q_ord, k_seg, k_ord, k_ctx = _query_keys(layout, n_prefix, cache, device)
-    if backend == "flex":
+    if backend in ("flex", "varlen"):
         from torch.nn.attention.flex_attention import create_block_mask
 
         def mask_mod(bi, hi, qi, ki):

@@ -50,11 +50,14 @@ def compile_blocks(model: nn.Module, *, backend: str | Callable[..., Any] | None
     dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(backend=backend or BACKEND, dynamic=False)
-    # Masked attention (packed rows, P-Tuning prefixes, v1 prompts) as FlexAttention: compiled inside the blocks, its
-    # kernels skip the blocks the mask hides. Unpadded causal batches keep SDPA's flash path either way.
+    # Masked attention on CUDA: packed causal rows as flash attention over variable-length runs where torch has it,
+    # the rest (P-Tuning prefixes, v1 prompts) as FlexAttention, compiled inside the blocks, its kernels skipping the
+    # blocks the mask hides. Unpadded causal batches keep SDPA's flash path either way.
     device = next(model.parameters()).device
     if device.type == "cuda" and hasattr(model, "set_attention_backend"):
-        model.set_attention_backend("flex")
+        from glmtune.models.attention import varlen_supported
+
+        model.set_attention_backend("varlen" if varlen_supported(device) else "flex")
     log.info("compiled %d transformer blocks (torch.compile, backend %s)", len(blocks), backend or BACKEND)
     return len(blocks)
 

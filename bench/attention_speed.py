@@ -1,0 +1,190 @@
+"""Attention of one layer on packed rows, forward + backward: FlexAttention (compiled, as the compiled blocks run
+it), flash attention over variable-length runs (``torch.nn.attention.varlen``, the "varlen" backend) and SDPA with
+the dense mask, through ``glmtune.models.attention.attend`` and masks from ``glmtune.models.masks.build_mask``.
+
+Rows: ``--batch`` rows of ``--seq`` tokens packed (first fit) with synthetic ADGEN-like samples (prompt 20-60 +
+response 50-130 tokens), padding at the end of each row; ChatGLM3-6B's attention shape by default (32 query heads,
+2 KV groups, head dim 128, bf16). Each variant: ms per layer for forward + backward (CUDA events, median of
+``--iters`` after warm-up), the mask build (once per step for all layers), the peak memory over the inputs, and
+the largest difference from the fp32 dense reference on real tokens. The varlen form is timed at several
+capacities (``max_runs``: the zero-length runs its fixed shape carries); "sdpa causal" ignores the packing (wrong
+mask, the flash lower bound).
+
+    PYTHONPATH=src python3 bench/attention_speed.py --json bench/results/attention_speed.json
+
+On the CPU (``--device cpu``, tiny sizes) only the dense and the varlen form's dense fallback run: a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib when imported from the tests
+
+from benchlib import adgen_examples, device_info, markdown_table, write_json  # noqa: E402
+
+from glmtune.models.attention import attend, varlen_supported  # noqa: E402
+from glmtune.models.layout import SequenceLayout  # noqa: E402
+from glmtune.models.masks import AttentionMask, build_mask, varlen_max_runs  # noqa: E402
+
+log = logging.getLogger("attention_speed")
+
+
+def packed_segments(b: int, s: int, seed: int = 0) -> torch.Tensor:
+    """Segments (b, s) of rows filled in order with ADGEN-like samples (a sample that does not fit starts the next
+    row; padding at the end). Sample lengths scale with ``s`` below 1024 (the CPU smoke test)."""
+    f = min(1.0, s / 1024)
+    prompt, response = (max(1, int(20 * f)), max(1, int(60 * f))), (max(1, int(50 * f)), max(1, int(130 * f)))
+    examples = adgen_examples(b * s // 10 + 1, vocab=1000, seed=seed, prompt=prompt, response=response)
+    lengths = [len(e.input_ids) for e in examples]
+    seg = torch.full((b, s), -1, dtype=torch.long)
+    i, pos, j = 0, 0, 0
+    for n in lengths:
+        if pos + n > s:
+            i, pos, j = i + 1, 0, 0
+            if i == b:
+                break
+        seg[i, pos : pos + n] = j
+        pos, j = pos + n, j + 1
+    return seg
+
+
+def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``fn()`` (CUDA events on the GPU, wall time on the CPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def variants(layout: SequenceLayout, device: torch.device, n_runs: int) -> list[tuple[str, Callable[[], AttentionMask],
+                                                                                     bool, int | None]]:  # fmt: skip
+    """(name, mask builder, compiled, max_runs) of each variant this device runs."""
+    b, s = layout.shape
+    out: list = [("sdpa dense", lambda: build_mask(layout), False, None)]
+    flash = varlen_supported(device)
+    caps = {"exact": n_runs, "default": varlen_max_runs(b, s), "b*s/4+b": b * s // 4 + b,
+            "b*s/2+b": b * s // 2 + b, "b*s": b * s}  # fmt: skip
+    for label, cap in caps.items():
+        if cap < n_runs:  # would trip the builder's device-side assert
+            log.info("skipping varlen max_runs=%s (%d): the rows hold %d runs", label, cap, n_runs)
+            continue
+        out.append((f"varlen max_runs={label} ({cap})",
+                    lambda cap=cap: build_mask(layout, backend="varlen", max_runs=cap), False, cap))  # fmt: skip
+    if device.type == "cuda":
+        out.append(("flex (compiled)", lambda: build_mask(layout, backend="flex"), True, None))
+        if flash:
+            out.append(("varlen default (compiled)", lambda: build_mask(layout, backend="varlen"), True, None))
+        out.append(("sdpa causal (ignores packing)", lambda: AttentionMask(), False, None))
+    return out
+
+
+def measure(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    b, s, h, g, d = args.batch, args.seq, args.heads, args.kv_heads, args.head_dim
+    seg = packed_segments(b, s, args.seed)
+    n_runs = int((torch.cat([torch.ones(b, 1, dtype=torch.bool), seg[:, 1:] != seg[:, :-1]], 1)).sum())
+    seg = seg.to(device)
+    layout = SequenceLayout(torch.zeros((b, s), dtype=torch.long, device=device), seg)
+    real = (seg >= 0)[:, None, :, None]
+    gen = torch.Generator(device).manual_seed(args.seed)
+    base = [torch.randn(b, n, s, d, device=device, generator=gen) for n in (h, g, g)]
+    grad = torch.randn(b, h, s, d, device=device, generator=gen).to(dtype) * real
+    with torch.no_grad():
+        ref = attend(*base, build_mask(layout)) * real  # fp32 dense reference
+    compiled_attend = torch.compile(attend, dynamic=False) if device.type == "cuda" else attend
+    rows = []
+    for name, make_mask, compiled, cap in variants(layout, device, n_runs):
+        fn = compiled_attend if compiled else attend
+        q, k, v = (t.to(dtype).requires_grad_() for t in base)
+
+        def step(fn=fn, q=q, k=k, v=v, mask=None) -> torch.Tensor:
+            out = fn(q, k, v, mask)
+            out.backward(grad)
+            return out
+
+        try:
+            mask = make_mask()
+            out = step(mask=mask)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
+                step(mask=mask)
+                torch.cuda.synchronize(device)
+                peak_mib = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+            else:
+                peak_mib = None
+            row = {
+                "variant": name,
+                "max_runs": cap,
+                "fwd_bwd_ms": timed(lambda mask=mask: step(mask=mask), device, args.iters),
+                "fwd_ms": timed(
+                    lambda fn=fn, q=q, k=k, v=v, mask=mask: fn(q, k, v, mask).detach(), device, args.iters
+                ),  # fmt: skip
+                "mask_ms": timed(make_mask, device, args.iters),
+                "peak_mib": peak_mib,
+                "max_err": ((out.detach().float() * real) - ref).abs().max().item(),
+                "finite": bool(torch.isfinite(out).all()),
+            }
+        except Exception as e:  # a variant this torch cannot run: recorded, the others go on
+            log.warning("%s failed: %s", name, e)
+            row = {"variant": name, "max_runs": cap, "error": f"{type(e).__name__}: {e}"[:300]}
+        log.info("%s", row)
+        rows.append(row)
+    return {
+        "shape": {"batch": b, "seq": s, "heads": h, "kv_heads": g, "head_dim": d, "dtype": str(dtype)},
+        "runs": n_runs,
+        "real_tokens": int((seg >= 0).sum()),
+        "torch": torch.__version__,
+        "device": device_info(device) if device.type == "cuda" else {"name": "cpu"},
+        "rows": rows,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = measure(args)
+    cols = [("variant", "variant", ""), ("fwd+bwd ms", "fwd_bwd_ms", ".3f"), ("fwd ms", "fwd_ms", ".3f"),
+            ("mask ms", "mask_ms", ".3f"), ("peak MiB", "peak_mib", ".0f"), ("max err", "max_err", ".2e")]  # fmt: skip
+    log.info("%d runs, %d real tokens of %d\n%s", result["runs"], result["real_tokens"], args.batch * args.seq,
+             markdown_table(result["rows"], cols))  # fmt: skip
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The varlen form of the mask (flash attention over variable-length runs of packed causal rows): its cu_seqlens
+describe exactly the one rule, with a fixed shape and no host sync; on CUDA, attention through it matches SDPA."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from glmtune.models.attention import attend, varlen_supported
+from glmtune.models.layout import SequenceLayout
+from glmtune.models.masks import build_mask, packed_cu_seqlens, varlen_max_runs, visible
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+needs_flash = pytest.mark.skipif(not torch.cuda.is_available() or not varlen_supported("cuda"),
+                                 reason="needs CUDA with flash attention (sm80+)")  # fmt: skip
+
+
+def packed_rows(rng: random.Random, b: int, s: int, kind: str) -> torch.Tensor:
+    """Segments (b, s) of packed rows, -1 = padding at the end of a row."""
+    seg = torch.full((b, s), -1, dtype=torch.long)
+    for i in range(b):
+        if kind == "mixed" and i == b - 1:
+            continue  # a row of only padding
+        pos, j = 0, 0
+        while pos < s:
+            if kind == "one":  # one sample per row, then padding
+                n = rng.randint(1, s)
+            elif kind == "singles":  # 1-token samples
+                n = 1
+            else:
+                n = rng.randint(1, max(1, s // 3))
+            seg[i, pos : pos + n] = j
+            pos, j = pos + n, j + 1
+            if kind == "one" or (kind == "mixed" and rng.random() < 0.3):
+                break
+    return seg
+
+
+def runs_visibility(cu: list[int], n: int) -> list[list[bool]]:
+    """Python loops: query t sees key u when both lie in one run [cu[r], cu[r+1]) and u <= t."""
+    out = [[False] * n for _ in range(n)]
+    for lo, hi in zip(cu[:-1], cu[1:], strict=True):
+        for t in range(lo, hi):
+            for u in range(lo, t + 1):
+                out[t][u] = True
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mixed", "one", "singles"])
+@pytest.mark.parametrize("seed", range(3))
+def test_cu_seqlens_follow_the_rule(kind, seed):
+    rng = random.Random(seed)
+    b, s = 3, 12
+    seg = packed_rows(rng, b, s, kind)
+    n = b * s
+    cu = packed_cu_seqlens(seg, max_runs=n)
+    assert cu.dtype == torch.int32 and cu.shape == (n + 1,)  # the shape depends on (b, s, max_runs) only
+    cu_list = cu.tolist()
+    assert cu_list[0] == 0 and cu_list[-1] == n and cu_list == sorted(cu_list)
+    seen = runs_visibility(cu_list, n)
+    # the rule over the flattened tokens: tokens of different rows never see each other
+    row = torch.arange(n) // s
+    flat, order = seg.reshape(n), torch.arange(n) % s
+    rule = visible(flat[:, None], order[:, None], flat[None, :], order[None, :], torch.zeros(n, dtype=torch.bool))
+    rule &= row[:, None] == row[None, :]
+    for t in range(n):
+        if flat[t] >= 0:  # a real query sees exactly what the rule says
+            assert seen[t] == rule[t].tolist(), (kind, t)
+        else:  # a padding query sees padding of its own row only (its output is never read)
+            assert all(flat[u] < 0 and row[u] == row[t] for u in range(n) if seen[t][u])
+
+
+def test_cu_seqlens_padding_and_capacity():
+    seg = torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 0, 0]])
+    assert packed_cu_seqlens(seg, max_runs=5).tolist() == [0, 2, 5, 6, 12, 12]  # a zero-length run at the end
+    assert packed_cu_seqlens(seg, max_runs=4).tolist() == [0, 2, 5, 6, 12]  # exactly full
+    with pytest.raises(RuntimeError, match="max_runs"):  # never silently wrong (a device-side assert on CUDA)
+        packed_cu_seqlens(seg, max_runs=3)
+    assert varlen_max_runs(4, 1024) == 260
+
+
+def test_cu_seqlens_compile_with_a_fixed_shape():
+    """No data-dependent shape and no host read: the builder compiles as one graph."""
+    fn = torch.compile(packed_cu_seqlens, backend="aot_eager", fullgraph=True, dynamic=False)
+    rng = random.Random(0)
+    for kind in ("mixed", "one", "singles"):
+        seg = packed_rows(rng, 2, 16, kind)
+        torch.testing.assert_close(fn(seg, 32), packed_cu_seqlens(seg, 32))
+
+
+def test_build_mask_forms_under_the_varlen_backend():
+    b, s = 2, 10
+    pos = torch.zeros((b, s), dtype=torch.long)
+    seg = torch.tensor([[0] * 4 + [1] * 6, [0] * 7 + [-1] * 3])
+    mask = build_mask(SequenceLayout(pos, seg), backend="varlen", max_runs=8)
+    assert mask.cu_seqlens is not None and mask.max_len == s and not mask.causal
+    assert mask.cu_seqlens.tolist() == [0, 4, 10, 17, 20, 20, 20, 20, 20]
+    assert build_mask(SequenceLayout(pos), backend="varlen").causal  # nothing to mask: the fast path
+    # v1 context and P-Tuning prefixes: the flex form
+    assert build_mask(SequenceLayout(pos, seg, seg >= 0), backend="varlen").block is not None
+    assert build_mask(SequenceLayout(pos, seg), n_prefix=2, backend="varlen").block is not None
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_varlen_mask_attends_like_the_dense_rule_on_the_cpu(groups):
+    """Off CUDA (or in fp32) the varlen form runs as a dense mask: real tokens get the dense rule's attention."""
+    rng = random.Random(1)
+    gen = torch.Generator().manual_seed(0)
+    b, s, h, d = 3, 14, 4, 8
+    seg = packed_rows(rng, b, s, "mixed")
+    layout = SequenceLayout(torch.zeros((b, s), dtype=torch.long), seg)
+    q = torch.randn(b, h, s, d, generator=gen)
+    k, v = (torch.randn(b, h // groups, s, d, generator=gen) for _ in range(2))
+    out = attend(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))
+    ref = attend(q, k, v, build_mask(layout))
+    real = (seg >= 0)[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[real], ref[real])
+
+
+# ---- CUDA --------------------------------------------------------------------------------------------------------
+def _adgen_like_rows(b: int, s: int, seed: int, short: bool = False) -> torch.Tensor:
+    rng = random.Random(seed)
+    seg = torch.full((b, s), -1, dtype=torch.long)
+    for i in range(b):
+        pos, j = 0, 0
+        while True:
+            n = rng.randint(1, 6) if short else rng.randint(70, 190)
+            if pos + n > s - rng.randint(0, 40):
+                break
+            seg[i, pos : pos + n] = j
+            pos, j = pos + n, j + 1
+    return seg
+
+
+@pytest.mark.gpu
+@needs_flash
+@pytest.mark.parametrize(("n_kv", "max_runs"), [(2, None), (32, None), (2, "all")])
+def test_varlen_flash_matches_dense_sdpa_on_cuda(n_kv, max_runs):
+    """bf16 forward and q/k/v gradients of flash varlen vs SDPA with the dense mask, both against an fp32
+    reference; GQA (2 KV heads of 32); ``max_runs="all"``: b * s runs, most of them zero-length."""
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    b, s, h, d = 2, 512, 32, 128
+    seg = _adgen_like_rows(b, s, seed=n_kv).to(dev)
+    layout = SequenceLayout(torch.zeros((b, s), dtype=torch.long, device=dev), seg)
+    runs = b * s if max_runs == "all" else None
+    masks = {"varlen": build_mask(layout, backend="varlen", max_runs=runs), "dense": build_mask(layout)}
+    base = [torch.randn(b, n, s, d, device=dev) for n in (h, n_kv, n_kv)]
+    grad = torch.randn(b, h, s, d, device=dev) * (seg >= 0)[:, None, :, None]  # padding outputs are never read
+    results = {}
+    for name, dtype in (("varlen", torch.bfloat16), ("dense", torch.bfloat16), ("ref", torch.float32)):
+        qkv = [t.to(dtype).requires_grad_() for t in base]
+        out = attend(*qkv, masks["dense" if name == "ref" else name])
+        out.backward(grad.to(dtype))
+        results[name] = [(out * (seg >= 0)[:, None, :, None]).float()] + [t.grad.float() for t in qkv]
+    for what, got, dense, ref in zip("o q k v".split(), results["varlen"], results["dense"], results["ref"],
+                                     strict=True):  # fmt: skip
+        assert torch.isfinite(got).all(), what
+        err, dense_err = (got - ref).abs().max().item(), (dense - ref).abs().max().item()
+        assert err <= 2 * dense_err + 1e-3, (what, err, dense_err)
+
+
+@pytest.mark.gpu
+@needs_flash
+def test_varlen_mask_needs_no_host_sync_and_captures_in_a_cuda_graph():
+    dev = torch.device("cuda")
+    b, s, h, d = 2, 256, 8, 64
+    seg = _adgen_like_rows(b, s, seed=0, short=True).to(dev)  # many short runs
+    layout = SequenceLayout(torch.zeros((b, s), dtype=torch.long, device=dev), seg)
+    q, k, v = (torch.randn(b, n, s, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for n in (h, 2, 2))
+    ref = attend(q, k, v, build_mask(layout))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = attend(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))
+        out.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    real = (seg >= 0)[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[real], ref[real], atol=2e-2, rtol=2e-2)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        attend(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))  # warm-up off the capture
+        with torch.cuda.graph(graph):
+            captured = attend(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))
+    torch.cuda.current_stream().wait_stream(stream)
+    seg.copy_(_adgen_like_rows(b, s, seed=1, short=True).to(dev))  # new rows, same buffers: the replay follows
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = attend(q, k, v, build_mask(layout))
+    real = (seg >= 0)[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(captured[real], ref[real], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_flash
+def test_compiled_tiny_model_step_varlen_equals_flex_on_cuda():
+    """A compiled tiny ChatGLM2 on packed rows in bf16: compile_blocks picks varlen; loss and gradients match flex."""
+    from glmtune.models import build_model
+    from glmtune.models.config import preset
+    from glmtune.train.compile import compile_blocks
+
+    dev = torch.device("cuda")
+    seg = torch.tensor([[0] * 50 + [1] * 40 + [2] * 30 + [-1] * 8, [0] * 100 + [1] * 27 + [2]], device=dev)
+    ids = torch.randint(10, 400, seg.shape, device=dev)
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in ([50, 40, 30, 8], [100, 27, 1])]).to(dev)
+    results = {}
+    for backend in ("varlen", "flex"):
+        model = build_model(preset("tiny-chatglm2"))
+        model.init_weights(seed=3, std=0.3)
+        model = model.to(dev, torch.bfloat16)
+        compile_blocks(model)
+        assert model.attention_backend == "varlen"
+        model.set_attention_backend(backend)
+        h = model.hidden_states(ids, position_ids=pos, segment_ids=seg)
+        loss = (h.float() ** 2 * (seg >= 0)[..., None]).mean()
+        loss.backward()
+        results[backend] = (loss.detach(), model._blocks()[0].self_attention.query_key_value.weight.grad.float())
+    torch.testing.assert_close(results["varlen"][0], results["flex"][0], rtol=2e-2, atol=1e-3)
+    g_varlen, g_flex = results["varlen"][1], results["flex"][1]
+    assert (g_varlen - g_flex).norm() <= 0.05 * g_flex.norm()
