@@ -160,7 +160,7 @@ def test_varlen_flash_matches_dense_sdpa_on_cuda(n_kv, max_runs):
                                      strict=True):  # fmt: skip
         assert torch.isfinite(got).all(), what
         err, dense_err = (got - ref).abs().max().item(), (dense - ref).abs().max().item()
-        assert err <= 2 * dense_err + 1e-3, (what, err, dense_err)
+        assert err <= 3 * dense_err + 1e-3, (what, err, dense_err)
 
 
 @pytest.mark.gpu
