@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib when import
 
 from benchlib import adgen_examples, device_info, markdown_table, write_json  # noqa: E402
 
-from glmtune.models.attention import attend, varlen_supported  # noqa: E402
+from glmtune.models.attention import _varlen_api, attend, varlen_supported  # noqa: E402
 from glmtune.models.layout import SequenceLayout  # noqa: E402
 from glmtune.models.masks import AttentionMask, build_mask, varlen_max_runs  # noqa: E402
 
@@ -77,9 +77,11 @@ def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: in
     return statistics.median(times)
 
 
-def variants(layout: SequenceLayout, device: torch.device, n_runs: int) -> list[tuple[str, Callable[[], AttentionMask],
-                                                                                     bool, int | None]]:  # fmt: skip
-    """(name, mask builder, compiled, max_runs) of each variant this device runs."""
+Variant = tuple[str, Callable[[], AttentionMask], bool | str, int | None]
+
+
+def variants(layout: SequenceLayout, device: torch.device, n_runs: int) -> list[Variant]:
+    """(name, mask builder, how attend runs (compiled: True/False, "native_gqa"), max_runs) of each variant."""
     b, s = layout.shape
     out: list = [("sdpa dense", lambda: build_mask(layout), False, None)]
     flash = varlen_supported(device)
@@ -95,8 +97,23 @@ def variants(layout: SequenceLayout, device: torch.device, n_runs: int) -> list[
         out.append(("flex (compiled)", lambda: build_mask(layout, backend="flex"), True, None))
         if flash:
             out.append(("varlen default (compiled)", lambda: build_mask(layout, backend="varlen"), True, None))
+            if not _varlen_api()[1]:  # this torch's varlen_attn takes no enable_gqa: attend repeats K/V heads
+                out.append(("varlen default, K/V not repeated", lambda: build_mask(layout, backend="varlen"),
+                            "native_gqa", None))  # fmt: skip
         out.append(("sdpa causal (ignores packing)", lambda: AttentionMask(), False, None))
     return out
+
+
+def native_gqa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """``varlen_attn`` handed the grouped K/V as they are, without ``enable_gqa`` (flash's kernels group heads
+    natively; torch 2.10/2.11's wrapper does not check): does it run, and what does the repeat in ``attend`` cost?"""
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, h, s, d = q.shape
+    kwargs = {"window_size": (-1, 0)} if _varlen_api()[0] else {"is_causal": True}
+    qf, kf, vf = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v))
+    cu = mask.cu_seqlens
+    return varlen_attn(qf, kf, vf, cu, cu, mask.max_len, mask.max_len, **kwargs).reshape(b, s, h, d).transpose(1, 2)
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -116,7 +133,7 @@ def measure(args: argparse.Namespace) -> dict:
     compiled_attend = torch.compile(attend, dynamic=False) if device.type == "cuda" else attend
     rows = []
     for name, make_mask, compiled, cap in variants(layout, device, n_runs):
-        fn = compiled_attend if compiled else attend
+        fn = {True: compiled_attend, False: attend, "native_gqa": native_gqa_attend}[compiled]
         q, k, v = (t.to(dtype).requires_grad_() for t in base)
 
         def step(fn=fn, q=q, k=k, v=v, mask=None) -> torch.Tensor:

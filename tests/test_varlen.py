@@ -3,10 +3,12 @@ describe exactly the one rule, with a fixed shape and no host sync; on CUDA, att
 
 from __future__ import annotations
 
+import inspect
 import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from glmtune.models.attention import attend, varlen_supported
 from glmtune.models.layout import SequenceLayout
@@ -115,6 +117,70 @@ def test_varlen_mask_attends_like_the_dense_rule_on_the_cpu(groups):
     q = torch.randn(b, h, s, d, generator=gen)
     k, v = (torch.randn(b, h // groups, s, d, generator=gen) for _ in range(2))
     out = attend(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))
+    ref = attend(q, k, v, build_mask(layout))
+    real = (seg >= 0)[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[real], ref[real])
+
+
+def _runs_attention(query, key, value, cu) -> torch.Tensor:
+    """(T, H, D) tokens, causal attention within each run [cu[r], cu[r+1]) (SDPA, one run at a time)."""
+    out = torch.zeros_like(query)
+    cu = cu.tolist()
+    for lo, hi in zip(cu[:-1], cu[1:], strict=True):
+        if hi > lo:
+            q, k, v = (t[lo:hi].transpose(0, 1) for t in (query, key, value))  # (H, L, D)
+            out[lo:hi] = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(0, 1)
+    return out
+
+
+def fake_varlen_210(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert is_causal and key.shape[1] == query.shape[1]  # no GQA in torch 2.10's wrapper
+    return _runs_attention(query, key, value, cu_seq_q)
+
+
+def fake_varlen_211(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1)):  # fmt: skip
+    assert window_size == (-1, 0) and key.shape[1] == query.shape[1]
+    return _runs_attention(query, key, value, cu_seq_q)
+
+
+def fake_varlen_213(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1), enable_gqa=False, seqused_k=None, num_splits=None):  # fmt: skip
+    assert window_size == (-1, 0) and enable_gqa == (key.shape[1] != query.shape[1])
+    return _runs_attention(query, key, value, cu_seq_q)
+
+
+@pytest.mark.parametrize("fake", [fake_varlen_210, fake_varlen_211, fake_varlen_213])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_varlen_call_follows_the_installed_signature(monkeypatch, fake, groups):
+    """``varlen_attn``'s signature changed (2.10: is_causal; 2.11: window_size; 2.13: enable_gqa): the call adapts,
+    repeating K/V heads where GQA is not accepted. A stand-in with each signature checks the call's arguments."""
+    import torch.nn.attention.varlen as varlen_module
+
+    from glmtune.models import attention
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].shape[1])  # key heads
+        return fake(*args, **kwargs)
+
+    spy.__signature__ = inspect.signature(fake)
+    monkeypatch.setattr(varlen_module, "varlen_attn", spy)
+    attention._varlen_signature.cache_clear()
+    try:
+        rng = random.Random(groups)
+        gen = torch.Generator().manual_seed(1)
+        b, s, h, d = 2, 12, 4, 8
+        seg = packed_rows(rng, b, s, "mixed")
+        layout = SequenceLayout(torch.zeros((b, s), dtype=torch.long), seg)
+        q = torch.randn(b, h, s, d, generator=gen)
+        k, v = (torch.randn(b, h // groups, s, d, generator=gen) for _ in range(2))
+        out = attention._flash_varlen(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))
+    finally:
+        attention._varlen_signature.cache_clear()
+    native_gqa = "enable_gqa" in inspect.signature(fake).parameters
+    assert calls == [h // groups if native_gqa else h]  # K/V repeated only where GQA is not accepted
     ref = attend(q, k, v, build_mask(layout))
     real = (seg >= 0)[:, None, :, None].expand_as(out)
     torch.testing.assert_close(out[real], ref[real])

@@ -172,12 +172,18 @@ def _varlen_api() -> tuple[bool, bool]:
 
 def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Causal flash attention within the runs of ``mask.cu_seqlens`` (the tokens of all rows flattened)."""
-    b, n_head, s, d = q.shape
-    n_kv = k.shape[1]
+    b, _, s, _ = q.shape
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         return attend(q, k, v, AttentionMask(dense=_dense_from_runs(mask.cu_seqlens, b, s)))
+    return _flash_varlen(q, k, v, mask)
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+    """``varlen_attn`` called as this torch's signature wants it; q (b, h, s, d), k, v (b, n_kv, s, d)."""
     from torch.nn.attention.varlen import varlen_attn
 
+    b, n_head, s, d = q.shape
+    n_kv = k.shape[1]
     window, gqa = _varlen_api()
     kwargs: dict = {"window_size": (-1, 0)} if window else {"is_causal": True}
     if n_kv != n_head:
