@@ -109,16 +109,22 @@ def test_build_mask_forms_under_the_varlen_backend():
 @pytest.mark.parametrize("groups", [1, 4])
 def test_varlen_mask_attends_like_the_dense_rule_on_the_cpu(groups):
     """Off CUDA (or in fp32) the varlen form runs as a dense mask: real tokens get the dense rule's attention."""
-    rng = random.Random(1)
-    gen = torch.Generator().manual_seed(0)
-    b, s, h, d = 3, 14, 4, 8
-    seg = packed_rows(rng, b, s, "mixed")
-    layout = SequenceLayout(torch.zeros((b, s), dtype=torch.long), seg)
-    q = torch.randn(b, h, s, d, generator=gen)
-    k, v = (torch.randn(b, h // groups, s, d, generator=gen) for _ in range(2))
-    out = attend(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))
-    ref = attend(q, k, v, build_mask(layout))
-    real = (seg >= 0)[:, None, :, None].expand_as(out)
+    layout, q, k, v = random_case(seed=1, b=3, s=14, h=4, groups=groups)
+    out = attend(q, k, v, build_mask(layout, backend="varlen", max_runs=q.shape[0] * q.shape[2]))
+    assert_real_tokens_close(out, attend(q, k, v, build_mask(layout)), layout)
+
+
+def random_case(seed: int, b: int, s: int, h: int, groups: int) -> tuple[SequenceLayout, torch.Tensor, ...]:
+    """A layout of random packed rows and q (b, h, s, 8), k, v (b, h // groups, s, 8)."""
+    seg = packed_rows(random.Random(seed), b, s, "mixed")
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, s, 8, generator=gen)
+    k, v = (torch.randn(b, h // groups, s, 8, generator=gen) for _ in range(2))
+    return SequenceLayout(torch.zeros((b, s), dtype=torch.long), seg), q, k, v
+
+
+def assert_real_tokens_close(out: torch.Tensor, ref: torch.Tensor, layout: SequenceLayout) -> None:
+    real = (layout.segments >= 0)[:, None, :, None].expand_as(out)  # padding outputs are never read
     torch.testing.assert_close(out[real], ref[real])
 
 
@@ -168,22 +174,15 @@ def test_varlen_call_follows_the_installed_signature(monkeypatch, fake, groups):
     spy.__signature__ = inspect.signature(fake)
     monkeypatch.setattr(varlen_module, "varlen_attn", spy)
     attention._varlen_signature.cache_clear()
+    h = 4
+    layout, q, k, v = random_case(seed=groups, b=2, s=12, h=h, groups=groups)
     try:
-        rng = random.Random(groups)
-        gen = torch.Generator().manual_seed(1)
-        b, s, h, d = 2, 12, 4, 8
-        seg = packed_rows(rng, b, s, "mixed")
-        layout = SequenceLayout(torch.zeros((b, s), dtype=torch.long), seg)
-        q = torch.randn(b, h, s, d, generator=gen)
-        k, v = (torch.randn(b, h // groups, s, d, generator=gen) for _ in range(2))
-        out = attention._flash_varlen(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))
+        out = attention._flash_varlen(q, k, v, build_mask(layout, backend="varlen", max_runs=24))
     finally:
         attention._varlen_signature.cache_clear()
     native_gqa = "enable_gqa" in inspect.signature(fake).parameters
     assert calls == [h // groups if native_gqa else h]  # K/V repeated only where GQA is not accepted
-    ref = attend(q, k, v, build_mask(layout))
-    real = (seg >= 0)[:, None, :, None].expand_as(out)
-    torch.testing.assert_close(out[real], ref[real])
+    assert_real_tokens_close(out, attend(q, k, v, build_mask(layout)), layout)
 
 
 # ---- CUDA --------------------------------------------------------------------------------------------------------
