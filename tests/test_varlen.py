@@ -246,19 +246,35 @@ def test_varlen_mask_needs_no_host_sync_and_captures_in_a_cuda_graph():
         torch.cuda.set_sync_debug_mode("default")
     real = (seg >= 0)[:, None, :, None].expand_as(out)
     torch.testing.assert_close(out[real], ref[real], atol=2e-2, rtol=2e-2)
+    # forward + backward captured (as train.cuda_graph captures the step), replayed on new rows in the same buffers
+    grad = torch.randn(b, h, s, d, device=dev, dtype=torch.bfloat16)
+
+    def fwd_bwd() -> torch.Tensor:
+        out = attend(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))
+        out.backward(grad)
+        return out
+
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.no_grad():
-        attend(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))  # warm-up off the capture
+    with torch.cuda.stream(stream):
+        fwd_bwd()  # warm-up off the capture
+        for t in (q, k, v):
+            t.grad = None
         with torch.cuda.graph(graph):
-            captured = attend(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))
+            captured = fwd_bwd()
     torch.cuda.current_stream().wait_stream(stream)
-    seg.copy_(_adgen_like_rows(b, s, seed=1, short=True).to(dev))  # new rows, same buffers: the replay follows
+    seg.copy_(_adgen_like_rows(b, s, seed=1, short=True).to(dev))
     graph.replay()
     torch.cuda.synchronize()
+    replayed = [captured.clone()] + [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    expected = [fwd_bwd().detach()] + [t.grad for t in (q, k, v)]  # eager on the new rows
+    for got, want in zip(replayed, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
     ref = attend(q, k, v, build_mask(layout))
-    real = (seg >= 0)[:, None, :, None].expand_as(out)
-    torch.testing.assert_close(captured[real], ref[real], atol=2e-2, rtol=2e-2)
+    real = (seg >= 0)[:, None, :, None].expand_as(ref)
+    torch.testing.assert_close(replayed[0][real], ref[real], atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
