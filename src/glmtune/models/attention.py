@@ -186,14 +186,14 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atten
     n_kv = k.shape[1]
     window, gqa = _varlen_api()
     kwargs: dict = {"window_size": (-1, 0)} if window else {"is_causal": True}
+    # (b, heads, s, d) -> (b * s, heads, d): free when the projections were viewed as (b, s, heads, d)
+    qf, kf, vf = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v))
     if n_kv != n_head:
         if gqa:
             kwargs["enable_gqa"] = True
-        else:  # heads h = kv * g + j use key head kv (flash's grouping too)
-            k = k.repeat_interleave(n_head // n_kv, dim=1)
-            v = v.repeat_interleave(n_head // n_kv, dim=1)
-    # (b, heads, s, d) -> (b * s, heads, d): free when the projections were viewed as (b, s, heads, d)
-    qf, kf, vf = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (q, k, v))
+        else:  # heads h = kv * g + j use key head kv (flash's grouping too); the backward sums the g copies
+            g = n_head // n_kv
+            kf, vf = (t[:, :, None].expand(b * s, n_kv, g, d).reshape(b * s, n_head, d) for t in (kf, vf))
     cu = mask.cu_seqlens
     out = varlen_attn(qf, kf, vf, cu, cu, mask.max_len, mask.max_len, **kwargs)  # (b * s, n_head, d)
     return out.reshape(b, s, n_head, d).transpose(1, 2)
