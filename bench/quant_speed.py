@@ -13,7 +13,9 @@ against bf16, peak GPU memory of a quantized folder loaded as a user loads it, a
   after a prompt that fills ``--context`` tokens, batch 1. Peak = ``torch.cuda.max_memory_allocated`` from before
   the load to the end (the prefill computes logits for the last position only).
 - ``kernels`` (``--kernels``): each linear of a block (qkv, dense, h_to_4h, 4h_to_h) at M rows through each path of
-  ``models/quant_kernels.py`` and bf16 cuBLAS, ``triton.testing.do_bench`` medians (L2 flushed between runs), and a
+  ``models/quant_kernels.py`` and bf16 cuBLAS, timed as replays of a CUDA graph over enough weight copies that
+  none comes from L2 (the host's launch cost left out, as in graph decode: ``_bench``), each result checked against
+  the dequantized product, torch's tinygemm INT4 matmul as a reference (INT4, one row), and a
   sweep of the matrix-vector and tiled kernels' blocks.
 
     PYTHONPATH=src python3 bench/quant_speed.py --kernels --json bench/results/quant_speed.json
@@ -210,12 +212,40 @@ def block_shapes(cfg: GLMConfig) -> dict[str, tuple[int, int]]:
             "h_to_4h": (2 * cfg.ffn_hidden_size, h), "4h_to_h": (h, cfg.ffn_hidden_size)}  # fmt: skip
 
 
-def _bench(fn, rep_ms: int) -> float:
-    """Median µs of ``fn()`` (triton.testing.do_bench: CUDA events, L2 flushed before each run)."""
-    import triton.testing
+def copies_for(tensors: tuple[torch.Tensor, ...], min_bytes: float = 256e6) -> list[tuple[torch.Tensor, ...]]:
+    """Enough copies of a weight (its tensors) that reading them in turn moves ``min_bytes``: several times the
+    H200's 50 MB L2, so that each timed call reads its weight from device memory, as decode does."""
+    nbytes = sum(t.nbytes for t in tensors)
+    return [tensors] + [tuple(t.clone() for t in tensors) for _ in range(max(1, -int(-min_bytes // nbytes)) - 1)]
 
-    fn()
-    return triton.testing.do_bench(fn, warmup=5, rep=rep_ms, return_mode="median") * 1e3
+
+def _bench(call, copies: list, rep_ms: int) -> float:
+    """Median µs of ``call(*copy)``: one CUDA graph calls it once per copy (the weights in turn, so none is read
+    from L2); its replays are timed with CUDA events, the median replay divided by the number of calls. A graph
+    leaves out the host's launch cost (a Triton launch from Python costs more than these kernels take) as the
+    decode step's graph does."""
+    for c in copies:  # compile, allocate
+        call(*c)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in copies:
+            call(*c)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    reps = max(5, min(200, int(rep_ms / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2] / len(copies) * 1e3
 
 
 def kernel_row(qk, w_bf16: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int, m: int, sweeps: list,
@@ -231,15 +261,19 @@ def kernel_row(qk, w_bf16: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b
     def checked(y: torch.Tensor) -> None:
         errors.append(((y.float() - ref).norm() / ref.norm()).item())
 
+    quantized = copies_for((q, scale))
     checked(qk.linear(x, q, scale, bits, None))
-    row = {"n": n, "k": k, "bits": bits, "m": m,
-           "bf16_cublas_us": _bench(lambda: torch.nn.functional.linear(x, w_bf16), rep_ms),
-           "dequant_cublas_us": _bench(lambda: qk.linear(x, q, scale, bits, None, path="dequant"), rep_ms),
-           "auto_us": _bench(lambda: qk.linear(x, q, scale, bits, None), rep_ms), "sweep": []}  # fmt: skip
+    row = {"n": n, "k": k, "bits": bits, "m": m, "copies": len(quantized),
+           "bf16_cublas_us": _bench(lambda w: torch.nn.functional.linear(x, w), copies_for((w_bf16,)), rep_ms),
+           "dequant_cublas_us": _bench(lambda q_, s_: qk.linear(x, q_, s_, bits, None, path="dequant"), quantized,
+                                       rep_ms),
+           "auto_us": _bench(lambda q_, s_: qk.linear(x, q_, s_, bits, None), quantized, rep_ms),
+           "sweep": []}  # fmt: skip
     best: dict[str, tuple[float, dict]] = {}
     for label, path, c in sweeps:
         checked(qk.linear(x, q, scale, bits, None, path=path, config=c))
-        us = _bench(lambda path=path, c=c: qk.linear(x, q, scale, bits, None, path=path, config=c), rep_ms)
+        us = _bench(lambda q_, s_, path=path, c=c: qk.linear(x, q_, s_, bits, None, path=path, config=c), quantized,
+                    rep_ms)  # fmt: skip
         config = vars(c if c is not None else qk.gemv_config(m, n, q.shape[1], bits))
         row["sweep"].append({"label": label, "path": path, "us": us, **config})
         if label not in best or us < best[label][0]:
@@ -259,11 +293,12 @@ def tinygemm_us(n: int, k: int, m: int, device: torch.device, rep_ms: int) -> fl
     matmul (``aten._weight_int4pack_mm``, group size 128) on the same shape, random packed weights."""
     w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
     x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-    scales_zeros = torch.randn(k // 128, n, 2, dtype=torch.bfloat16, device=device)
     for inner_k_tiles in (8, 4, 2):
         try:
             packed = torch.ops.aten._convert_weight_to_int4pack(w, inner_k_tiles)
-            return _bench(lambda p=packed: torch.ops.aten._weight_int4pack_mm(x, p, 128, scales_zeros), rep_ms)
+            scales_zeros = torch.randn(k // 128, n, 2, dtype=torch.bfloat16, device=device)
+            return _bench(lambda p, sz: torch.ops.aten._weight_int4pack_mm(x, p, 128, sz),
+                          copies_for((packed, scales_zeros)), rep_ms)  # fmt: skip
         except Exception as e:  # noqa: BLE001 - a reference only: the shape or this torch may not take it
             log.info("tinygemm (inner_k_tiles=%d) on %dx%d: %s", inner_k_tiles, n, k, e)
     return None
@@ -273,12 +308,12 @@ def kernels(args: argparse.Namespace, device: torch.device, add) -> None:
     from glmtune.models import quant_kernels as qk
     from glmtune.models.quant import quantize_weight
 
-    mma = [qk.GemvConfig(bn, bw, nw, st) for bn, bw, nw, st in
-           [(4, 256, 4, 3), (8, 128, 4, 3), (8, 256, 4, 3), (8, 256, 4, 1), (8, 256, 8, 3), (8, 512, 4, 3),
-            (16, 128, 4, 3), (16, 256, 4, 3), (16, 256, 8, 3), (32, 128, 4, 3)]]  # fmt: skip
-    cuda_cores = [qk.GemvConfig(bn, bw, nw, st, mma=False) for bn, bw, nw, st in
-                  [(4, 256, 4, 3), (8, 128, 4, 3), (8, 256, 4, 3), (8, 512, 4, 3), (8, 512, 8, 3), (16, 256, 4, 3),
-                   (16, 512, 8, 3), (32, 128, 4, 3)]]  # fmt: skip
+    cuda_cores = [qk.GemvConfig(1, bn, bk, nw) for bn, bk, nw in
+                  [(2, 1024, 4), (4, 256, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8),
+                   (16, 256, 4)]]  # fmt: skip
+    mma = [qk.GemvConfig(1, bn, bk, nw, mma=True) for bn, bk, nw in  # bk: bytes a step (words: bk / 4)
+           [(4, 512, 4), (8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 1024, 4), (16, 1024, 8),
+            (32, 512, 4), (32, 1024, 8)]]  # fmt: skip
     dot_skinny = [qk.DotConfig(16, bn, bk, 1) for bn, bk in [(16, 128), (32, 64), (32, 128), (32, 256)]]
     dot_large = [qk.DotConfig(bm, bn, bk, 8, nw, st) for bm, bn, bk, nw, st in
                  [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 4)]]  # fmt: skip
@@ -289,14 +324,16 @@ def kernels(args: argparse.Namespace, device: torch.device, add) -> None:
             for m in args.kernel_rows:
                 sweeps: list = []
                 if m == 1:
-                    sweeps += [("gemv_mma", "gemv", c) for c in (mma if bits == 4 else [])]
                     sweeps += [("gemv_cuda_cores", "gemv", c) for c in cuda_cores]
+                    sweeps += [("gemv_mma", "gemv", c) for c in (mma if bits == 4 else [])]
                 elif m <= 4:
-                    sweeps.append(("gemv", "gemv", None))
+                    sweeps.append(("gemv_cuda_cores", "gemv", None))
                 if m > 1:
                     large = [c for c in dot_large if c.block_m <= max(64, m)]
                     sweeps += [("dot", "dot", c) for c in (dot_skinny if m <= 16 else large)]
                 add({"shape": name, **kernel_row(qk, w.to(torch.bfloat16), q, scale, bits, m, sweeps, args.rep_ms)})
+        del w
+        free_memory()
 
 
 def best_gemv(rows: list[dict]) -> dict[tuple[int, int, int], dict]:
@@ -328,9 +365,9 @@ E2E_COLUMNS = [("precision", "precision", ""), ("decode tok/s", "tokens_per_s_pe
                ("reserved GiB", "peak_reserved_gib", ".2f")]  # fmt: skip
 KERNEL_COLUMNS = [("shape", "shape", ""), ("bits", "bits", "d"), ("M", "m", "d"),
                   ("bf16 cuBLAS µs", "bf16_cublas_us", ".1f"),
-                  ("auto µs", "auto_us", ".1f"), ("gemv mma µs", "gemv_mma_us", ".1f"),
-                  ("gemv CUDA-core µs", "gemv_cuda_cores_us", ".1f"), ("gemv µs", "gemv_us", ".1f"),
-                  ("dot µs", "dot_us", ".1f"), ("tinygemm µs", "tinygemm_us", ".1f"),
+                  ("auto µs", "auto_us", ".1f"), ("gemv CUDA-core µs", "gemv_cuda_cores_us", ".1f"),
+                  ("gemv mma µs", "gemv_mma_us", ".1f"), ("dot µs", "dot_us", ".1f"),
+                  ("tinygemm µs", "tinygemm_us", ".1f"),
                   ("dequant+cuBLAS µs", "dequant_cublas_us", ".1f"),
                   ("auto weight GB/s", "weight_gb_per_s_auto", ",.0f"),
                   ("max rel err", "max_rel_err", ".1e")]  # fmt: skip
@@ -350,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-e2e", action="store_true", help="only the kernels")
     ap.add_argument("--kernels", action="store_true", help="also time the kernels alone")
     ap.add_argument("--kernel-rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256, 2048])
-    ap.add_argument("--rep-ms", type=int, default=40, help="do_bench repetition time per measurement")
+    ap.add_argument("--rep-ms", type=int, default=40, help="graph replay time per measurement")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--work-dir", type=Path, default=None, help="where to write the folders (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the written folders")

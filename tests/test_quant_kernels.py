@@ -82,7 +82,7 @@ def _small_config(qk, path: str, m: int):
     """Blocks smaller than the input, so that every kernel loops, masks and tiles; the GPU tests run the defaults
     (the interpreter is slow at the matrix-vector kernel's reduction over large blocks)."""
     if path == "gemv":
-        return qk.GemvConfig(block_n=16, block_w=4)
+        return qk.GemvConfig(block_m=1 if m == 1 else 2, block_n=16, block_k=16)
     return qk.DotConfig(block_m=16, block_n=16, block_k=16, group_m=2) if path == "dot" else None
 
 
@@ -105,16 +105,17 @@ def test_each_path_matches_float64(qk, bits, path, dtype):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_gemv_reads_words_or_bytes_and_masks_the_edges(qk, bits, dtype):
-    """The matrix-vector kernel on stored rows that are whole 32-bit words (read as int32: 136 columns) and on rows
-    that are not (70 columns: assembled from bytes), blocks that cut the rows and the words mid-way, over the whole
-    integer range, a row of zeros, with and without bias; on the GPU also the tensor-core variant (INT4, bf16)."""
+def test_gemv_masks_the_edges_of_rows_and_blocks(qk, bits, dtype):
+    """The matrix-vector kernel on rows of whole 32-bit words (136 columns) and not (70), blocks that cut the rows
+    mid-way, over the whole integer range, a row of zeros, with and without bias, one and two rows of x; on the GPU
+    also the tensor-core INT4 kernel (bf16 inputs, rows of whole words; elsewhere the same config takes the CUDA-core
+    kernel), whose lanes must pair up words of the same rows at any block size."""
     dev = _device()
     g = torch.Generator().manual_seed(bits)
-    configs = [qk.GemvConfig(block_n=4, block_w=4), qk.GemvConfig(block_n=16, block_w=8, num_warps=2)]
+    configs = [qk.GemvConfig(1, 4, 8), qk.GemvConfig(2, 16, 16, num_warps=2)]
     if CUDA:
-        configs += [qk.GemvConfig(block_n=8, block_w=32, mma=False), qk.GemvConfig(block_n=4, block_w=32),
-                    qk.GemvConfig(block_n=32, block_w=128, num_warps=8), None]  # fmt: skip
+        configs += [qk.GemvConfig(1, bn, bk, nw, mma=True) for bn, bk, nw in
+                    [(4, 16, 4), (16, 32, 2), (4, 128, 4), (32, 512, 8), (8, 1024, 4)]]  # fmt: skip
     for n, k in ((37, 136), (19, 70)):
         q, scale = _weight(n, k, bits, seed=n, device=dev)
         for m, bias in ((1, True), (2, False)):
@@ -198,13 +199,16 @@ def test_bad_shapes_and_bits_are_named(qk):
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_gpu_kernels_at_larger_shapes(qk, bits, path, m, dtype, k):
-    """Several tiles, none full at the edges: 2,050 inputs (INT4: an odd 1,025 stored columns, read as bytes) and
-    4,104 (whole 32-bit words, a partial last step; INT4 + bf16 at one row: the tensor-core kernel)."""
+    """Several tiles, none full at the edges: 2,050 inputs (INT4 stores an odd 1,025 columns) and 4,104 (whole
+    32-bit words, a partial last step: INT4 + bf16 also through the tensor-core kernel)."""
     n = 1031
     q, scale = _weight(n, k, bits, seed=m, device="cuda")
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     b = torch.randn(n, device="cuda", dtype=dtype)
-    _close(qk.linear(x, q, scale, bits, b, path=path), _reference(x, q, scale, bits, b), dtype)
+    ref = _reference(x, q, scale, bits, b)
+    _close(qk.linear(x, q, scale, bits, b, path=path), ref, dtype)
+    if path == "gemv":
+        _close(qk.linear(x, q, scale, bits, b, path=path, config=qk.GemvConfig(1, 8, 1024, mma=True)), ref, dtype)
 
 
 def _tiny_quantized(bits: int, dtype: torch.dtype):

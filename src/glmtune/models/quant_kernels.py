@@ -8,6 +8,10 @@ first call inside a CUDA graph capture never benchmarks or syncs):
 - ``M <= GEMV_MAX_M`` (decode at batch 1): a matrix-vector kernel on the CUDA cores. Decode is bound by reading
   the weights, and INT4 reads a quarter of bf16's bytes; each program reduces ``BLOCK_N`` output rows over the
   whole input.
+  An INT4 variant on the tensor cores (``_gemv4_mma_kernel``, ``GemvConfig(mma=True)``, bfloat16 inputs): the
+  nibbles become exact bf16 integers in ~1 instruction a byte (inline PTX) and mma.m16n8k16 does the products.
+  Opt-in, not the default: this 1-D form has not run on a GPU yet (a 2-D-tiled first form was right at ChatGLM3-6B's
+  shapes but wrong at small tiles, where Triton 3.6 put rows instead of words along the lanes).
 - ``M <= DOT_MAX_M`` (small decode batches): a tiled kernel, the unpacked tile fed to ``tl.dot`` (tensor cores),
   the scale applied to the float32 accumulator.
 - larger ``M`` (prefill, training): dequantize the weight to ``x``'s dtype (one Triton pass) and multiply with
@@ -56,75 +60,51 @@ def _as_float(u, BITS: tl.constexpr):
 
 
 @triton.jit
-def _value(w, i: tl.constexpr, BITS: tl.constexpr):
-    """Value ``i`` of the 32-bit words ``w`` (bits BITS*i ..; already xor-ed so that it holds v + 2^(BITS-1)) as
-    the float32 1 + (v + 2^(BITS-1)) / 2^BITS: one shift puts it at the top of the mantissa (bits 23-BITS..22), one
-    and-or (a single LOP3) keeps it and sets the exponent of 1.0."""
-    SHIFT: tl.constexpr = 23 - BITS - BITS * i
-    if SHIFT >= 0:
-        t = w << SHIFT
-    else:
-        t = w >> -SHIFT
-    return ((t & (((1 << BITS) - 1) << (23 - BITS))) | 0x3F800000).to(tl.float32, bitcast=True)
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, M, N, KP, stride_xm, stride_qn, stride_ym,
+                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr):  # fmt: skip
+    """y[m, n] = scale[n] * sum_k x[m, k] q[n, k] (+ b[n]) for BLOCK_M rows of x and BLOCK_N output features, over
+    ``KP`` stored columns in steps of BLOCK_K (INT4: a stored byte holds columns 2j (high nibble) and 2j+1), on the
+    CUDA cores (decode is bound by reading the weight, not by arithmetic).
 
-
-@triton.jit
-def _gemv_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, K, KP, stride_xm, stride_qn, stride_ym,
-                 BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
-                 WORDS: tl.constexpr, X_PAIRS: tl.constexpr):  # fmt: skip
-    """y[m, n] = scale[n] * sum_k x[m, k] q[n, k] (+ b[n]) for one row m of x (program axis 1) and BLOCK_N output
-    features, over the weight's 32-bit words in steps of BLOCK_W words, on the CUDA cores (decode is bound by
-    reading the weight; the arithmetic per weight is kept to a shift, a LOP3 and an FMA).
-
-    Word t of a row holds stored bytes 4t..4t+3 (little-endian: byte j at bits 8j..8j+7). INT8: byte j is column
-    4t+j. INT4: byte j holds columns 8t+2j (high nibble, value 2j+1 of the word) and 8t+2j+1 (low nibble, value 2j).
-    ``WORDS``: ``q_ptr`` is the weight as int32 words (stored columns a multiple of 4); otherwise the stored bytes
-    (uint8) assembled into words in registers (odd shapes only). The word is xor-ed once so that each value is
-    v + 2^(BITS-1) >= 0, then value i becomes f = 1 + (v + 2^(BITS-1)) / 2^BITS (``_value``), so
-    sum_k v x = 2^BITS (sum_k f x - 1.5 sum_k x): every product f x is exact in float32 (f has BITS + 1 significant
-    bits, x at most 8 or 11 of bf16/fp16: float32 inputs are rounded in the product like any float32 FMA).
-    ``X_PAIRS`` (bfloat16 x, even K): ``x_ptr`` is x as int32 words, word p holding x[2p] in its low and x[2p+1]
-    in its high half (a bfloat16's float32 is its bits shifted up by 16): one load for two columns."""
-    VALS: tl.constexpr = 32 // BITS  # values per word
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n2 = offs_n[:, None]  # (bn, 1)
-    x_row = x_ptr + tl.program_id(1) * stride_xm
-    acc = tl.full((BLOCK_N, BLOCK_W), 0.0, tl.float32)
-    x_sum = tl.full((1, BLOCK_W), 0.0, tl.float32)
-    kw = (KP + 3) // 4
-    for t0 in range(0, kw, BLOCK_W):
-        # (1, bw) word index; declared non-contiguous so that the weight loads take the inputs' layout (one word a
-        # thread, still coalesced over a warp) instead of 16-byte vectors that are then reshuffled in shared memory
-        t = tl.max_contiguous(t0 + tl.arange(0, BLOCK_W), 1)[None, :]
-        if WORDS:
-            w = tl.load(q_ptr + n2 * stride_qn + t, mask=(n2 < N) & (t < kw), other=0)
-        else:  # bytes past the row's end are 0: their values meet x = 0 (masked below)
-            w = tl.full((BLOCK_N, BLOCK_W), 0, tl.int32)
-            for j in tl.static_range(4):
-                b = tl.load(q_ptr + n2 * stride_qn + 4 * t + j, mask=(n2 < N) & (4 * t + j < KP), other=0)
-                w = w | (b.to(tl.int32) << (8 * j))
-        w = w ^ (-2004318072 if BITS == 4 else -2139062144)  # 0x88888888 / 0x80808080: each value v -> v + 2^(B-1)
-        for p in tl.static_range(VALS // 2):  # columns VALS t + 2p and VALS t + 2p + 1
-            col = VALS * t + 2 * p  # (1, bw)
+    ``q_ptr``: the weight's bytes (uint8). Each integer v becomes f = 1 + (v + 2^(BITS-1)) / 2^BITS (``_as_float``:
+    bit operations), so sum_k v x = 2^BITS (sum_k f x - 1.5 sum_k x): one multiply-add per weight and a running sum
+    of x shared by every row. ``X_PAIRS`` (INT4, bfloat16 inputs): ``x_ptr`` is x as int32 words, word j holding
+    x[2j] in its low and x[2j+1] in its high half (a bfloat16's float32 is its bits shifted up by 16), so the inputs
+    load contiguously in the weight's layout."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m3 = offs_m[:, None, None]  # (bm, 1, 1)
+    n3 = offs_n[None, :, None]  # (1, bn, 1)
+    acc = tl.full((BLOCK_M, BLOCK_N, BLOCK_K), 0.0, tl.float32)
+    x_sum = tl.full((BLOCK_M, 1, BLOCK_K), 0.0, tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        k3 = (k0 + tl.arange(0, BLOCK_K))[None, None, :]  # (1, 1, bk)
+        u = tl.load(q_ptr + n3 * stride_qn + k3, mask=(n3 < N) & (k3 < KP), other=0).to(tl.int32)  # (1, bn, bk)
+        x_mask = (m3 < M) & (k3 < KP)
+        if BITS == 4:
             if X_PAIRS:
-                xw = tl.load(x_row + col // 2, mask=col < K, other=0)
+                xw = tl.load(x_ptr + m3 * stride_xm + k3, mask=x_mask, other=0)
                 x_even = (xw << 16).to(tl.float32, bitcast=True)
                 x_odd = (xw & -65536).to(tl.float32, bitcast=True)
             else:
-                x_even = tl.load(x_row + col, mask=col < K, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_row + col + 1, mask=col + 1 < K, other=0.0).to(tl.float32)
-            if BITS == 4:  # the even column is the high nibble of byte p (value 2p + 1)
-                acc += _value(w, 2 * p + 1, BITS) * x_even
-                acc += _value(w, 2 * p, BITS) * x_odd
-            else:
-                acc += _value(w, 2 * p, BITS) * x_even
-                acc += _value(w, 2 * p + 1, BITS) * x_odd
+                x_even = tl.load(x_ptr + m3 * stride_xm + 2 * k3, mask=x_mask, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_ptr + m3 * stride_xm + 2 * k3 + 1, mask=x_mask, other=0.0).to(tl.float32)
+            # a nibble n (two's complement) is v + 8 = n ^ 8
+            acc += _as_float((u >> 4) ^ 8, 4) * x_even + _as_float((u & 15) ^ 8, 4) * x_odd
             x_sum += x_even + x_odd
-    total = tl.reduce(acc, 1, _add) - 1.5 * tl.reduce(x_sum, 1, _add)  # (bn,) - (1,)
-    y = total * (tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32) * (1 << BITS))
+        else:
+            xv = tl.load(x_ptr + m3 * stride_xm + k3, mask=x_mask, other=0.0).to(tl.float32)
+            acc += _as_float(u ^ 128, 8) * xv  # a byte b (two's complement) is v + 128 = b ^ 128
+            x_sum += xv
+    total = tl.reduce(acc, 2, _add) - 1.5 * tl.reduce(x_sum, 2, _add)  # (bm, bn) - (bm, 1)
+    y = total * (tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32) * (1 << BITS))[None, :]
     if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-    tl.store(y_ptr + tl.program_id(1) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+        y += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # INT4 x bfloat16 on the tensor cores (PTX, CUDA only): per thread, one 32-bit word (8 columns) of two weight rows
@@ -182,24 +162,29 @@ selp.f32 $1, $1, 0f00000000, p;
 @triton.jit
 def _gemv4_mma_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_xm, stride_qn, stride_ym,
                       HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):  # fmt: skip
-    """``_gemv_kernel`` for INT4 weights as 32-bit words (``q_ptr``, (N, KW)) and bfloat16 inputs as pairs
-    (``x_ptr``), on the tensor cores (``_MMA_STEP``): rows n and n + BLOCK_N / 2 of a program share each thread's
-    mma. The weight tile is one word a thread along the words (``tl.max_contiguous``: every lane of a warp on the
-    same rows, consecutive words), which the lane-to-slot mapping above relies on."""
+    """``_gemv_kernel`` at one row of x per program column for INT4 weights read as 32-bit words (``q_ptr``,
+    (N, KW)) and bfloat16 inputs as pairs (``x_ptr``), on the tensor cores (``_MMA_STEP``): rows n and
+    n + BLOCK_N / 2 share each thread's mma, BLOCK_W words a step.
+
+    The tiles are 1-D, element i = (row pair i // BLOCK_W, word i % BLOCK_W), loaded one 32-bit word a thread
+    (``tl.max_contiguous``): a 1-D layout of one element a thread puts element i on lane i % 32, so the 4 lanes of an
+    mma group hold 4 words of the same rows, which ``_MMA_STEP`` and ``_MMA_DIAGONAL`` rely on (a 2-D tile leaves
+    the lane order to Triton's layout choice: Triton 3.6 put rows, not words, along the lanes of some tiles)."""
     HALF: tl.constexpr = BLOCK_N // 2
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, HALF)
-    na = rows[:, None]  # (bn / 2, 1)
-    nb = na + HALF
+    i = tl.arange(0, HALF * BLOCK_W)
+    w = i % BLOCK_W
+    rows_a = tl.program_id(0) * BLOCK_N + i // BLOCK_W
+    rows_b = rows_a + HALF
     x_row = x_ptr + tl.program_id(1) * stride_xm
-    c0 = tl.full((HALF, BLOCK_W), 0.0, tl.float32)
+    c0 = tl.full((HALF * BLOCK_W,), 0.0, tl.float32)
     c1 = c0
     c2 = c0
     c3 = c0
     for t0 in range(0, KW, BLOCK_W):
-        t = tl.max_contiguous(t0 + tl.arange(0, BLOCK_W), 1)[None, :]  # (1, bw)
-        wa = tl.load(q_ptr + na * stride_qn + t, mask=(na < N) & (t < KW), other=0)
-        wb = tl.load(q_ptr + nb * stride_qn + t, mask=(nb < N) & (t < KW), other=0)
-        p0 = tl.load(x_row + 4 * t, mask=t < KW, other=0)
+        t = t0 + w
+        wa = tl.load(q_ptr + tl.max_contiguous(rows_a * stride_qn + t, 1), mask=(rows_a < N) & (t < KW), other=0)
+        wb = tl.load(q_ptr + tl.max_contiguous(rows_b * stride_qn + t, 1), mask=(rows_b < N) & (t < KW), other=0)
+        p0 = tl.load(x_row + 4 * t, mask=t < KW, other=0)  # the 4 bf16 pairs of the word's 8 columns
         p1 = tl.load(x_row + 4 * t + 1, mask=t < KW, other=0)
         p2 = tl.load(x_row + 4 * t + 2, mask=t < KW, other=0)
         p3 = tl.load(x_row + 4 * t + 3, mask=t < KW, other=0)
@@ -208,9 +193,10 @@ def _gemv4_mma_kernel(x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, N, KW, stride_xm, strid
             dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)  # fmt: skip
     da, db = tl.inline_asm_elementwise(_MMA_DIAGONAL, "=f,=f,f,f,f,f", [c0, c1, c2, c3],
                                        dtype=(tl.float32, tl.float32), is_pure=True, pack=1)  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, HALF)
     for half in tl.static_range(2):
         n = rows + half * HALF
-        total = tl.reduce(da if half == 0 else db, 1, _add)
+        total = tl.reduce(tl.reshape(da if half == 0 else db, (HALF, BLOCK_W)), 1, _add)
         y = total * tl.load(s_ptr + n, mask=n < N, other=0.0).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + n, mask=n < N, other=0.0).to(tl.float32)
@@ -294,11 +280,14 @@ def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, KP, stride_qn, stride_wn, BITS: tl.c
 # ---- launch configurations ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GemvConfig:
-    block_n: int  # output features per program
-    block_w: int  # 32-bit weight words per step (INT4: 8 columns a word, INT8: 4)
+    block_m: int
+    block_n: int
+    block_k: int  # stored columns (bytes) per step
     num_warps: int = 4
     num_stages: int = 3
-    mma: bool = True  # INT4 with bfloat16 inputs on CUDA: the tensor-core kernel (_gemv4_mma_kernel)
+    # INT4 with bfloat16 inputs on CUDA, rows a multiple of 4 bytes: the tensor-core kernel (_gemv4_mma_kernel; one
+    # row of x per program column, block_m unused, block_k / 4 words a step). Not the default: not yet measured.
+    mma: bool = False
 
 
 @dataclass(frozen=True)
@@ -312,13 +301,16 @@ class DotConfig:
 
 
 def gemv_config(m: int, n: int, kp: int, bits: int) -> GemvConfig:
-    """The matrix-vector kernel's blocks (any ``m``: one program column per row of x): few output features per
-    program and the input split over the warps, so that ChatGLM3-6B's 4,096-row linears still start ~500 programs
-    and each thread reuses its inputs over several rows. The fastest of bench/quant_speed.py's sweep on an H200
-    (bench/RESULTS.md)."""
-    if bits == 4:
-        return GemvConfig(8, 256)
-    return GemvConfig(8, 512, mma=False)
+    """The matrix-vector kernel's blocks: many small programs (1,024 for 4,096 output rows). The batch-1 blocks are
+    the fastest of bench/quant_speed.py's sweep over ChatGLM3-6B's four linears on an H200 (bench/RESULTS.md)."""
+    if m == 1:
+        if n >= 16384:  # dense_h_to_4h
+            return GemvConfig(1, 8, 512)
+        if bits == 8 and n <= 4096:  # INT8 dense and dense_4h_to_h
+            return GemvConfig(1, 8, 1024, num_warps=8)
+        return GemvConfig(1, 4, 512)
+    block_m = 2 if m == 2 else 4
+    return GemvConfig(block_m, 4, 512 // block_m)
 
 
 def dot_config(m: int, n: int, kp: int, bits: int) -> DotConfig:
@@ -380,21 +372,19 @@ def linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int, bia
     b = bias if bias is not None else scale  # a pointer the kernel never reads
     if path == "gemv":
         c = config or gemv_config(m, n, kp, bits)
-        k = x2.shape[1]
-        pairs = x.dtype == torch.bfloat16 and k % 2 == 0
+        grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m))
+        pairs = bits == 4 and x.dtype == torch.bfloat16
         if pairs and (x2.stride(0) % 2 or x2.storage_offset() % 2):
             x2 = x2.contiguous()
-        xs = x2.view(torch.int32) if pairs else x2  # bf16: (x[2p], x[2p+1]) as one 32-bit word
-        words = kp % 4 == 0 and u.storage_offset() % 4 == 0
-        qs = u.view(torch.int32) if words else u  # the stored bytes as 32-bit words (odd shapes: bytes)
-        grid = (triton.cdiv(n, c.block_n), m)
-        if c.mma and bits == 4 and pairs and words and not INTERPRETED:
-            _gemv4_mma_kernel[grid](xs, qs, scale, b, y, n, kp // 4, xs.stride(0), qs.stride(0), y.stride(0),
-                                    HAS_BIAS=bias is not None, BLOCK_N=c.block_n, BLOCK_W=c.block_w,
-                                    num_warps=c.num_warps, num_stages=c.num_stages)  # fmt: skip
+        xs = x2.view(torch.int32) if pairs else x2  # INT4 + bf16: (x[2j], x[2j+1]) as one 32-bit word
+        if c.mma and pairs and kp % 4 == 0 and u.storage_offset() % 4 == 0 and not INTERPRETED:
+            qw = u.view(torch.int32)  # (N, KP / 4): the stored bytes as 32-bit words, little-endian
+            _gemv4_mma_kernel[(triton.cdiv(n, c.block_n), m)](
+                xs, qw, scale, b, y, n, kp // 4, xs.stride(0), qw.stride(0), y.stride(0), HAS_BIAS=bias is not None,
+                BLOCK_N=c.block_n, BLOCK_W=c.block_k // 4, num_warps=c.num_warps, num_stages=c.num_stages)  # fmt: skip
             return y.reshape(*x.shape[:-1], n)
-        _gemv_kernel[grid](xs, qs, scale, b, y, n, k, kp, xs.stride(0), qs.stride(0), y.stride(0), BITS=bits,
-                           HAS_BIAS=bias is not None, BLOCK_N=c.block_n, BLOCK_W=c.block_w, WORDS=words,
+        _gemv_kernel[grid](xs, u, scale, b, y, m, n, kp, xs.stride(0), u.stride(0), y.stride(0), BITS=bits,
+                           HAS_BIAS=bias is not None, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                            X_PAIRS=pairs, num_warps=c.num_warps, num_stages=c.num_stages)  # fmt: skip
     elif path == "dot":
         c = config or dot_config(m, n, kp, bits)
