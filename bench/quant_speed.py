@@ -312,8 +312,8 @@ def kernels(args: argparse.Namespace, device: torch.device, add) -> None:
                   [(2, 1024, 4), (4, 256, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4), (8, 1024, 8),
                    (16, 256, 4)]]  # fmt: skip
     mma = [qk.GemvConfig(1, bn, bk, nw, mma=True) for bn, bk, nw in  # bk: bytes a step (words: bk / 4)
-           [(4, 512, 4), (8, 512, 4), (8, 1024, 4), (8, 1024, 8), (16, 512, 4), (16, 1024, 4), (16, 1024, 8),
-            (32, 512, 4), (32, 1024, 8)]]  # fmt: skip
+           [(4, 256, 4), (8, 256, 4), (4, 512, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (8, 1024, 4),
+            (16, 1024, 8), (32, 1024, 8)]]  # fmt: skip
     dot_skinny = [qk.DotConfig(16, bn, bk, 1) for bn, bk in [(16, 128), (32, 64), (32, 128), (32, 256)]]
     dot_large = [qk.DotConfig(bm, bn, bk, 8, nw, st) for bm, bn, bk, nw, st in
                  [(128, 128, 32, 8, 3), (128, 128, 64, 8, 3), (128, 256, 32, 8, 3), (64, 128, 64, 4, 4)]]  # fmt: skip
