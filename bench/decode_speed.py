@@ -161,12 +161,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "new_tokens": args.new_tokens, "command": " ".join(sys.argv), "note": args.note}  # fmt: skip
     rows: list[dict] = []
 
+    def save() -> None:
+        if args.json:
+            write_json(args.json, {"info": info, "rows": rows})
+            args.json.with_suffix(".md").write_text(table(rows) + "\n")
+
     def add(row: dict) -> None:
         rows.append(row)
         log.info("%s", row)
-        if args.json:  # after every row: a command cut short keeps its rows
-            write_json(args.json, {"info": info, "rows": rows})
-            args.json.with_suffix(".md").write_text(table(rows) + "\n")
+        save()  # after every row: a command cut short keeps its rows
 
     model = build_model(cfg, device=device, dtype=dtype, generation="chatglm3")
     random_fill(model, device, dtype, seed=0)
@@ -193,6 +196,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 }
             )
     info["matvec_configs"] = matvec_configs()
+    save()
     del model
     free_memory()
     if not args.no_hf:
