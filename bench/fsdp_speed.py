@@ -169,6 +169,7 @@ KINDS = (  # (kind, substrings of the kernel name), first match wins
     ("optimizer", ("adam",)),
     ("clip/foreach", ("multi_tensor_apply", "foreach", "norm_kernel", "lpnorm")),
     ("flex attention", ("flex", "triton_tem")),
+    ("flash attention", ("flash", "fmha")),  # varlen_attn on packed rows (masks' varlen form)
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "wgmma", "sm90")),
     ("loss", ("softmax", "nll_loss", "cross_entropy")),
     ("compiled elementwise", ("triton_",)),

@@ -54,6 +54,7 @@ def test_kernel_breakdown_and_variants() -> None:
     assert got == pytest.approx({"matmul": 5.0, "nccl": 5.0, "compiled elementwise": 1.0, "optimizer": 2.0,
                                  "memcpy/memset": 0.5, "span": 13.5, "idle": 2.5, "nccl exposed": 2.5})  # fmt: skip
     assert fsdp_speed.kind_of("triton_tem_fused_flex_attention_backward_3") == "flex attention"
+    assert fsdp_speed.kind_of("void pytorch_flash::flash_bwd_dq_dk_dv_loop_kernel<Sm90>") == "flash attention"
     assert fsdp_speed.parse_variant("keep=3,units=2") == {"keep_gathered": 3, "prefetch": 1, "blocks_per_unit": 2,
                                                            "ctas": 0}  # fmt: skip
     with pytest.raises(ValueError, match="unknown variant key 'kep'"):
