@@ -96,3 +96,10 @@ def test_data_encoding_is_a_known_text_codec(cfg_file):
     for bad in ("utf-9", "base64"):
         with pytest.raises(ConfigError, match=f"key 'data.encoding': '{bad}' is not a text encoding"):
             load_config(cfg_file, [f"data.encoding={bad}"])
+
+
+def test_fsdp_keep_gathered_counts_blocks(cfg_file):
+    assert load_config(cfg_file).train.fsdp_keep_gathered == 1
+    assert load_config(cfg_file, ["train.fsdp_keep_gathered=12"]).train.fsdp_keep_gathered == 12
+    with pytest.raises(ConfigError, match="key 'train.fsdp_keep_gathered': must be 0 or more"):
+        load_config(cfg_file, ["train.fsdp_keep_gathered=-1"])

@@ -304,3 +304,65 @@ def test_compiled_tiny_model_step_varlen_equals_flex_on_cuda():
     torch.testing.assert_close(results["varlen"][0], results["flex"][0], rtol=2e-2, atol=1e-3)
     g_varlen, g_flex = results["varlen"][1], results["flex"][1]
     assert (g_varlen - g_flex).norm() <= 0.05 * g_flex.norm()
+
+
+def test_the_collator_sizes_the_runs_to_the_batch():
+    """Packed 1-D rows carry their runs (``cu_seqlens``) with a capacity of the next power of two (at least 16);
+    build_mask hands them to the varlen form as they are, and they are the runs of the default's device path."""
+    from glmtune.data.collate import PackedRow, collate_packed
+    from glmtune.models.masks import packed_runs, run_capacity
+    from glmtune.templates import Encoded
+
+    assert [run_capacity(n) for n in (0, 1, 16, 17, 33, 64, 65)] == [16, 16, 16, 32, 64, 64, 128]
+    rng = random.Random(0)
+    rows = []
+    for _ in range(3):
+        lengths = [rng.randint(1, 9) for _ in range(rng.randint(2, 6))]
+        rows.append(PackedRow([Encoded(list(range(5, 5 + n)), list(range(5, 5 + n))) for n in lengths]))
+    batch = collate_packed(rows, pad_id=0, pad_to=48)
+    seg = batch["segment_ids"]
+    n_runs = sum(len(r.examples) + 1 for r in rows)  # each sample, then the row's padding
+    cu = batch["cu_seqlens"]
+    assert cu.dtype == torch.int32 and cu.shape == (run_capacity(n_runs) + 1,)
+    assert torch.equal(cu, packed_cu_seqlens(seg, run_capacity(n_runs))) and torch.equal(cu, packed_runs(seg))
+    assert torch.equal(cu[: n_runs + 1], torch.unique(cu)) and (cu[n_runs:] == seg.numel()).all()
+    layout = SequenceLayout(batch["position_ids"], seg, runs=cu)
+    mask = build_mask(layout, backend="varlen")
+    assert mask.cu_seqlens is cu and mask.max_len == 48
+    assert build_mask(layout, backend="varlen", max_runs=100).cu_seqlens.shape == (101,)  # an explicit bound wins
+    assert "cu_seqlens" not in collate_packed(rows, pad_id=0, positions="2d")  # v1 rows: the flex form
+
+
+def test_a_tiny_model_learns_alike_through_the_collators_runs():
+    """LMLoss on a collated packed batch with the "varlen" backend (on the CPU: its runs as a dense mask) gives the
+    loss and gradients of the dense rule: the collator's runs are right, end to end."""
+    from glmtune.data.collate import PackedRow, collate_packed
+    from glmtune.models import build_model
+    from glmtune.models.config import preset
+    from glmtune.templates import IGNORE_INDEX, Encoded
+    from glmtune.train.step import MODEL_INPUTS, LMLoss
+
+    rng = random.Random(1)
+    rows = []
+    for _ in range(2):
+        lengths = [rng.randint(3, 12) for _ in range(3)]
+        rows.append(PackedRow([Encoded([rng.randint(10, 400) for _ in range(n)],
+                                       [IGNORE_INDEX] + [rng.randint(10, 400) for _ in range(n - 1)])
+                               for n in lengths]))  # fmt: skip
+    batch = collate_packed(rows, pad_id=0, pad_to=40)
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    model = build_model(preset("tiny-chatglm2"))
+    model.init_weights(seed=0, std=0.05)
+    net = LMLoss(model, chunk_tokens=16)
+    out = {}
+    for backend in ("sdpa", "varlen"):
+        model.set_attention_backend(backend)
+        model.zero_grad()
+        loss = net(**inputs)
+        loss.backward()
+        out[backend] = (loss.detach(), model._blocks()[0].self_attention.query_key_value.weight.grad.clone())
+    torch.testing.assert_close(out["varlen"][0], out["sdpa"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["varlen"][1], out["sdpa"][1], rtol=1e-5, atol=1e-6)
+    bad = dict(inputs, cu_seqlens=torch.tensor([0, 80] + [80] * 15, dtype=torch.int32))  # one run over both rows
+    model.set_attention_backend("varlen")
+    assert not torch.allclose(net(**bad), out["sdpa"][0])  # the runs do decide who sees whom

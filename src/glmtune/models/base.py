@@ -36,7 +36,7 @@ class CausalLMBase(nn.Module):
         super().__init__()
         self.config = config
         self._rope_tables: dict[tuple[torch.dtype, torch.device], tuple[int, Any]] = {}  # -> (positions, table)
-        self.attention_backend = "sdpa"  # or "flex" (FlexAttention; pays off under torch.compile)
+        self.attention_backend = "sdpa"  # or "flex" / "varlen" (masks.BACKENDS; they pay off under torch.compile)
 
     # ---- hooks ----------------------------------------------------------------------------------------------------
     def output_embeddings(self) -> nn.Linear:
@@ -203,7 +203,7 @@ class CausalLMBase(nn.Module):
         return entry[1]
 
     def set_attention_backend(self, backend: str) -> None:
-        """ "sdpa" (default) or "flex": the form masks take (``masks.build_mask``); flex pays off under compile."""
+        """The form masks take (``masks.build_mask``): "sdpa" (default), "flex" or "varlen" (compiled, on CUDA)."""
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
         self.attention_backend = backend
@@ -217,6 +217,7 @@ class CausalLMBase(nn.Module):
         cache: KVCache | None = None,
         segment_ids: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
     ) -> SequenceLayout:
         """The layout of a forward given the convenience arguments (one sample per row, left padding marked 0 in
         ``attention_mask`` (b, cached + s); or packed rows through ``segment_ids`` (b, s), -1 on padding)."""
@@ -245,7 +246,7 @@ class CausalLMBase(nn.Module):
             context = context_from_ids(input_ids, self.config, starts_sample=past == 0)
         if segment_ids is None and new_mask is not None:
             segment_ids = torch.where(new_mask.bool(), 0, -1)
-        return SequenceLayout(position_ids, segment_ids, context, max_position=max_position)
+        return SequenceLayout(position_ids, segment_ids, context, max_position=max_position, runs=cu_seqlens)
 
     def hidden_states(
         self,
@@ -256,6 +257,7 @@ class CausalLMBase(nn.Module):
         *,
         segment_ids: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         layout: SequenceLayout | None = None,
     ) -> torch.Tensor:
         """input_ids (b, s) -> final hidden states (b, s, H) (after the final norm), in the model's dtype.
@@ -263,11 +265,13 @@ class CausalLMBase(nn.Module):
         Give ``layout`` (``glmtune.models.layout``), or let :meth:`make_layout` build it: attention_mask (b, cached +
         s), 1 for real tokens, 0 for padding; position_ids (b, s) / (b, 2, s), computed when None and nothing is
         cached; segment_ids (b, s) for packed rows (sample index in the row, -1 on padding); context (b, s) bool for
-        v1's bidirectional prompt (computed from ``<sop>`` when None). With ``cache`` the tokens' keys/values go to
-        the layout's slots (default: the cache's next free slots) and attention covers the whole cache.
+        v1's bidirectional prompt (computed from ``<sop>`` when None); cu_seqlens: the collator's runs of packed 1-D
+        rows (``masks.packed_runs``), used by the "varlen" attention backend. With ``cache`` the tokens'
+        keys/values go to the layout's slots (default: the cache's next free slots) and attention covers the whole
+        cache.
         """
         if layout is None:
-            layout = self.make_layout(input_ids, attention_mask, position_ids, cache, segment_ids, context)
+            layout = self.make_layout(input_ids, attention_mask, position_ids, cache, segment_ids, context, cu_seqlens)
         b, s = input_ids.shape
         if layout.shape != (b, s):
             raise ValueError(f"layout is for {layout.shape} tokens, input_ids are {(b, s)}")

@@ -37,6 +37,7 @@ class SequenceLayout:
     context: torch.Tensor | None = None  # (b, s) bool
     slots: torch.Tensor | None = None  # (b, s) long
     max_position: int | None = None
+    runs: torch.Tensor | None = None  # int32 (R + 1,): cu_seqlens of packed 1-D rows (masks.packed_runs), or None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,7 +48,7 @@ class SequenceLayout:
             return t.to(device, non_blocking=True) if t is not None else None
 
         return replace(self, positions=move(self.positions), segments=move(self.segments),
-                       context=move(self.context), slots=move(self.slots))  # fmt: skip
+                       context=move(self.context), slots=move(self.slots), runs=move(self.runs))  # fmt: skip
 
 
 # ---- positions of one sample (host lists) ----------------------------------------------------------------------------

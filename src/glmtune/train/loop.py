@@ -320,7 +320,14 @@ class Trainer:
             return
         fsdp.check_supported(precision=self.precision, offload=t.fsdp_offload, device=info.device)
         compute = None if self.precision == "fp32" else self.amp_dtype
-        fsdp.shard(self.net, self.model, info, compute_dtype=compute, offload=t.fsdp_offload)
+        fsdp.shard(
+            self.net,
+            self.model,
+            info,
+            compute_dtype=compute,
+            offload=t.fsdp_offload,
+            keep_gathered=t.fsdp_keep_gathered,
+        )
         if self.load_sharded:
             fsdp.load_shards(self.net, self.model, self.cfg.model, dtype=self.weights_dtype, device=info.device,
                              quantized=self.quantized, renames=self.renames, offload=t.fsdp_offload)  # fmt: skip

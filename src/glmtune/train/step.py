@@ -24,7 +24,7 @@ from glmtune.train.distributed import DistInfo
 from glmtune.train.loss import count_targets, indexed_lm_loss, loss_targets
 
 # the batch keys the loss module takes: ids, labels and the sequence layout's tensors (data/collate.py)
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids", "context")
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids", "context", "cu_seqlens")
 
 
 class LMLoss(nn.Module):
@@ -40,10 +40,10 @@ class LMLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, segment_ids=None, context=None,
-                target_index=None, targets=None) -> torch.Tensor:  # fmt: skip
+                cu_seqlens=None, target_index=None, targets=None) -> torch.Tensor:  # fmt: skip
         # attention_mask is not passed on: segment_ids carry the padding wherever a real token could see it
         h = self.model.hidden_states(input_ids, position_ids=position_ids, segment_ids=segment_ids,
-                                     context=context)  # (b, s, H)  # fmt: skip
+                                     context=context, cu_seqlens=cu_seqlens)  # (b, s, H)  # fmt: skip
         if target_index is None:
             target_index, targets = loss_targets(labels)
         return indexed_lm_loss(h, target_index, targets, self.model.output_embeddings(), self.chunk_tokens)
