@@ -307,13 +307,15 @@ def test_compiled_tiny_model_step_varlen_equals_flex_on_cuda():
 
 
 def test_the_collator_sizes_the_runs_to_the_batch():
-    """Packed 1-D rows carry their runs (``cu_seqlens``) with a capacity of the next power of two (at least 16);
-    build_mask hands them to the varlen form as they are, and they are the runs of the default's device path."""
+    """Packed 1-D rows carry their runs (``cu_seqlens``) with a capacity fixed by the batch shape (or the next power
+    of two for short samples); build_mask hands them to the varlen form as they are, and they are the runs of the
+    default's device path."""
     from glmtune.data.collate import PackedRow, collate_packed
     from glmtune.models.masks import packed_runs, run_capacity
     from glmtune.templates import Encoded
 
-    assert [run_capacity(n) for n in (0, 1, 16, 17, 33, 64, 65)] == [16, 16, 16, 32, 64, 64, 128]
+    assert [run_capacity(n, 4, 1024) for n in (0, 1, 33, 68, 69, 129, 4096)] == [68] * 4 + [128, 256, 4096]
+    assert run_capacity(3, 4, 187) == 16 and run_capacity(17, 4, 187) == 32
     rng = random.Random(0)
     rows = []
     for _ in range(3):
@@ -323,8 +325,8 @@ def test_the_collator_sizes_the_runs_to_the_batch():
     seg = batch["segment_ids"]
     n_runs = sum(len(r.examples) + 1 for r in rows)  # each sample, then the row's padding
     cu = batch["cu_seqlens"]
-    assert cu.dtype == torch.int32 and cu.shape == (run_capacity(n_runs) + 1,)
-    assert torch.equal(cu, packed_cu_seqlens(seg, run_capacity(n_runs))) and torch.equal(cu, packed_runs(seg))
+    assert cu.dtype == torch.int32 and cu.shape == (run_capacity(n_runs, 3, 48) + 1,)
+    assert torch.equal(cu, packed_cu_seqlens(seg, run_capacity(n_runs, 3, 48))) and torch.equal(cu, packed_runs(seg))
     assert torch.equal(cu[: n_runs + 1], torch.unique(cu)) and (cu[n_runs:] == seg.numel()).all()
     layout = SequenceLayout(batch["position_ids"], seg, runs=cu)
     mask = build_mask(layout, backend="varlen")

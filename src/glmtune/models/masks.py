@@ -83,19 +83,25 @@ def packed_cu_seqlens(segments: torch.Tensor, max_runs: int | None = None) -> to
     return F.pad(idx, (0, 1), value=n).to(torch.int32)
 
 
-def run_capacity(n_runs: int) -> int:
-    """The varlen form's capacity for a batch of ``n_runs`` runs: the next power of two, at least 16. Few distinct
-    capacities keep the compiled block's shapes and the CUDA graphs few; each zero-length run still costs flash's
-    backward (measured: 33 runs 1.03 ms, 260 runs 1.55 ms a layer at 4 x 1024, bench/attention_speed.py)."""
-    return max(16, 1 << max(n_runs - 1, 0).bit_length())
+COLLATED_MEAN_RUN = 64  # the collator's capacity for (b, s) rows: b * s // 64 + b runs, unless the batch holds more
+
+
+def run_capacity(n_runs: int, b: int, s: int) -> int:
+    """The varlen form's capacity for a (b, s) batch of ``n_runs`` runs: ``b * s // COLLATED_MEAN_RUN + b`` (one
+    shape per batch shape: the compiled blocks and the CUDA graphs see no new shapes), or, for a batch of shorter
+    samples, the next power of two that holds them (few shapes). Each zero-length run still costs flash's backward
+    (measured at 4 x 1024: 33 runs 1.03 ms, 260 runs 1.55 ms a layer, bench/attention_speed.py)."""
+    base = max(16, b * s // COLLATED_MEAN_RUN + b)
+    return base if n_runs <= base else 1 << (n_runs - 1).bit_length()
 
 
 def packed_runs(segments: torch.Tensor) -> torch.Tensor:
     """cu_seqlens of packed causal rows whose segments (b, s) are on the host (the collator's): capacity
     :func:`run_capacity` of the runs they hold, so the device never needs the default's generous bound."""
-    first = torch.ones((segments.shape[0], 1), dtype=torch.bool)
+    b, s = segments.shape
+    first = torch.ones((b, 1), dtype=torch.bool)
     n_runs = int(torch.cat([first, segments[:, 1:] != segments[:, :-1]], dim=1).sum())
-    return packed_cu_seqlens(segments, run_capacity(n_runs))
+    return packed_cu_seqlens(segments, run_capacity(n_runs, b, s))
 
 
 def _query_keys(layout: SequenceLayout, n_prefix: int, cache: KVCache | None, device: torch.device):
