@@ -246,23 +246,28 @@ def test_varlen_mask_needs_no_host_sync_and_captures_in_a_cuda_graph():
         torch.cuda.set_sync_debug_mode("default")
     real = (seg >= 0)[:, None, :, None].expand_as(out)
     torch.testing.assert_close(out[real], ref[real], atol=2e-2, rtol=2e-2)
-    # forward + backward captured (as train.cuda_graph captures the step), replayed on new rows in the same buffers
+    # forward + backward captured (as train.cuda_graph captures the step), replayed on new rows in the same buffers.
+    # The leaves are made and first used on the capture stream: a leaf first used on the default stream makes the
+    # backward order the default stream after the capturing one, which a capture refuses (an H200 run said so).
     grad = torch.randn(b, h, s, d, device=dev, dtype=torch.bfloat16)
-
-    def fwd_bwd() -> torch.Tensor:
-        out = attend(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))
-        out.backward(grad)
-        return out
-
     graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+
+        def fwd_bwd() -> torch.Tensor:
+            out = attend(q, k, v, build_mask(layout, backend="varlen", max_runs=b * s))
+            out.backward(grad)
+            return out
+
         fwd_bwd()  # warm-up off the capture
         for t in (q, k, v):
-            t.grad = None
-        with torch.cuda.graph(graph):
+            t.grad.zero_()  # the captured backward accumulates into these
+        with torch.cuda.graph(graph, stream=stream):
             captured = fwd_bwd()
     torch.cuda.current_stream().wait_stream(stream)
+    for t in (q, k, v):
+        t.grad.zero_()
     seg.copy_(_adgen_like_rows(b, s, seed=1, short=True).to(dev))
     graph.replay()
     torch.cuda.synchronize()
