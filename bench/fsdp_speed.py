@@ -33,13 +33,11 @@ overlapped ("exposed").
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -87,11 +85,10 @@ def build_step(cfg: GLMConfig, info: distributed.DistInfo, *, precision: torch.d
     method.setup(model)
     names = list(trainable_parameters(method, model))
     apply_checkpointing(model, checkpointing)
-    net = LMLoss(model, OptimConfig().loss_chunk_tokens)
-    sharded = info.world_size > 1
     options = dict(sharding or {})
+    net = LMLoss(model, OptimConfig().loss_chunk_tokens, recompute=not options.pop("norecompute", 0))
+    sharded = info.world_size > 1
     sdpa = options.pop("sdpa", 0)
-    options.pop("norecompute", None)  # (measure_one's)
     if sharded:
         compute = None if precision == torch.float32 else precision
         mesh = comm_mesh(info, options.pop("ctas", 0))
@@ -123,7 +120,7 @@ VARIANT_KEYS = {
 def parse_variant(text: str) -> dict[str, int]:
     """``keep=1,prefetch=2,units=1,ctas=8`` -> shard options (unnamed ones: fsdp.shard's defaults, ctas 0);
     ``sdpa=1``: compiled blocks attend through SDPA rather than FlexAttention; ``norecompute=1``: the chunked loss
-    keeps its logits for the backward instead of recomputing the output layer (measured here only)."""
+    keeps its logits for the backward instead of recomputing the output layer (``train.loss_recompute: false``)."""
     out = {"keep_gathered": fsdp.KEEP_GATHERED, "prefetch": fsdp.PREFETCH, "blocks_per_unit": fsdp.BLOCKS_PER_UNIT,
            "ctas": 0}  # fmt: skip
     for part in filter(None, text.split(",")):
@@ -145,23 +142,6 @@ def comm_mesh(info: distributed.DistInfo, ctas: int):
     opts = dist.ProcessGroupNCCL.Options()
     opts.config.max_ctas = ctas
     return DeviceMesh.from_group(dist.new_group(backend="nccl", pg_options=opts), info.device.type)
-
-
-@contextlib.contextmanager
-def loss_recompute(enabled: bool) -> Iterator[None]:
-    """Inside, unless ``enabled``, the chunked loss (glmtune.train.loss) runs its chunks without activation
-    checkpointing: the output layer's forward is not recomputed in the backward (what that would save)."""
-    if enabled:
-        yield
-        return
-    from glmtune.train import loss
-
-    saved = loss.checkpoint
-    loss.checkpoint = lambda fn, *args, **_options: fn(*args)
-    try:
-        yield
-    finally:
-        loss.checkpoint = saved
 
 
 KINDS = (  # (kind, substrings of the kernel name), first match wins
@@ -329,17 +309,16 @@ def measure_one(args, info, cfg, precision, n_params, data, tokens, sharding: di
     losses = []
     t0 = time.perf_counter()
     kernels, gaps = {}, []
-    with loss_recompute(not (sharding or {}).get("norecompute")):
-        timing = time_steps(lambda b: losses.append(step([b])), data, tokens, device=info.device,
-                            warmup=args.warmup, steps=args.steps, profile_steps=0)  # fmt: skip
-        run_s = time.perf_counter() - t0
-        if cuda and args.profile_steps:
-            first = args.warmup + args.steps
-            trace = None
-            if args.trace is not None and info.is_main:
-                trace = args.trace / f"trace-{sharding_text(sharding).replace(', ', '_').replace(' ', '')}.json.gz"
-            kernels, gaps = profile_step(lambda: [step([b]) for b in data[first : first + args.profile_steps]],
-                                         info.device, args.profile_steps, trace)  # fmt: skip
+    timing = time_steps(lambda b: losses.append(step([b])), data, tokens, device=info.device,
+                        warmup=args.warmup, steps=args.steps, profile_steps=0)  # fmt: skip
+    run_s = time.perf_counter() - t0
+    if cuda and args.profile_steps:
+        first = args.warmup + args.steps
+        trace = None
+        if args.trace is not None and info.is_main:
+            trace = args.trace / f"trace-{sharding_text(sharding).replace(', ', '_').replace(' ', '')}.json.gz"
+        kernels, gaps = profile_step(lambda: [step([b]) for b in data[first : first + args.profile_steps]],
+                                     info.device, args.profile_steps, trace)  # fmt: skip
     kernel_ms = sum(v for k, v in kernels.items() if k not in ("span", "idle", "nccl exposed")) or None
     mine = {"tokens_per_s": timing.useful_tokens_per_s, "step_ms": timing.step_ms,
             "gpu_busy": kernel_ms / timing.step_ms if kernel_ms else None,

@@ -108,3 +108,31 @@ def test_shape_mismatch_is_named() -> None:
     hidden, labels, layer = _inputs(seed=3)
     with pytest.raises(ValueError, match="do not line up"):
         chunked_lm_loss(hidden[:, :-1], labels, layer)
+
+
+def test_loss_without_recompute_gives_the_same_loss_and_gradients():
+    """``train.loss_recompute: false`` keeps each chunk's logits for the backward instead of recomputing them:
+    the same numbers, one output-layer product less."""
+    from glmtune.train.loss import indexed_lm_loss, loss_targets
+
+    torch.manual_seed(0)
+    out = torch.nn.Linear(16, 50, bias=False).double()
+    hidden = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 9))
+    labels[0, :3] = IGNORE_INDEX
+    index, targets = loss_targets(labels)
+    calls = []
+    out.register_forward_hook(lambda *_: calls.append(1))
+    results, forwards = [], []
+    for recompute in (True, False):
+        out.zero_grad()
+        hidden.grad = None
+        calls.clear()
+        loss = indexed_lm_loss(hidden, index, targets, out, chunk_tokens=4, recompute=recompute)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), out.weight.grad.clone()))
+        forwards.append(len(calls))
+    chunks = -(-index.numel() // 4)
+    assert forwards == [2 * chunks, chunks]  # recomputed in the backward, or not
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -104,6 +104,9 @@ class OptimConfig:
     # no gradient checkpointing, an unquantized base
     cuda_graph: Literal["auto"] | bool = "auto"
     loss_chunk_tokens: int = 1024  # tokens per chunk of the output layer + loss (memory ~ chunk * vocab)
+    # false: the loss chunks' logits are kept for the backward instead of recomputed (one output-layer product less
+    # a step, ~6 bytes x vocab more memory a target: ChatGLM3, 4,000 targets ~1.5 GB)
+    loss_recompute: bool = True
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
     # several processes: fsdp shards weights, gradients and optimizer state, ddp copies them; auto: fsdp for
     # full/freeze, ddp for adapters (train/fsdp.py)
@@ -558,7 +561,7 @@ def _check_metric(e: EvalConfig, fail: typing.Callable[[str, str], ConfigError])
 # checkpoint's global batch is checked).
 RESUMABLE = ("output_dir", "overwrite", "train.max_steps", "train.epochs", "train.max_bad_steps", "train.device",
              "train.batch_size", "train.grad_accum", "train.distributed", "train.fsdp_offload",
-             "train.fsdp_keep_gathered", "eval.", "save.",
+             "train.fsdp_keep_gathered", "train.loss_recompute", "eval.", "save.",
              "log.")  # fmt: skip
 
 

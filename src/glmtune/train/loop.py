@@ -310,7 +310,7 @@ class Trainer:
         each rank's shards loaded into it (``load_model`` left the base on meta) and the trainable parameters taken
         anew (sharding replaces them)."""
         info, t = self.info, self.cfg.train
-        self.net = LMLoss(self.model, t.loss_chunk_tokens)
+        self.net = LMLoss(self.model, t.loss_chunk_tokens, recompute=t.loss_recompute)
         if self.mode != "single":
             log.info("%d processes: %s (train.distributed %s)", info.world_size, self.mode, t.distributed)
         if not self.sharded:

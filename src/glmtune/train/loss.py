@@ -59,9 +59,12 @@ def indexed_lm_loss(
     targets: torch.Tensor,  # (n,) long: the token each of those positions predicts
     output_layer: nn.Module,
     chunk_tokens: int = 1024,
+    recompute: bool = True,
 ) -> torch.Tensor:
     """Sum of the token losses at ``index`` (see :func:`loss_targets`), in chunks of ``chunk_tokens`` rows. A
-    target ``IGNORE_INDEX`` takes no loss (the CUDA-graph step pads ``index``/``targets`` to a fixed length so)."""
+    target ``IGNORE_INDEX`` takes no loss (the CUDA-graph step pads ``index``/``targets`` to a fixed length so).
+    ``recompute``: each chunk's logits are recomputed in the backward (one chunk alive at a time); False keeps
+    every chunk's logits for the backward (~6 bytes x vocab a target more memory, one output-layer product less)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     h = hidden.flatten(0, 1).index_select(0, index)  # (n, H)
@@ -71,7 +74,7 @@ def indexed_lm_loss(
     grad = torch.is_grad_enabled()
     for start in range(0, n, chunk_tokens):
         hs, ts = h[start : start + chunk_tokens], targets[start : start + chunk_tokens]
-        if grad:
+        if grad and recompute:
             # nothing random inside: no RNG state to keep (reading it is not allowed while a CUDA graph captures)
             total = total + checkpoint(_chunk_loss, hs, ts, output_layer, use_reentrant=False,
                                        preserve_rng_state=False).to(acc)  # fmt: skip

@@ -34,10 +34,11 @@ class LMLoss(nn.Module):
     question of how many targets ``labels`` holds; without them they are computed from ``labels``.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int) -> None:
+    def __init__(self, model: nn.Module, chunk_tokens: int, recompute: bool = True) -> None:
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.recompute = recompute  # the loss chunks' logits recomputed in the backward (train.loss_recompute)
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, segment_ids=None, context=None,
                 cu_seqlens=None, target_index=None, targets=None) -> torch.Tensor:  # fmt: skip
@@ -46,7 +47,8 @@ class LMLoss(nn.Module):
                                      context=context, cu_seqlens=cu_seqlens)  # (b, s, H)  # fmt: skip
         if target_index is None:
             target_index, targets = loss_targets(labels)
-        return indexed_lm_loss(h, target_index, targets, self.model.output_embeddings(), self.chunk_tokens)
+        return indexed_lm_loss(h, target_index, targets, self.model.output_embeddings(), self.chunk_tokens,
+                               self.recompute)  # fmt: skip
 
 
 @dataclass
