@@ -20,15 +20,11 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib when imported from the tests
-
 from benchlib import adgen_examples, device_info, markdown_table, write_json  # noqa: E402
 
 from glmtune.models.attention import _varlen_api, attend, varlen_supported  # noqa: E402

@@ -22,9 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib & co. when imported from the tests
-
 from benchlib import device_info, free_memory, markdown_table, random_fill, sync, write_json  # noqa: E402
 
 from glmtune.generate import Decoder, GenerationConfig, generate_stream  # noqa: E402

@@ -41,9 +41,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib when imported from the tests
-
 from benchlib import (  # noqa: E402
     H200_BF16_PEAK_TFLOPS,
     adgen_examples,

@@ -11,17 +11,12 @@ graph``, what generation uses on CUDA), compiled then captured (``compiled``) or
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from benchlib import random_fill  # noqa: E402
+from torch.profiler import ProfilerActivity, profile
 
 from glmtune.generate import Decoder, GenerationConfig  # noqa: E402
 from glmtune.models import build_model  # noqa: E402

@@ -36,9 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib & co. when imported from the tests
-
 from benchlib import (  # noqa: E402
     device_info,
     free_memory,

@@ -30,11 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib & co. when imported from the tests
-
 from benchlib import adgen_examples, device_info, free_memory, markdown_table, random_fill, time_steps, write_json  # noqa: E402,I001
+from torch import nn
 from train_speed import make_batches  # noqa: E402
 
 from glmtune.models import build_model  # noqa: E402

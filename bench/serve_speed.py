@@ -106,7 +106,6 @@ def build_pretrained(args: argparse.Namespace, workdir: Path):
     tiny = load_pretrained(folder, dtype="float32", device="cpu")
     if args.tiny:
         return tiny
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib beside this script
     from benchlib import random_fill
 
     from glmtune.models import build_model

@@ -33,9 +33,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchlib & co. when imported from the tests
-
 from benchlib import (  # noqa: E402
     H200_BF16_PEAK_TFLOPS,
     adgen_examples,

@@ -4,15 +4,9 @@ agree with the fp32 reference; the GPU variants (compiled flex, flash varlen) ar
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
-
-import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
 
 import attention_speed  # noqa: E402
+import torch
 
 
 def test_attention_speed_runs_on_cpu(tmp_path):

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
+import benchlib  # noqa: E402
+import decode_speed  # noqa: E402
 import pytest
 import torch
 
 from glmtune.generate import GenerationConfig, generate_stream
 from glmtune.models import build_model
 from glmtune.models.config import preset
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import benchlib  # noqa: E402
-import decode_speed  # noqa: E402
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
 

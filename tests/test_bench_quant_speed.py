@@ -4,11 +4,6 @@ loads them through glmtune's loader and decodes (the reference path; the GPU run
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
 
 import quant_speed  # noqa: E402
 

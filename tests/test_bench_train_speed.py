@@ -6,22 +6,16 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
-import sys
-from pathlib import Path
 
+import benchlib  # noqa: E402
 import pytest
 import torch
+import train_speed  # noqa: E402
 
 from glmtune.models import build_model
 from glmtune.models.config import preset
 from glmtune.templates import IGNORE_INDEX
 from glmtune.train.loop import LMLoss
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import benchlib  # noqa: E402
-import train_speed  # noqa: E402
 
 HAS_HF = all(importlib.util.find_spec(m) is not None for m in ("transformers", "peft"))
 

@@ -4,15 +4,10 @@ table computes the scaling from the one-GPU row."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
 import fsdp_speed  # noqa: E402
+import pytest
 
 
 def test_fsdp_speed_runs_and_combines(tmp_path: Path) -> None:

@@ -4,18 +4,12 @@ checkpoint loads into, and every run trains with glmtune's real step and reports
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import quant_train  # noqa: E402
 import torch
 
 from glmtune.models.nf4 import NF4Linear
 from glmtune.models.quant import QuantizedLinear
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import quant_train  # noqa: E402
 
 
 def test_the_model_is_built_quantized_block_by_block():
