@@ -36,3 +36,19 @@ def randomize(params: list[tuple[str, nn.Parameter]], seed: int, std: float = 0.
     gen = torch.Generator().manual_seed(seed)
     for _, p in params:
         p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
+
+
+def make_adapter(base, out, seed: int, rank: int, targets: str) -> None:
+    """A PEFT LoRA folder for ``base`` with random A and B (large enough to change the replies)."""
+    from glmtune.adapters.lora import LoraSpec, find_targets, inject_lora
+    from glmtune.adapters.peft_format import save_lora_adapter
+    from glmtune.pretrained import load_pretrained
+
+    p = load_pretrained(base, dtype="float32", device="cpu")
+    layers = inject_lora(p.model, dict.fromkeys(find_targets(p.model, targets), LoraSpec(rank, 2.0 * rank)))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g) * 0.3)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.3)
+    save_lora_adapter(p.model, out, target_modules=targets, dropout=0.0, base_model_name_or_path=str(base))

@@ -16,6 +16,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 import torch  # noqa: E402
 
+from adapter_support import make_adapter  # noqa: E402
 from glmtune.chat import ChatSession  # noqa: E402
 from glmtune.demo_data import corpus_lines  # noqa: E402
 from glmtune.generate import GenerationConfig, generate  # noqa: E402
@@ -194,21 +195,6 @@ def test_limits_are_checked_and_enforced(pretrained):
 
 
 # ---- adapters ---------------------------------------------------------------------------------------------------
-def make_adapter(base, out, seed: int, rank: int, targets: str) -> None:
-    """A PEFT LoRA folder for ``base`` with random A and B (large enough to change the replies)."""
-    from glmtune.adapters.lora import LoraSpec, find_targets, inject_lora
-    from glmtune.adapters.peft_format import save_lora_adapter
-
-    p = load_pretrained(base, dtype="float32", device="cpu")
-    layers = inject_lora(p.model, dict.fromkeys(find_targets(p.model, targets), LoraSpec(rank, 2.0 * rank)))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers.values():
-            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g) * 0.3)
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.3)
-    save_lora_adapter(p.model, out, target_modules=targets, dropout=0.0, base_model_name_or_path=str(base))
-
-
 def chat_reply(path, base, query: str, n: int) -> str:
     """What ``glmtune chat PATH --greedy`` answers (the adapter merged into the weights, as chat loads it)."""
     from glmtune.runs import load_for_inference

@@ -124,3 +124,43 @@ def test_page_builds_without_analytics(engine, monkeypatch):
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     page = build_page(engine, title="t", system_prompt=True, sampling=GREEDY, max_total_tokens=256)
     assert isinstance(page, gr.Blocks) and page.analytics_enabled is False
+
+
+@pytest.mark.slow  # importing Gradio takes seconds
+def test_web_with_adapters_picks_one_per_conversation(tmp_path, monkeypatch):
+    """``glmtune web PATH --adapter a=...``: the engine serves the model and the adapter; the page's picker lists
+    both, and a conversation with "a" gets the API's reply from "a" (not the model's)."""
+    gr = pytest.importorskip("gradio")
+    from adapter_support import make_adapter
+
+    folder = make_tiny_model_dir(tmp_path / "base", corpus_lines(seed=0), generation="chatglm3", vocab_size=600)
+    make_adapter(folder, tmp_path / "ad", seed=1, rank=4, targets="all")
+    seen: dict = {}
+    close = Engine.close  # the command closes its engine when the page stops: keep it for the checks below
+    monkeypatch.setattr("glmtune.web.page.launch_page", lambda page, **kw: seen.update(page=page))
+    monkeypatch.setattr("glmtune.serve.engine.Engine.close", lambda self: seen.update(engine=self))
+    args = build_parser().parse_args(["web", str(folder), "--adapter", f"a={tmp_path / 'ad'}", "--device", "cpu",
+                                      "--dtype", "fp32", "--max-concurrent", "2"])  # fmt: skip
+    assert args.func(args) == 0
+    engine = seen["engine"]
+    try:
+        assert list(engine.names) == ["base", "a"]
+        [picker] = [b for b in seen["page"].blocks.values() if isinstance(b, gr.Dropdown)]
+        assert picker.visible and picker.value == "base" and [c[0] for c in picker.choices] == ["base", "a"]
+        question = [{"role": "user", "content": "你好"}]
+
+        async def collect(model: str | None) -> str:
+            replies = [x async for x in PageChat(engine).reply(question, GREEDY, model)]
+            return replies[-1][0]
+
+        from_adapter, from_base = asyncio.run(collect("a")), asyncio.run(collect(None))
+
+        async def api(model: str) -> str:
+            body = {"model": model, "messages": question, "temperature": 0, "max_tokens": GREEDY.max_tokens}
+            job = engine.job(parse_chat_request(body))
+            return "".join([item async for item in engine.run(job) if not isinstance(item, Outcome)])
+
+        assert from_adapter == asyncio.run(api("a")) and from_base == asyncio.run(api("base"))
+        assert from_adapter != from_base  # the adapter answers, not the model
+    finally:
+        close(engine)

@@ -64,6 +64,53 @@ def load_model_from_args(args: argparse.Namespace) -> Pretrained:
                               base=args.base, quantize=args.quantize)  # fmt: skip
 
 
+def add_adapter_option(p: argparse.ArgumentParser) -> None:
+    """--adapter NAME=PATH (serve, web): LoRA adapters served beside the model, picked per request or conversation."""
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="also serve this LoRA adapter (PEFT folder or run) as the model NAME, in the same batch as "
+                   "the others; repeatable. P-Tuning checkpoints: one per server, as PATH itself")  # fmt: skip
+
+
+def parse_adapters(values: list[str]) -> dict[str, str]:
+    """``--adapter NAME=PATH`` values -> {name: path}; ValueError naming the bad one."""
+    out: dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--adapter {v!r}: expected NAME=PATH")
+        if name in out:
+            raise ValueError(f"--adapter {v!r}: the name {name!r} is given twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def load_model_with_adapters(args: argparse.Namespace, name: str) -> tuple[Pretrained, dict[str, str], str]:
+    """(model, adapters by name, the model's own name) for ``--adapter`` (serve, web). A LoRA PATH served beside
+    other adapters stays unmerged: the base is served under its folder's name and PATH as the adapter ``name``."""
+    from glmtune.runs import resolve
+
+    adapters = parse_adapters(args.adapter)
+    resolved_adapters = {}
+    for key, path in adapters.items():
+        r = resolve(path, base=args.base, require_base=False)
+        if r.kind == "ptuning":
+            raise ValueError(f"--adapter {key}={path}: a P-Tuning checkpoint cannot share a batch with other "
+                             "adapters (its prefix fills every row's KV cache); serve it alone as PATH")  # fmt: skip
+        if r.kind != "lora":
+            raise ValueError(f"--adapter {key}={path}: not a LoRA adapter (a PEFT folder or a LoRA run)")
+        resolved_adapters[key] = str(r.result_dir)
+    if not resolved_adapters:
+        return load_model_from_args(args), {}, name
+    resolved = resolve(args.model, base=args.base)
+    if resolved.kind == "lora":
+        assert resolved.base_dir is not None
+        args.model, base_name = str(resolved.base_dir), resolved.base_dir.resolve().name
+        if name in resolved_adapters:
+            raise ValueError(f"--adapter {name}=...: the name {name!r} is the served model's")
+        return load_model_from_args(args), {name: str(resolved.result_dir), **resolved_adapters}, base_name
+    return load_model_from_args(args), resolved_adapters, name
+
+
 def add_sampling_options(
     p: argparse.ArgumentParser, *, max_new_tokens: int, seed: int | None, greedy_help: str = ""
 ) -> None:

@@ -11,11 +11,13 @@ import os
 from pathlib import Path
 
 from glmtune.cli_options import (
+    add_adapter_option,
     add_listen_options,
     add_model_options,
     add_model_path,
     check_device,
-    load_model_from_args,
+    load_model_with_adapters,
+    parse_adapters,
 )
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=os.environ.get("GLMTUNE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GLMTUNE_API_KEY)")  # fmt: skip
     p.add_argument("--model-name", help="the model's id in the API (default: the folder's name)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="also serve this LoRA adapter (PEFT folder or run) as the model NAME, in the same batch as "
-                   "the others; repeatable. P-Tuning checkpoints: one per server, as PATH itself")  # fmt: skip
+    add_adapter_option(p)
     g = p.add_argument_group("limits")
     g.add_argument("--max-concurrent", type=int, help="requests generating at once, one batch row each (default 64 "
                    "on CUDA, 8 on the CPU)")  # fmt: skip
@@ -51,29 +51,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def parse_adapters(values: list[str]) -> dict[str, str]:
-    """``--adapter NAME=PATH`` values -> {name: path}; ValueError naming the bad one."""
-    out: dict[str, str] = {}
-    for v in values:
-        name, sep, path = v.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ValueError(f"--adapter {v!r}: expected NAME=PATH")
-        if name in out:
-            raise ValueError(f"--adapter {v!r}: the name {name!r} is given twice")
-        out[name.strip()] = path.strip()
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
-    adapters = parse_adapters(args.adapter)
+    parse_adapters(args.adapter)  # a malformed --adapter fails before anything loads
     import uvicorn
 
     from glmtune.serve.app import create_app
     from glmtune.serve.engine import Limits
 
     name = args.model_name or Path(args.model).resolve().name
-    pretrained, adapters, name = _load(args, adapters, name)
+    pretrained, adapters, name = load_model_with_adapters(args, name)
     limits = Limits(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
                     max_total_tokens=args.max_total_tokens, max_prompt_tokens=args.max_prompt_tokens,
                     queue_timeout=args.queue_timeout, prefill_tokens=args.prefill_tokens)  # fmt: skip
@@ -85,27 +72,3 @@ def run(args: argparse.Namespace) -> int:
              args.port)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
-
-
-def _load(args: argparse.Namespace, adapters: dict[str, str], name: str):
-    """(model, adapters, name of the model itself). A LoRA PATH served beside other adapters stays unmerged: the
-    base is served under its folder's name and PATH as the adapter ``name``."""
-    from glmtune.runs import resolve
-
-    resolved = resolve(args.model, base=args.base)
-    resolved_adapters = {}
-    for key, path in adapters.items():
-        r = resolve(path, base=args.base, require_base=False)
-        if r.kind == "ptuning":
-            raise ValueError(f"--adapter {key}={path}: a P-Tuning checkpoint cannot share a batch with other "
-                             "adapters (its prefix fills every row's KV cache); serve it alone as PATH")  # fmt: skip
-        if r.kind != "lora":
-            raise ValueError(f"--adapter {key}={path}: not a LoRA adapter (a PEFT folder or a LoRA run)")
-        resolved_adapters[key] = str(r.result_dir)
-    if resolved.kind == "lora" and resolved_adapters:
-        assert resolved.base_dir is not None
-        args.model, base_name = str(resolved.base_dir), resolved.base_dir.resolve().name
-        if name in resolved_adapters:
-            raise ValueError(f"--adapter {name}=...: the name {name!r} is the served model's")
-        return load_model_from_args(args), {name: str(resolved.result_dir), **resolved_adapters}, base_name
-    return load_model_from_args(args), resolved_adapters, name

@@ -1,4 +1,5 @@
-"""``glmtune web PATH``: chat with a model, run, checkpoint, PEFT adapter or P-Tuning folder in the browser.
+"""``glmtune web PATH``: chat with a model, run, checkpoint, PEFT adapter or P-Tuning folder in the browser;
+``--adapter NAME=PATH`` adds LoRA adapters the page picks per conversation (as ``serve`` serves them).
 
 Building the parser imports neither torch nor Gradio; ``run`` does.
 """
@@ -11,11 +12,13 @@ import os
 from pathlib import Path
 
 from glmtune.cli_options import (
+    add_adapter_option,
     add_listen_options,
     add_model_options,
     add_model_path,
     check_device,
-    load_model_from_args,
+    load_model_with_adapters,
+    parse_adapters,
 )
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=8,
         help="replies generated at once (default 8; the KV cache holds this many conversations)",
     )
+    add_adapter_option(p)
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -51,17 +55,18 @@ def run(args: argparse.Namespace) -> int:
     if args.max_concurrent < 1:
         raise ValueError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     check_device(args.device)
+    parse_adapters(args.adapter)  # a malformed --adapter fails before anything loads
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: no telemetry, no version check
 
     from glmtune.serve.engine import Engine, Limits
     from glmtune.web.page import Sampling, build_page, launch_page
 
-    pretrained = load_model_from_args(args)
-    engine = Engine(pretrained, limits=Limits(max_concurrent=args.max_concurrent))
+    pretrained, adapters, name = load_model_with_adapters(args, Path(args.model).resolve().name)
+    engine = Engine(pretrained, model_name=name, adapters=adapters, limits=Limits(max_concurrent=args.max_concurrent))
     system_role = pretrained.template.system_role
     if args.system and not system_role:
         log.warning("%s has no system turn: --system is left out", pretrained.generation)
-    title = f"glmtune · {Path(args.model).resolve().name} ({pretrained.generation})"
+    title = f"glmtune · {name} ({pretrained.generation})"
     page = build_page(engine, title=title, system_prompt=system_role, max_total_tokens=engine.limits.max_total_tokens,
                       sampling=Sampling(args.temperature, args.top_p, args.max_new_tokens),
                       system=args.system if system_role else "")  # fmt: skip

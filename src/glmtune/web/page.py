@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 # Element ids the browser test finds the page's parts by.
 CHAT_ID, MESSAGE_ID, SEND_ID, STOP_ID, CLEAR_ID, SYSTEM_ID = "chat", "message", "send", "stop", "clear", "system"
+MODEL_ID = "model"  # the adapter picker (shown when the engine serves adapters beside the model)
 
 
 @dataclass(frozen=True)
@@ -63,15 +64,16 @@ class PageChat:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def _job(self, messages: list[dict], sampling: Sampling) -> tuple[Any, int]:
-        """The engine's job for ``messages`` and how many of the oldest turns had to be left out to fit."""
+    def _job(self, messages: list[dict], sampling: Sampling, model: str | None = None) -> tuple[Any, int]:
+        """The engine's job for ``messages`` (``model``: one of the engine's names, None: the model itself) and how
+        many of the oldest turns had to be left out to fit."""
         head = [m for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(head) :]
         max_tokens: int | None = sampling.max_tokens
         dropped = 0
         while True:
             body = {"messages": head + turns[2 * dropped :], "temperature": sampling.temperature,
-                    "top_p": sampling.top_p, "max_tokens": max_tokens}  # fmt: skip
+                    "top_p": sampling.top_p, "max_tokens": max_tokens, "model": model}  # fmt: skip
             try:
                 return self.engine.job(parse_chat_request(body)), dropped
             except APIError as e:
@@ -84,9 +86,11 @@ class PageChat:
                 else:
                     raise
 
-    async def reply(self, messages: list[dict], sampling: Sampling) -> AsyncIterator[tuple[str, int]]:
-        """(the reply so far, oldest turns left out) as it grows; APIError for a turn the model cannot take."""
-        job, dropped = self._job(messages, sampling)
+    async def reply(self, messages: list[dict], sampling: Sampling,
+                    model: str | None = None) -> AsyncIterator[tuple[str, int]]:  # fmt: skip
+        """(the reply so far, oldest turns left out) as it grows; APIError for a turn the model cannot take.
+        ``model``: which of the engine's names answers (an adapter), None: the model itself."""
+        job, dropped = self._job(messages, sampling, model)
         text = ""
         yield text, dropped
         async for item in self.engine.run(job):
@@ -113,13 +117,14 @@ def build_page(engine: Engine, *, title: str, system_prompt: bool, sampling: Sam
     def unlock() -> Any:
         return gr.update(interactive=True)
 
-    async def respond(history: list[dict], system_text: str, temperature: float, top_p: float, max_tokens: float):
+    async def respond(history: list[dict], system_text: str, temperature: float, top_p: float, max_tokens: float,
+                      model: str | None):  # fmt: skip
         if not history or history[-1].get("role") != "user":
             return
         settings = Sampling(float(temperature), float(top_p), int(max_tokens))
         messages = conversation(history, system_text if system_prompt else "")
         try:
-            async for text, dropped in chat.reply(messages, settings):
+            async for text, dropped in chat.reply(messages, settings, model or None):
                 if dropped and not text:
                     gr.Info(f"The conversation is longer than the {max_total_tokens} tokens a turn may have: "
                             f"its {dropped} oldest turn(s) were left out of this reply's prompt.")  # fmt: skip
@@ -142,6 +147,9 @@ def build_page(engine: Engine, *, title: str, system_prompt: bool, sampling: Sam
                     stop = gr.Button("Stop", elem_id=STOP_ID)
                     clear = gr.Button("Clear", elem_id=CLEAR_ID)
             with gr.Column(scale=1, min_width=240):
+                names = list(engine.names)  # the model itself, then its adapters
+                model = gr.Dropdown(names, value=names[0], label="Model (adapter)", elem_id=MODEL_ID,
+                                    visible=len(names) > 1)  # fmt: skip
                 system_box = gr.Textbox(value=system, label="System prompt", lines=4, elem_id=SYSTEM_ID,
                                         visible=system_prompt)  # fmt: skip
                 temperature = gr.Slider(
@@ -151,7 +159,7 @@ def build_page(engine: Engine, *, title: str, system_prompt: bool, sampling: Sam
                 limit = max_total_tokens - 1  # a prompt takes a token at least
                 max_tokens = gr.Slider(1, limit, value=min(sampling.max_tokens, limit), step=1,
                                        label="Max new tokens")  # fmt: skip
-        controls = [chatbot, system_box, temperature, top_p, max_tokens]
+        controls = [chatbot, system_box, temperature, top_p, max_tokens, model]
         events = []
         for trigger in (message.submit, send.click):
             added = trigger(add_message, [message, chatbot], [message, chatbot], queue=False)
