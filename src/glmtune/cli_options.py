@@ -84,12 +84,13 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
     return out
 
 
-def load_model_with_adapters(args: argparse.Namespace, name: str) -> tuple[Pretrained, dict[str, str], str]:
-    """(model, adapters by name, the model's own name) for ``--adapter`` (serve, web). A LoRA PATH served beside
-    other adapters stays unmerged: the base is served under its folder's name and PATH as the adapter ``name``."""
+def load_model_with_adapters(args: argparse.Namespace, name: str,
+                             adapters: dict[str, str]) -> tuple[Pretrained, dict[str, str], str]:  # fmt: skip
+    """(model, adapters by name, the model's own name) for ``--adapter`` (serve, web; ``adapters`` from
+    :func:`parse_adapters`). A LoRA PATH served beside other adapters stays unmerged: the base is served under its
+    folder's name and PATH as the adapter ``name``."""
     from glmtune.runs import resolve
 
-    adapters = parse_adapters(args.adapter)
     resolved_adapters = {}
     for key, path in adapters.items():
         r = resolve(path, base=args.base, require_base=False)

@@ -67,6 +67,12 @@ def varlen_max_runs(b: int, s: int) -> int:
     return b * s // VARLEN_MEAN_RUN + b
 
 
+def _run_starts(segments: torch.Tensor) -> torch.Tensor:
+    """(b * s,) bool: a run starts at every row start and wherever the segment differs from the previous token's."""
+    first = torch.ones((segments.shape[0], 1), dtype=torch.bool, device=segments.device)
+    return torch.cat([first, segments[:, 1:] != segments[:, :-1]], dim=1).reshape(-1)
+
+
 def packed_cu_seqlens(segments: torch.Tensor, max_runs: int | None = None) -> torch.Tensor:
     """Segments (b, s) of packed causal rows -> cu_seqlens, int32 (max_runs + 1,), on their device.
 
@@ -76,8 +82,7 @@ def packed_cu_seqlens(segments: torch.Tensor, max_runs: int | None = None) -> to
     b, s = segments.shape
     n = b * s
     max_runs = varlen_max_runs(b, s) if max_runs is None else max_runs
-    first = torch.ones((b, 1), dtype=torch.bool, device=segments.device)
-    starts = torch.cat([first, segments[:, 1:] != segments[:, :-1]], dim=1).reshape(n)
+    starts = _run_starts(segments)
     torch._assert_async(starts.sum() <= max_runs, "packed rows hold more runs than the varlen mask's max_runs")
     idx = torch.nonzero_static(starts, size=max_runs, fill_value=n)[:, 0]  # (max_runs,) long
     return F.pad(idx, (0, 1), value=n).to(torch.int32)
@@ -99,9 +104,7 @@ def packed_runs(segments: torch.Tensor) -> torch.Tensor:
     """cu_seqlens of packed causal rows whose segments (b, s) are on the host (the collator's): capacity
     :func:`run_capacity` of the runs they hold, so the device never needs the default's generous bound."""
     b, s = segments.shape
-    first = torch.ones((b, 1), dtype=torch.bool)
-    n_runs = int(torch.cat([first, segments[:, 1:] != segments[:, :-1]], dim=1).sum())
-    return packed_cu_seqlens(segments, run_capacity(n_runs, b, s))
+    return packed_cu_seqlens(segments, run_capacity(int(_run_starts(segments).sum()), b, s))
 
 
 def _query_keys(layout: SequenceLayout, n_prefix: int, cache: KVCache | None, device: torch.device):

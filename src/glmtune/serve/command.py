@@ -53,14 +53,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_device(args.device)
-    parse_adapters(args.adapter)  # a malformed --adapter fails before anything loads
+    adapters = parse_adapters(args.adapter)  # a malformed --adapter fails before anything loads
     import uvicorn
 
     from glmtune.serve.app import create_app
     from glmtune.serve.engine import Limits
 
     name = args.model_name or Path(args.model).resolve().name
-    pretrained, adapters, name = load_model_with_adapters(args, name)
+    pretrained, adapters, name = load_model_with_adapters(args, name, adapters)
     limits = Limits(max_concurrent=args.max_concurrent, max_queue=args.max_queue,
                     max_total_tokens=args.max_total_tokens, max_prompt_tokens=args.max_prompt_tokens,
                     queue_timeout=args.queue_timeout, prefill_tokens=args.prefill_tokens)  # fmt: skip

@@ -55,13 +55,13 @@ def run(args: argparse.Namespace) -> int:
     if args.max_concurrent < 1:
         raise ValueError(f"--max-concurrent must be at least 1, got {args.max_concurrent}")
     check_device(args.device)
-    parse_adapters(args.adapter)  # a malformed --adapter fails before anything loads
+    adapters = parse_adapters(args.adapter)  # a malformed --adapter fails before anything loads
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before Gradio is imported: no telemetry, no version check
 
     from glmtune.serve.engine import Engine, Limits
     from glmtune.web.page import Sampling, build_page, launch_page
 
-    pretrained, adapters, name = load_model_with_adapters(args, Path(args.model).resolve().name)
+    pretrained, adapters, name = load_model_with_adapters(args, Path(args.model).resolve().name, adapters)
     engine = Engine(pretrained, model_name=name, adapters=adapters, limits=Limits(max_concurrent=args.max_concurrent))
     system_role = pretrained.template.system_role
     if args.system and not system_role:
