@@ -36,9 +36,8 @@ FULL = ("method.name=full", f"train.max_steps={STEPS}", "train.batch_size=2", "t
         "eval.every_steps=4", "eval.batch_size=3", "save.every_steps=4", "save.keep_last=10")  # fmt: skip
 
 WORKER = """
-import logging, os, signal, sys
+import logging, os, signal
 logging.basicConfig(level=logging.INFO)
-sys.path.insert(0, {tests!r})
 import torch
 from glmtune.train import distributed
 from glmtune.train.loop import Trainer
@@ -76,14 +75,16 @@ distributed.teardown(info, together=True)
 def _script(tmp: Path, name: str, model: Path, out: Path, settings, *, resume=False, kill_at=None,
             logits: str = "") -> Path:  # fmt: skip
     script = tmp / f"{name}.py"
-    script.write_text(textwrap.dedent(WORKER).format(tests=str(TESTS), model=str(model), out=str(out),
+    script.write_text(textwrap.dedent(WORKER).format(model=str(model), out=str(out),
                                                      settings=tuple(settings), resume=resume, kill_at=kill_at,
                                                      logits=logits))  # fmt: skip
     return script
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "GLMTUNE_DIST_TIMEOUT": "60"}
+    """The workers' environment: tests/ on PYTHONPATH (they import train_support), one thread each."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "GLMTUNE_DIST_TIMEOUT": "60"}
 
 
 def _torchrun(script: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -232,8 +233,6 @@ def test_two_nodes_lora_over_sharded_base(two) -> None:
 
 
 LOAD_WORKER = """
-import sys
-sys.path.insert(0, {tests!r})
 import torch
 from glmtune.models import checkpoint
 from glmtune.train import distributed, fsdp
@@ -294,7 +293,7 @@ def test_fsdp_loads_only_each_ranks_shards(tmp_path: Path, variant: str) -> None
     settings = (*method, "train.distributed=fsdp", "train.device=cpu")
     out = tmp_path / "load"
     script = tmp_path / "load.py"
-    script.write_text(textwrap.dedent(LOAD_WORKER).format(tests=str(TESTS), model=str(model), out=str(out),
+    script.write_text(textwrap.dedent(LOAD_WORKER).format(model=str(model), out=str(out),
                                                           settings=settings))  # fmt: skip
     proc = _standalone(script)
     assert proc.returncode == 0, proc.stderr[-4000:]
