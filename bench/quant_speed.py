@@ -278,27 +278,53 @@ def kernel_row(qk, w_bf16: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, b
     for label, (us, config) in best.items():
         row[f"{label}_us"], row[f"{label}_config"] = us, config
     row["max_rel_err"] = max(errors)
-    if bits == 4 and m == 1:
-        row["tinygemm_us"] = tinygemm_us(n, k, m, w_bf16.device, rep_ms)
+    if m == 1:
+        row["bf16_matvec_us"] = matvec_us(x, w_bf16, rep_ms)
+    if bits == 4:
+        row |= tinygemm_columns(x, q, scale, ref, rep_ms)
     row["weight_gb_per_s_auto"] = (q.nbytes + scale.nbytes) / (row["auto_us"] * 1e-6) / 1e9
     row["bf16_weight_gb_per_s"] = w_bf16.nbytes / (row["bf16_cublas_us"] * 1e-6) / 1e9
     return row
 
 
-def tinygemm_us(n: int, k: int, m: int, device: torch.device, rep_ms: int) -> float | None:
-    """A reference only (not used by glmtune: another weight layout, group-wise scales): torch's tinygemm INT4
-    matmul (``aten._weight_int4pack_mm``, group size 128) on the same shape, random packed weights."""
-    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=device)
-    x = torch.randn(m, k, dtype=torch.bfloat16, device=device)
-    for inner_k_tiles in (8, 4, 2):
-        try:
-            packed = torch.ops.aten._convert_weight_to_int4pack(w, inner_k_tiles)
-            scales_zeros = torch.randn(k // 128, n, 2, dtype=torch.bfloat16, device=device)
-            return _bench(lambda p, sz: torch.ops.aten._weight_int4pack_mm(x, p, 128, sz),
-                          copies_for((packed, scales_zeros)), rep_ms)  # fmt: skip
-        except Exception as e:  # noqa: BLE001 - a reference only: the shape or this torch may not take it
-            log.info("tinygemm (inner_k_tiles=%d) on %dx%d: %s", inner_k_tiles, n, k, e)
-    return None
+def tinygemm_columns(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, ref: torch.Tensor, rep_ms: int) -> dict:
+    """INT4 in the tinygemm layout (``models/int4_pack.py``, the inference layout): the repacked weight checked
+    against the reference layout and unpacked back bit for bit, then timed: aten's INT4 kernel, the layout's op at
+    these rows (``glmtune::int4_tc_linear``: tinygemm or dequantize + cuBLAS) and dequantize + cuBLAS from it."""
+    from glmtune.models import int4_pack
+    from glmtune.models import quant_kernels as qk
+
+    n, k = q.shape[0], q.shape[1] * 2
+    inner_k_tiles, group = int4_pack.tinygemm_params(n, k)
+    packed = int4_pack.pack(q, inner_k_tiles)
+    sz = int4_pack.scales_and_zeros(scale, k, group)
+    out = {"inner_k_tiles": inner_k_tiles, "group": group,
+           "pack_equals_reference": torch.equal(packed, int4_pack.pack_reference(int4_pack.to_unsigned(q),
+                                                                                  inner_k_tiles)),
+           "unpack_equals_thudm": torch.equal(int4_pack.unpack(packed), q)}  # fmt: skip
+    errors = []
+    for y in (torch.ops.aten._weight_int4pack_mm(x, packed, group, sz), qk.int4_tc_linear(x, packed, sz, scale, group),
+              torch.nn.functional.linear(x, qk.dequantize_tc(packed, scale, x.dtype))):  # fmt: skip
+        errors.append(((y.float() - ref).norm() / ref.norm()).item())
+    out["tinygemm_rel_err"] = max(errors)
+    copies = copies_for((packed, sz, scale))
+    out["tinygemm_us"] = _bench(lambda p_, sz_, s_: torch.ops.aten._weight_int4pack_mm(x, p_, group, sz_), copies,
+                                rep_ms)  # fmt: skip
+    out["tc_op_us"] = _bench(lambda p_, sz_, s_: qk.int4_tc_linear(x, p_, sz_, s_, group), copies, rep_ms)
+    out["tc_dequant_cublas_us"] = _bench(
+        lambda p_, sz_, s_: torch.nn.functional.linear(x, qk.dequantize_tc(p_, s_, x.dtype)), copies, rep_ms
+    )
+    out["tinygemm_weight_gb_per_s"] = (packed.nbytes + sz.nbytes) / (out["tinygemm_us"] * 1e-6) / 1e9
+    return out
+
+
+def matvec_us(x: torch.Tensor, w: torch.Tensor, rep_ms: int) -> float | None:
+    """bf16 at one row through glmtune's Triton matrix-vector kernel (``models/gemv.py``, what bf16 decode runs)."""
+    try:
+        from glmtune.models import gemv
+    except ImportError:
+        return None
+    return _bench(lambda w_: gemv.gemv(x, w_), copies_for((w,)), rep_ms)
 
 
 def kernels(args: argparse.Namespace, device: torch.device, add) -> None:
@@ -321,11 +347,12 @@ def kernels(args: argparse.Namespace, device: torch.device, add) -> None:
             for m in args.kernel_rows:
                 sweeps: list = []
                 if m == 1:
-                    sweeps += [("gemv_cuda_cores", "gemv", c) for c in cuda_cores]
-                    sweeps += [("gemv_mma", "gemv", c) for c in (mma if bits == 4 else [])]
+                    sweeps += [("gemv_cuda_cores", "gemv", c) for c in cuda_cores if args.gemv_sweep == "all"]
+                    if bits == 4 and args.gemv_sweep != "none":
+                        sweeps += [("gemv_mma", "gemv", c) for c in mma]
                 elif m <= 4:
                     sweeps.append(("gemv_cuda_cores", "gemv", None))
-                if m > 1:
+                if m > 1 and args.gemv_sweep == "all":
                     large = [c for c in dot_large if c.block_m <= max(64, m)]
                     sweeps += [("dot", "dot", c) for c in (dot_skinny if m <= 16 else large)]
                 add({"shape": name, **kernel_row(qk, w.to(torch.bfloat16), q, scale, bits, m, sweeps, args.rep_ms)})
@@ -364,7 +391,10 @@ KERNEL_COLUMNS = [("shape", "shape", ""), ("bits", "bits", "d"), ("M", "m", "d")
                   ("bf16 cuBLAS µs", "bf16_cublas_us", ".1f"),
                   ("auto µs", "auto_us", ".1f"), ("gemv CUDA-core µs", "gemv_cuda_cores_us", ".1f"),
                   ("gemv mma µs", "gemv_mma_us", ".1f"), ("dot µs", "dot_us", ".1f"),
-                  ("tinygemm µs", "tinygemm_us", ".1f"),
+                  ("bf16 matvec µs", "bf16_matvec_us", ".1f"), ("tinygemm µs", "tinygemm_us", ".1f"),
+                  ("tinygemm GB/s", "tinygemm_weight_gb_per_s", ",.0f"), ("tc op µs", "tc_op_us", ".1f"),
+                  ("tc dequant+cuBLAS µs", "tc_dequant_cublas_us", ".1f"),
+                  ("tinygemm rel err", "tinygemm_rel_err", ".1e"), ("pack = ref", "pack_equals_reference", ""),
                   ("dequant+cuBLAS µs", "dequant_cublas_us", ".1f"),
                   ("auto weight GB/s", "weight_gb_per_s_auto", ",.0f"),
                   ("max rel err", "max_rel_err", ".1e")]  # fmt: skip
@@ -384,6 +414,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-e2e", action="store_true", help="only the kernels")
     ap.add_argument("--kernels", action="store_true", help="also time the kernels alone")
     ap.add_argument("--kernel-rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 64, 256, 2048])
+    ap.add_argument(
+        "--gemv-sweep",
+        choices=["all", "mma", "none"],
+        default="all",
+        help="the kernels' block sweeps: all, only the INT4 tensor-core GEMV's, none",
+    )
     ap.add_argument("--rep-ms", type=int, default=40, help="graph replay time per measurement")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--work-dir", type=Path, default=None, help="where to write the folders (default: a temp dir)")

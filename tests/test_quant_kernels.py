@@ -263,3 +263,45 @@ def test_gpu_inductor_compiles_forward_and_backward(qk):
     compiled = torch.compile(f, fullgraph=True)
     got = torch.autograd.grad(compiled(x), x)[0]
     assert ((got.float() - eager.float()).norm() / eager.float().norm()).item() < 1e-2
+
+
+# ---- INT4 in tinygemm's layout (models/int4_pack.py): the dequantize pass and the op ------------------------------
+TC_SHAPES = [(16, 256), (24, 96), (8, 13696), (40, 4160)]  # 2/4/8 inner k-tiles, groups of 32-256, K % 1024 != 0
+
+
+@pytest.mark.parametrize(("n", "k"), TC_SHAPES)
+def test_the_dequantize_pass_reads_the_tinygemm_layout(qk, n, k):
+    from glmtune.models import int4_pack
+
+    q, scale = _weight(n, k, 4, seed=k, device="cpu")
+    packed = int4_pack.pack(q.to(_device()), int4_pack.tinygemm_params(n, k)[0])
+    exact = dequantize_weight(q, scale, 4, torch.float32)
+    assert torch.equal(qk.dequantize_tc(packed, scale.to(_device()), torch.float32).cpu(), exact)
+    half = qk.dequantize_tc(packed, scale.to(_device()), torch.bfloat16).cpu().float()
+    ulps = 1 if CUDA else 2  # one bfloat16 rounding of each value (the interpreter's cast truncates: 2 u)
+    assert ((half - exact).abs() <= ulps * 2.0**-8 * exact.abs()).all()
+
+
+def test_the_tinygemm_layout_op_routes_by_rows_and_has_a_backward(qk):
+    """Up to TC_MAX_M rows tinygemm (the CPU op here), above dequantize + matmul; the gradient of x is grad @ W."""
+    from glmtune.models import int4_pack
+
+    n, k, dev = 24, 96, _device()
+    q, scale = _weight(n, k, 4, seed=5, device=dev)
+    inner_k_tiles, group = int4_pack.tinygemm_params(n, k)
+    packed = int4_pack.pack(q, inner_k_tiles)
+    sz = int4_pack.scales_and_zeros(scale, k, group)
+    for m in (1, qk.TC_MAX_M, qk.TC_MAX_M + 1):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dev, torch.bfloat16)
+        # bf16 scales (tinygemm) or the interpreter's truncating cast: within 2^-7 of the exact product's norm
+        out, ref = qk.int4_tc_linear(x, packed, sz, scale, group).double().cpu(), _reference(x, q, scale, 4, None)
+        assert ((out - ref).norm() / ref.norm()).item() < 2.0**-7, m
+    x = torch.randn(2, 3, k, dtype=torch.float32, device=dev, requires_grad=True)
+    bias = torch.randn(n, device=dev, requires_grad=True)
+    y = qk.int4_tc_linear(x, packed, sz, scale, group, bias)
+    assert y.shape == (2, 3, n)
+    g = torch.randn_like(y)
+    gx, gb = torch.autograd.grad(y, (x, bias), g)
+    w = dequantize_weight(q.cpu(), scale.cpu(), 4, torch.float64)
+    assert torch.allclose(gx.double().cpu(), g.double().cpu() @ w, atol=1e-5)
+    assert torch.allclose(gb.double().cpu(), g.double().cpu().sum((0, 1)), atol=1e-5)

@@ -15,7 +15,7 @@ from torch import nn
 from glmtune.models import build_model
 from glmtune.models.checkpoint import LocalShards, load_weights
 from glmtune.models.config import GENERATIONS, GLMConfig
-from glmtune.models.quant import SCHEMES, config_bits, quantize_model_, scheme_of
+from glmtune.models.quant import SCHEMES, config_bits, quantize_model_, scheme_of, use_inference_layout
 from glmtune.templates import Template, get_template
 from glmtune.tokenizers import Tokenizer, load_tokenizer
 
@@ -90,6 +90,7 @@ def load_pretrained(
     device: str | None = "auto",
     generation: str | None = None,
     quantize: str | None = None,
+    int4_layout: str = "thudm",
 ) -> Pretrained:
     """Load config.json, the weight shards (streamed into ``dtype`` on ``device``), the tokenizer and template.
 
@@ -97,6 +98,10 @@ def load_pretrained(
     are told apart by their tokenizer files. ``quantize`` (none, int8, int4, nf4) quantizes the block linears as
     they load (int8/int4 in THUDM's format, nf4 through torchao); a folder whose config.json has
     ``quantization_bit`` loads quantized as it is.
+
+    ``int4_layout`` (INT4 models, for generation only): "thudm" keeps THUDM's bytes (what training needs);
+    "auto" repacks the INT4 layers into PyTorch's tinygemm layout where its kernel runs (CUDA, bfloat16), which
+    decodes faster; "tinygemm" forces it (the CPU op on the CPU). ``quant.use_inference_layout``.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -117,6 +122,9 @@ def load_pretrained(
     dt = resolve_dtype(dtype, dev)
     start = time.perf_counter()
     model = load_model(model_dir, config, dtype=dt, device=dev, generation=generation, quantize=quantize)
+    if int4_layout != "thudm" and dev.type != "meta" and quantization(config, quantize) == "int4":
+        repacked = use_inference_layout(model, int4_layout, dt)
+        log.info("INT4 layers in tinygemm's layout (inference): %d", repacked)
     log.info("loaded %s (%s) in %.1fs as %s on %s", model_dir, generation, time.perf_counter() - start, dt, dev)
     return Pretrained(model_dir, config, generation, model, tokenizer, get_template(generation))
 

@@ -10,6 +10,11 @@ The forward here is the reference path on any device: dequantize, then multiply 
 kernel). The layer has no trainable tensors, but gradients flow through it to its input (adapters over a quantized
 base).
 
+INT4 layers have a second, inference-only layout (``use_inference_layout``, chosen at load time for generation):
+tinygemm's tiled words (``models/int4_pack.py``), multiplied by PyTorch's INT4 kernel at a few rows. It replaces the
+THUDM bytes in ``weight`` (no second copy); the state dict, ``dequantized`` and a state-dict load still speak THUDM's
+format, bit for bit. Training keeps THUDM's layout and the Triton kernels.
+
 ``quantize_model_`` swaps the same four linears for ``QuantizedLinear`` (int8, int4) or for ``NF4Linear`` (nf4:
 QLoRA's NormalFloat with double quantization, ``models/nf4.py``; quantize-on-load only, no file format).
 """
@@ -25,6 +30,7 @@ from torch import nn
 from glmtune.models.nf4 import NF4Linear, check_nf4_shape, require_torchao
 
 BITS = (4, 8)
+LAYOUTS = ("thudm", "tinygemm")  # INT4 storage: THUDM's bytes, or tinygemm's words (inference; int4_pack)
 SCHEMES = ("none", "int8", "int4", "nf4")  # what ``quantize`` (training config, --quantize) may name
 # The block linears THUDM's format quantizes: v1 under transformer.layers.{i}.attention/.mlp, v2+ under
 # transformer.encoder.layers.{i}.self_attention/.mlp.
@@ -121,6 +127,8 @@ class QuantizedLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype), requires_grad=False)
         else:
             self.register_parameter("bias", None)
+        self.layout = "thudm"
+        self.tinygemm: tuple[int, int] | None = None  # (inner_k_tiles, group size) in the tinygemm layout
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int) -> QuantizedLinear:
@@ -136,14 +144,77 @@ class QuantizedLinear(nn.Module):
                 q.bias.data.copy_(linear.bias.detach())
         return q
 
+    def thudm_weight(self) -> torch.Tensor:
+        """The int8 weight in THUDM's layout (the stored bytes, whatever the layout in memory)."""
+        if self.layout == "tinygemm":
+            from glmtune.models.int4_pack import unpack
+
+            return unpack(self.weight)
+        return self.weight
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_weight(self.weight, self.weight_scale, self.bits, dtype)
+        return dequantize_weight(self.thudm_weight(), self.weight_scale, self.bits, dtype)
+
+    @torch.no_grad()
+    def to_layout(self, layout: str) -> bool:
+        """Store the INT4 weight in ``layout`` (``LAYOUTS``), replacing the buffer (the old one is freed); False
+        where tinygemm cannot take the shape (INT8, out not a multiple of 8, in not of 32: the layer stays)."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+        if layout == self.layout:
+            return True
+        from glmtune.models import int4_pack
+
+        if layout == "thudm":
+            self.weight = int4_pack.unpack(self.weight)
+            del self.scales_zeros
+            self.layout, self.tinygemm = "thudm", None
+            return True
+        params = int4_pack.tinygemm_params(self.out_features, self.in_features) if self.bits == 4 else None
+        if params is None or self.weight.is_meta:
+            return False
+        inner_k_tiles, group = params
+        packed = int4_pack.pack(self.weight, inner_k_tiles)
+        self.weight = packed  # the THUDM bytes go (a buffer's assignment)
+        self.register_buffer("scales_zeros", int4_pack.scales_and_zeros(self.weight_scale, self.in_features, group),
+                             persistent=False)  # fmt: skip
+        self.layout, self.tinygemm = "tinygemm", params
+        return True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == "tinygemm":  # the checkpoint keeps THUDM's bytes
+            destination[prefix + "weight"] = self.thudm_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        layout = self.layout
+        self.to_layout("thudm")  # a state dict holds THUDM's bytes: load them as they are, then repack
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.to_layout(layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "tinygemm":
+            return _tinygemm_matmul(x, self)
         return _matmul(x, self.weight, self.weight_scale, self.bits, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+        layout = f", layout={self.layout}" if self.layout != "thudm" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{layout}"
+
+
+def _tinygemm_matmul(x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:
+    """x @ W^T + b for a layer in the tinygemm layout: on CUDA the ``glmtune::int4_tc_linear`` op (tinygemm at a few
+    bf16 rows, else dequantize + cuBLAS), on the CPU the CPU tinygemm op."""
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    inner_k_tiles, group = layer.tinygemm
+    if x.is_cuda:
+        from glmtune.models.quant_kernels import int4_tc_linear
+
+        return int4_tc_linear(x, layer.weight, layer.scales_zeros, layer.weight_scale, group, layer.bias)
+    from glmtune.models.int4_pack import linear_cpu
+
+    return linear_cpu(x, layer.weight, layer.scales_zeros, group, inner_k_tiles, layer.bias)
 
 
 def scheme_of(bits: int | str) -> str:
@@ -193,3 +264,25 @@ def config_bits(config: object, source: object = "config.json") -> int:
     if bits and bits not in BITS:
         raise ValueError(f"{source}: 'quantization_bit' must be 4 or 8 (or 0), got {bits!r}")
     return int(bits)
+
+
+def use_inference_layout(model: nn.Module, layout: str = "auto", dtype: torch.dtype | None = None) -> int:
+    """Repack the INT4 ``QuantizedLinear`` layers of a model loaded for generation into ``layout``: "tinygemm",
+    "thudm", or "auto" (tinygemm where it runs: CUDA with PyTorch's INT4 kernel, bfloat16 compute ``dtype``, a shape
+    it takes; else THUDM's). One layer at a time, each buffer replaced (peak: one layer's bytes twice). Returns the
+    number of layers now in tinygemm's layout. Not for training: its backward dequantizes every step."""
+    if layout not in ("auto", *LAYOUTS):
+        raise ValueError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
+    from glmtune.models import int4_pack
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, QuantizedLinear) or module.bits != 4:
+            continue
+        want = layout
+        if layout == "auto":
+            runs = module.weight.is_cuda and int4_pack.available(module.weight.device) and dtype == torch.bfloat16
+            want = "tinygemm" if runs else "thudm"
+        module.to_layout(want)
+        count += module.layout == "tinygemm"
+    return count

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+TC_MAX_M = 64  # tinygemm layout: up to this many rows tinygemm's kernel, above it dequantize + cuBLAS
 GEMV_MAX_M = 1  # up to this many rows: the CUDA-core matrix-vector kernel (at 2-4 rows the tiled one was faster)
 DOT_MAX_M = 16  # up to this many rows: the tensor-core tiled kernel; above it, dequantize + cuBLAS
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -277,6 +278,30 @@ def _dequant_kernel(q_ptr, s_ptr, w_ptr, N, KP, stride_qn, stride_wn, BITS: tl.c
     tl.store(w_ptr + offs_n[:, None] * stride_wn + kw[None, :], out.to(w_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dequant_tc_kernel(p_ptr, s_ptr, w_ptr, KO, stride_wn, INNER_K_TILES: tl.constexpr, BLOCK_KO: tl.constexpr):
+    """W (N, K) = value * scale[n] in W's dtype from tinygemm's int32 words (``models/int4_pack.py``'s layout,
+    (N/8, KO, 32, INNER_K_TILES/2)): BLOCK_KO groups of k-tiles of one 8-row tile per program. Word (nt, ko, t, j)
+    holds at bits 4q and 16 + 4q the unsigned nibbles (value + 8) of columns 2b and 2b + 1 of row 8 nt + t // 4,
+    for the bytes b = ko * 8 INNER_K_TILES + 16 j + 4 q + t % 4."""
+    HALF: tl.constexpr = INNER_K_TILES // 2
+    i = tl.arange(0, BLOCK_KO * 32 * HALF)
+    ko = tl.program_id(1) * BLOCK_KO + i // (32 * HALF)
+    t = (i // HALF) % 32
+    j = i % HALF
+    nt = tl.program_id(0)
+    mask = ko < KO
+    words = tl.load(p_ptr + (nt * KO + ko) * (32 * HALF) + t * HALF + j, mask=mask, other=0)
+    n = nt * 8 + t // 4
+    s = tl.load(s_ptr + n).to(tl.float32)
+    for q in tl.static_range(4):
+        col = 2 * (ko * (8 * INNER_K_TILES) + 16 * j + 4 * q + t % 4)
+        hi = (((words >> (4 * q)) & 15) - 8).to(tl.float32) * s
+        lo = (((words >> (16 + 4 * q)) & 15) - 8).to(tl.float32) * s
+        ptrs = w_ptr + tl.join(n * stride_wn + col, n * stride_wn + col + 1)  # a column pair: one 4-byte store
+        tl.store(ptrs, tl.join(hi, lo).to(w_ptr.dtype.element_ty), mask=tl.join(mask, mask))
+
+
 # ---- launch configurations ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GemvConfig:
@@ -349,6 +374,18 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torch.dty
     block_n, block_k = 32, (64 if bits == 4 else 128)
     grid = (triton.cdiv(n, block_n), triton.cdiv(kp, block_k))
     _dequant_kernel[grid](q, scale, w, n, kp, q.stride(0), w.stride(0), BITS=bits, BLOCK_N=block_n, BLOCK_K=block_k)
+    return w
+
+
+def dequantize_tc(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in ``dtype`` from tinygemm's int32 words (``int4_pack``) and the row ``scale``: one pass
+    of ``_dequant_tc_kernel``."""
+    nt, ko, _, half = packed.shape
+    w = torch.empty((nt * 8, ko * 32 * half), dtype=dtype, device=packed.device)
+    block_ko = max(1, 4 // half)
+    grid = (nt, triton.cdiv(ko, block_ko))
+    _dequant_tc_kernel[grid](packed.contiguous(), scale, w, ko, w.stride(0), INNER_K_TILES=2 * half,
+                             BLOCK_KO=block_ko)  # fmt: skip
     return w
 
 
@@ -446,3 +483,62 @@ def _backward(ctx, grad: torch.Tensor):
 
 
 int_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- the tinygemm layout (``int4_pack``): aten's INT4 kernel, a dequantize pass for many rows and the backward ----
+@torch.library.custom_op("glmtune::int4_tc_linear", mutates_args=())
+def int4_tc_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, scale: torch.Tensor,
+                   group: int, bias: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """``x @ W^T + b`` for an INT4 weight in tinygemm's layout: ``packed`` (N/8, K/(16 t), 32, t/2) int32,
+    ``scales_zeros`` (K/group, N, 2) bf16, ``scale`` THUDM's fp16 row scale. Up to ``TC_MAX_M`` rows of bfloat16
+    ``x``: ``aten._weight_int4pack_mm`` (the CPU op on the CPU); otherwise the weight dequantized in ``x``'s dtype
+    (with the fp16 scale) and cuBLAS."""
+    from glmtune.models import int4_pack
+
+    x2 = x.reshape(-1, x.shape[-1])
+    n = packed.shape[0] * 8
+    if x2.shape[0] <= TC_MAX_M and x.dtype == torch.bfloat16 and x2.shape[0] > 0:
+        if not x.is_cuda:
+            return int4_pack.linear_cpu(x, packed, scales_zeros, group, 2 * packed.shape[-1], bias)
+        y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), packed, group, scales_zeros)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], n)
+    w = dequantize_tc(packed, scale, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@int4_tc_linear.register_fake
+def _int4_tc_linear_fake(x, packed, scales_zeros, scale, group, bias=None):
+    torch._check(x.shape[-1] == packed.shape[1] * packed.shape[3] * 32, lambda: "input features != the weight's")
+    return x.new_empty((*x.shape[:-1], packed.shape[0] * 8))
+
+
+@torch.library.custom_op("glmtune::int4_tc_dequantize", mutates_args=())
+def int4_tc_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight in ``dtype`` from tinygemm's words and the fp16 row scale."""
+    return dequantize_tc(packed, scale, dtype)
+
+
+@int4_tc_dequantize.register_fake
+def _int4_tc_dequantize_fake(packed, scale, dtype):
+    return packed.new_empty((packed.shape[0] * 8, packed.shape[1] * packed.shape[3] * 32), dtype=dtype)
+
+
+def _tc_setup_context(ctx, inputs, output) -> None:
+    x, packed, scales_zeros, scale, group, bias = inputs
+    ctx.save_for_backward(packed, scale)
+    ctx.bias_grad = bias is not None and ctx.needs_input_grad[5]
+
+
+def _tc_backward(ctx, grad: torch.Tensor):
+    packed, scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ int4_tc_dequantize(packed, scale, grad.dtype)  # (..., out) @ (out, in)
+    if ctx.bias_grad:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, None, grad_bias
+
+
+int4_tc_linear.register_autograd(_tc_backward, setup_context=_tc_setup_context)
