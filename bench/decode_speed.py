@@ -7,7 +7,9 @@ batch size, after a warm-up generation, greedy decoding of ``--new-tokens`` toke
 tok/s = (new tokens - 1) / (whole - prefill), per sequence and in total. glmtune's warm-up has the timed length
 (it captures a CUDA graph per cache size, once; the warm-up time is reported). glmtune runs each ``--decode`` mode
 ("auto" is its default) with each ``--matvec`` path for one-row products ("auto" is its default: the Triton
-kernel on CUDA; "torch" cuBLAS; "inductor" inductor's own, compiled mode only). Nothing is downloaded.
+kernel on CUDA; "torch" cuBLAS; "inductor" inductor's own, compiled mode only) and each ``--attention`` path over
+the cache ("auto" is its default: the Triton split-over-the-keys kernel on CUDA; "sdpa" SDPA), or the
+``--variants`` named (decode:matvec:attention, the last parts optional). Nothing is downloaded.
 
     PYTHONPATH=src python bench/decode_speed.py --json bench/results/decode_speed.json
 """
@@ -59,12 +61,13 @@ def timed(generate: Callable[[int], int], new_tokens: int, device: torch.device,
             "whole_tokens_per_s": made / whole}  # fmt: skip
 
 
-def glmtune_generate(model, ids: torch.Tensor, decode: str, matvec: str = "auto") -> Callable[..., int]:
+def glmtune_generate(model, ids: torch.Tensor, decode: str, matvec: str = "auto",
+                     attention: str = "auto") -> Callable[..., int]:  # fmt: skip
     """glmtune as chat, eval and a server run it: one Decoder kept across calls (buffers and captured step reused).
     ``generate(n, stop_after)``: a generation of ``n`` new tokens, left after ``stop_after`` of them if given (the
     same cache size, hence the same captured step, as the whole run)."""
     prompts = ids.tolist()
-    decoder = Decoder(model, decode=decode, matvec=matvec)
+    decoder = Decoder(model, decode=decode, matvec=matvec, attention=attention)
 
     def generate(n: int, stop_after: int | None = None) -> int:
         cfg = GenerationConfig(max_new_tokens=n, do_sample=False)
@@ -130,12 +133,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=["auto"],
         help="one-row product paths (auto, torch, triton, inductor; inductor with --decode compiled only)",
     )
+    ap.add_argument("--attention", nargs="+", default=["auto"], help="cache attention paths (auto, sdpa, triton)")
     ap.add_argument(
         "--variants",
         nargs="+",
         default=None,
-        metavar="DECODE:MATVEC",
-        help="glmtune runs as decode:matvec pairs (instead of every --decode with every --matvec)",
+        metavar="DECODE[:MATVEC[:ATTENTION]]",
+        help="glmtune runs as decode:matvec:attention (missing parts: auto), instead of every combination of "
+        "--decode, --matvec and --attention",
     )
     ap.add_argument(
         "--profile-batch",
@@ -173,20 +178,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model.eval()
     info["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
     if args.variants:
-        variants = [tuple(v.split(":", 1)) if ":" in v else (v, "auto") for v in args.variants]
+        variants = [tuple((v.split(":") + ["auto", "auto"])[:3]) for v in args.variants]
     else:
-        variants = [(d, m) for d in args.decode for m in args.matvec if m != "inductor" or d == "compiled"]
-    for decode, matvec in variants:
+        variants = [(d, m, a) for d in args.decode for m in args.matvec for a in args.attention
+                    if m != "inductor" or d == "compiled"]  # fmt: skip
+    for decode, matvec, attention in variants:
         for b in args.batch:
             ids = prompts_for(b, args.prompt_len, cfg.padded_vocab_size)
             # warm-up at the timed length: glmtune captures a CUDA graph per cache size, once
-            run = glmtune_generate(model, ids, decode, matvec)
+            run = glmtune_generate(model, ids, decode, matvec, attention)
             r = timed(run, args.new_tokens, device, warmup_tokens=args.new_tokens)
             if b in args.profile_batch:
-                r.update(profiled(run, args.new_tokens, args.profile_tokens, f"{decode} {matvec} batch {b}"))
+                title = f"{decode} {matvec} {attention} batch {b}"
+                r.update(profiled(run, args.new_tokens, args.profile_tokens, title))
             add(
                 {
-                    "impl": f"glmtune decode={decode}" + (f" matvec={matvec}" if matvec != "auto" else ""),
+                    "impl": f"glmtune decode={decode}"
+                    + (f" matvec={matvec}" if matvec != "auto" else "")
+                    + (f" attention={attention}" if attention != "auto" else ""),
                     "batch": b,
                     **r,
                     "tokens_per_s_total": b * r["tokens_per_s_per_seq"],

@@ -22,6 +22,7 @@ its batch, with no per-row generator and no host round trip. Tokens are copied t
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,9 @@ DECODE_MODES = ("auto", "eager", "graph", "compiled")
 # How a decode step multiplies one row by a weight (batch 1): "torch" F.linear (cuBLAS); "triton" glmtune's Triton
 # matrix-vector kernel (models/gemv.py); "inductor" (decode="compiled" only) inductor's own, coordinate-descent tuned.
 MATVEC_MODES = ("auto", "torch", "triton", "inductor")
+# How a decode step attends over its cache: "sdpa" F.scaled_dot_product_attention (cuDNN/flash on CUDA); "triton"
+# glmtune's split-over-the-keys kernel for a few queries (models/decode_attention.py).
+ATTENTION_MODES = ("auto", "sdpa", "triton")
 
 
 @dataclass
@@ -239,18 +243,19 @@ class DecodeStep:
     ``use_graph``: capture the step as a CUDA graph on its first call and replay it after (CUDA only).
     ``compile_backend``: run the step through ``torch.compile`` with this backend first (fusing the hundreds of small
     elementwise kernels of a step; the compiled step is what the graph captures). ``pool``: the graphs' shared
-    memory pool (steps of one batch never run at the same time). ``matvec``: one of ``MATVEC_MODES`` but "auto"
-    (:func:`matvec_context`), in force for every call that is not a replay (warm-up, compilation, capture)."""
+    memory pool (steps of one batch never run at the same time). ``matvec``, ``attention``: one of ``MATVEC_MODES``,
+    ``ATTENTION_MODES`` but "auto" (:func:`step_context`), in force for every call that is not a replay (warm-up,
+    compilation, capture)."""
 
     def __init__(self, model: nn.Module, cache: Any, state: DecodeState, kind: StepKind, max_position: int,
                  *, use_graph: bool, compile_backend: str | None = None, pool: Any = None,
-                 matvec: str = "torch") -> None:  # fmt: skip
+                 matvec: str = "torch", attention: str = "sdpa") -> None:  # fmt: skip
         self.model, self.cache, self.state, self.kind = model, cache, state, kind
         self.max_position = max_position
         self.graph: Any = None
         self.pool = pool
         self.use_graph = use_graph and state.ids.device.type == "cuda"
-        self.compile_backend, self.matvec = compile_backend, matvec
+        self.compile_backend, self.matvec, self.attention = compile_backend, matvec, attention
         self._step = self._run if compile_backend is None else torch.compile(self._run, backend=compile_backend,
                                                                              dynamic=False)  # fmt: skip
 
@@ -265,7 +270,7 @@ class DecodeStep:
         if self.graph is not None:
             self.graph.replay()
             return
-        with matvec_context(self.matvec, self.compile_backend):
+        with step_context(self.matvec, self.attention, self.compile_backend):
             if not self.use_graph:
                 self._step()
                 return
@@ -282,20 +287,27 @@ class DecodeStep:
             self.graph = graph
 
 
-def matvec_context(matvec: str, compile_backend: str | None) -> contextlib.AbstractContextManager:
-    """What a decode step's un-replayed calls run under for ``matvec``: "triton" routes one-row ``F.linear`` calls
-    to the Triton kernel (``models.gemv.MatvecMode``: the others, and every CPU call, run as they are); "inductor"
-    with the inductor backend turns on its coordinate-descent tuning for this compilation only (it then lowers a
-    one-row matrix product to a reduction it tunes, instead of calling cuBLAS); otherwise nothing."""
+def step_context(matvec: str, attention: str, compile_backend: str | None) -> contextlib.ExitStack:
+    """What a decode step's un-replayed calls run under. ``matvec``: "triton" routes one-row ``F.linear`` calls to
+    the Triton kernel (``models.gemv.MatvecMode``: the others, and every CPU call, run as they are); "inductor" with
+    the inductor backend turns on its coordinate-descent tuning for this compilation only (it then lowers a one-row
+    matrix product to a reduction it tunes, instead of calling cuBLAS). ``attention``: "triton" routes the
+    few-query SDPA calls under a bool mask (attention over the cache) to the split-over-the-keys kernel
+    (``models.decode_attention.DecodeAttentionMode``)."""
+    stack = contextlib.ExitStack()
     if matvec == "triton":
         from glmtune.models.gemv import MatvecMode
 
-        return MatvecMode()
+        stack.enter_context(MatvecMode())
     if matvec == "inductor" and compile_backend == "inductor":
         from torch._inductor import config as inductor_config
 
-        return inductor_config.patch(coordinate_descent_tuning=True)
-    return contextlib.nullcontext()
+        stack.enter_context(inductor_config.patch(coordinate_descent_tuning=True))
+    if attention == "triton":
+        from glmtune.models.decode_attention import DecodeAttentionMode
+
+        stack.enter_context(DecodeAttentionMode())
+    return stack
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -329,12 +341,12 @@ class DecodeBatch:
 
     def __init__(self, model: nn.Module, batch_size: int, max_len: int, *, n_stop: int, decode: str = "eager",
                  compile_backend: str | None = None, ring: int = 8, window_multiple: int = 64, top_k: int = 0,
-                 repetition_penalty: float = 1.0, matvec: str = "torch") -> None:  # fmt: skip
+                 repetition_penalty: float = 1.0, matvec: str = "torch", attention: str = "sdpa") -> None:  # fmt: skip
         self.model = model
         self.device, self.dtype = _model_device_dtype(model)
         self.batch_size, self.max_len = batch_size, max_len
         self.n_prefix = model.n_prefix()
-        self.decode, self.compile_backend, self.matvec = decode, compile_backend, matvec
+        self.decode, self.compile_backend, self.matvec, self.attention = decode, compile_backend, matvec, attention
         self.window_multiple = window_multiple
         self.top_k, self.repetition_penalty = top_k, repetition_penalty
         # the rotary table covers every position the cache can hold, so it is built before any capture
@@ -465,7 +477,7 @@ class DecodeBatch:
                 view = self.cache.view(None, w)
                 step = DecodeStep(self.model, view, self.state, kind, 0, use_graph=self.decode in ("graph", "compiled"),
                                   compile_backend=self.compile_backend, pool=self.pool,
-                                  matvec=self.matvec)  # fmt: skip
+                                  matvec=self.matvec, attention=self.attention)  # fmt: skip
                 self.steps[(w, kind)] = step
             if self.before_forward is not None:
                 self.before_forward(None)
@@ -507,15 +519,17 @@ class Decoder:
     Holds at most ``max_entries`` batches (the oldest dropped). Only for the model it was made for, unchanged.
     ``decode="compiled"``: the step goes through ``torch.compile`` (``compile_backend``) and, on CUDA, is then captured
     as a graph; the first generation of each shape pays the compilation (tens of seconds for a 6B model).
-    ``matvec``: how a step multiplies a one-row input by a weight (``MATVEC_MODES``, :func:`resolve_matvec`)."""
+    ``matvec``: how a step multiplies a one-row input by a weight (``MATVEC_MODES``, :func:`resolve_matvec`);
+    ``attention``: how a step attends over its cache (``ATTENTION_MODES``, :func:`resolve_attention`)."""
 
     def __init__(self, model: nn.Module, *, decode: str = "auto", cache_multiple: int = 64, max_entries: int = 4,
-                 compile_backend: str = "inductor", matvec: str = "auto") -> None:  # fmt: skip
+                 compile_backend: str = "inductor", matvec: str = "auto", attention: str = "auto") -> None:  # fmt: skip
         self.model = model
         self.device, self.dtype = _model_device_dtype(model)
         self.decode = resolve_decode(decode, self.device)
         self.compile_backend = compile_backend if self.decode == "compiled" else None
         self.matvec = resolve_matvec(matvec, self.device, self.decode)
+        self.attention = resolve_attention(attention, self.device)
         self.cache_multiple = cache_multiple
         self.max_entries = max_entries
         self._batches: dict[tuple, DecodeBatch] = {}
@@ -535,7 +549,8 @@ class Decoder:
         batch = DecodeBatch(self.model, b, max_len, n_stop=n_stop, decode=self.decode,
                             compile_backend=self.compile_backend, ring=ring,
                             window_multiple=window_multiple or max_len + self.model.n_prefix(), top_k=top_k,
-                            repetition_penalty=repetition_penalty, matvec=self.matvec)  # fmt: skip
+                            repetition_penalty=repetition_penalty, matvec=self.matvec,
+                            attention=self.attention)  # fmt: skip
         self._batches[key] = batch
         return batch
 
@@ -602,13 +617,28 @@ def resolve_matvec(matvec: str, device: torch.device, decode: str) -> str:
         raise ValueError('matvec="inductor" is inductor\'s own kernel: it needs decode="compiled"')
     if matvec != "auto":
         return matvec
+    return "triton" if _triton_kernels(device, "glmtune.models.gemv") else "torch"
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """The cache attention ``attention`` stands for on ``device``: "auto" is "triton" on CUDA where Triton imports,
+    else "sdpa"."""
+    if attention not in ATTENTION_MODES:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+    if attention != "auto":
+        return attention
+    return "triton" if _triton_kernels(device, "glmtune.models.decode_attention") else "sdpa"
+
+
+def _triton_kernels(device: torch.device, module: str) -> bool:
+    """Whether ``module``'s Triton kernels serve ``device``: CUDA, and Triton present (the module imports)."""
     if device.type != "cuda":
-        return "torch"
+        return False
     try:
-        import glmtune.models.gemv  # noqa: F401  (Triton present and the kernel built)
+        importlib.import_module(module)
     except ImportError:
-        return "torch"
-    return "triton"
+        return False
+    return True
 
 
 def generate_stream(
