@@ -7,8 +7,10 @@ response 50-130 tokens), padding at the end of each row; ChatGLM3-6B's attention
 2 KV groups, head dim 128, bf16). Each variant: ms per layer for forward + backward (CUDA events, median of
 ``--iters`` after warm-up), the mask build (once per step for all layers), the peak memory over the inputs, and
 the largest difference from the fp32 dense reference on real tokens. The varlen form is timed at several
-capacities (``max_runs``: the zero-length runs its fixed shape carries); "sdpa causal" ignores the packing (wrong
-mask, the flash lower bound).
+capacities (``max_runs``: the zero-length runs its fixed shape carries) and with the collator's runs, given flash
+either the row width or the collator's bound on the run lengths as ``max_seqlen`` (its grid is blocks of that
+bound x runs x heads); "K/V not repeated" hands flash the grouped K/V heads as they are; "sdpa causal" ignores the
+packing (wrong mask, the flash lower bound). Errors: output and q/k/v gradients against the fp32 dense reference.
 
     PYTHONPATH=src python3 bench/attention_speed.py --json bench/results/attention_speed.json
 
@@ -29,7 +31,7 @@ from benchlib import adgen_examples, device_info, markdown_table, write_json  # 
 
 from glmtune.models.attention import _varlen_api, attend, varlen_supported  # noqa: E402
 from glmtune.models.layout import SequenceLayout  # noqa: E402
-from glmtune.models.masks import AttentionMask, build_mask, varlen_max_runs  # noqa: E402
+from glmtune.models.masks import AttentionMask, build_mask, packed_runs, varlen_max_runs  # noqa: E402
 
 log = logging.getLogger("attention_speed")
 
@@ -81,21 +83,35 @@ def variants(layout: SequenceLayout, device: torch.device, n_runs: int) -> list[
     b, s = layout.shape
     out: list = [("sdpa dense", lambda: build_mask(layout), False, None)]
     flash = varlen_supported(device)
-    caps = {"exact": n_runs, "default": varlen_max_runs(b, s), "b*s/4+b": b * s // 4 + b,
-            "b*s/2+b": b * s // 2 + b, "b*s": b * s}  # fmt: skip
+    caps = {"exact": n_runs, "default": varlen_max_runs(b, s)}
     for label, cap in caps.items():
         if cap < n_runs:  # would trip the builder's device-side assert
             log.info("skipping varlen max_runs=%s (%d): the rows hold %d runs", label, cap, n_runs)
             continue
-        out.append((f"varlen max_runs={label} ({cap})",
+        out.append((f"varlen max_runs={label} ({cap}), max_len {s}",
                     lambda cap=cap: build_mask(layout, backend="varlen", max_runs=cap), False, cap))  # fmt: skip
+    # the collator's runs (masks.packed_runs: its capacity, padding cut to the bound), with the row width as flash's
+    # max_seqlen (before) and with the collator's bound on the run lengths
+    cu, bound = packed_runs(layout.segments.cpu())
+    cu = cu.to(device)
+    cap = cu.numel() - 1
+    collated = {
+        "width": lambda: AttentionMask(cu_seqlens=cu, max_len=s),
+        "bound": lambda: AttentionMask(cu_seqlens=cu, max_len=bound),
+    }
+    out.append((f"varlen collator ({cap}), max_len {s}", collated["width"], False, cap))
+    out.append((f"varlen collator ({cap}), max_len {bound} (bound)", collated["bound"], False, cap))
     if device.type == "cuda":
         out.append(("flex (compiled)", lambda: build_mask(layout, backend="flex"), True, None))
         if flash:
-            out.append(("varlen default (compiled)", lambda: build_mask(layout, backend="varlen"), True, None))
+            out.append((f"varlen collator, max_len {bound} (compiled)", collated["bound"], True, cap))
             if not _varlen_api()[1]:  # this torch's varlen_attn takes no enable_gqa: attend repeats K/V heads
-                out.append(("varlen default, K/V not repeated", lambda: build_mask(layout, backend="varlen"),
-                            "native_gqa", None))  # fmt: skip
+                out.append((f"varlen collator, max_len {s}, K/V not repeated", collated["width"], "native_gqa",
+                            cap))  # fmt: skip
+                out.append((f"varlen collator, max_len {bound}, K/V not repeated", collated["bound"], "native_gqa",
+                            cap))  # fmt: skip
+                out.append((f"varlen collator, max_len {bound}, K/V not repeated (compiled)", collated["bound"],
+                            "native_gqa_compiled", cap))  # fmt: skip
         out.append(("sdpa causal (ignores packing)", lambda: AttentionMask(), False, None))
     return out
 
@@ -122,15 +138,20 @@ def measure(args: argparse.Namespace) -> dict:
     layout = SequenceLayout(torch.zeros((b, s), dtype=torch.long, device=device), seg)
     real = (seg >= 0)[:, None, :, None]
     gen = torch.Generator(device).manual_seed(args.seed)
-    base = [torch.randn(b, n, s, d, device=device, generator=gen) for n in (h, g, g)]
+    # (b, heads, s, d) views of (b, s, heads, d) tensors, as the models' projections give them
+    base = [torch.randn(b, s, n, d, device=device, generator=gen).transpose(1, 2) for n in (h, g, g)]
     grad = torch.randn(b, h, s, d, device=device, generator=gen).to(dtype) * real
-    with torch.no_grad():
-        ref = attend(*base, build_mask(layout)) * real  # fp32 dense reference
+    leaves = [t.detach().requires_grad_() for t in base]
+    ref = attend(*leaves, build_mask(layout)) * real  # fp32 dense reference, and its q/k/v gradients
+    ref.backward(grad.float())
+    ref, ref_grads = ref.detach(), [t.grad for t in leaves]
     compiled_attend = torch.compile(attend, dynamic=False) if device.type == "cuda" else attend
+    compiled_native = torch.compile(native_gqa_attend, dynamic=False) if device.type == "cuda" else None
     rows = []
     for name, make_mask, compiled, cap in variants(layout, device, n_runs):
-        fn = {True: compiled_attend, False: attend, "native_gqa": native_gqa_attend}[compiled]
-        q, k, v = (t.to(dtype).requires_grad_() for t in base)
+        fn = {True: compiled_attend, False: attend, "native_gqa": native_gqa_attend,
+              "native_gqa_compiled": compiled_native}.get(compiled)  # fmt: skip
+        q, k, v = (t.to(dtype, copy=True).requires_grad_() for t in base)  # (fresh leaves: gradients per variant)
 
         def step(fn=fn, q=q, k=k, v=v, mask=None) -> torch.Tensor:
             out = fn(q, k, v, mask)
@@ -140,6 +161,7 @@ def measure(args: argparse.Namespace) -> dict:
         try:
             mask = make_mask()
             out = step(mask=mask)
+            grad_err = max((t.grad.float() - r).abs().max().item() for t, r in zip((q, k, v), ref_grads, strict=True))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -159,6 +181,7 @@ def measure(args: argparse.Namespace) -> dict:
                 "mask_ms": timed(make_mask, device, args.iters),
                 "peak_mib": peak_mib,
                 "max_err": ((out.detach().float() * real) - ref).abs().max().item(),
+                "max_grad_err": grad_err,  # q, k, v gradients against the fp32 dense reference's
                 "finite": bool(torch.isfinite(out).all()),
             }
         except Exception as e:  # a variant this torch cannot run: recorded, the others go on
@@ -191,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = measure(args)
     cols = [("variant", "variant", ""), ("fwd+bwd ms", "fwd_bwd_ms", ".3f"), ("fwd ms", "fwd_ms", ".3f"),
-            ("mask ms", "mask_ms", ".3f"), ("peak MiB", "peak_mib", ".0f"), ("max err", "max_err", ".2e")]  # fmt: skip
+            ("mask ms", "mask_ms", ".3f"), ("peak MiB", "peak_mib", ".0f"), ("max err", "max_err", ".2e"),
+            ("max grad err", "max_grad_err", ".2e")]  # fmt: skip
     log.info("%d runs, %d real tokens of %d\n%s", result["runs"], result["real_tokens"], args.batch * args.seq,
              markdown_table(result["rows"], cols))  # fmt: skip
     if args.json:

@@ -109,6 +109,7 @@ class Timing:
     useful_tokens_per_s: float
     kernels_per_step: float | None = None
     kernel_ms_per_step: float | None = None
+    kernel_kinds: dict | None = None  # ``breakdown``'s summary of the profiled steps (time_steps)
 
     @property
     def gpu_busy(self) -> float | None:
@@ -124,11 +125,13 @@ def time_steps(
     warmup: int,
     steps: int,
     profile_steps: int,
+    breakdown: Callable[[list[dict], int], dict] | None = None,
 ) -> Timing:
     """Run ``warmup`` steps (and one of each batch shape still unseen), then time ``steps`` steps, then profile
     ``profile_steps`` more (CUDA only).
 
     ``batches[i]`` is consumed by ``step`` and holds ``tokens[i]`` useful tokens; batches are cycled.
+    ``breakdown(trace events, profile_steps)``: a summary of the profiled steps' kernels (``Timing.kernel_kinds``).
     """
     n = len(batches)
     seen = set()
@@ -150,18 +153,26 @@ def time_steps(
     timing = Timing(step_ms=1e3 * wall / steps, useful_tokens_per_s=done / wall)
     if device.type == "cuda" and profile_steps > 0:
         first = warmup + steps
-        k, ms = profile_kernels(lambda: [step(batches[i % n]) for i in range(first, first + profile_steps)], device)
+        events: list[dict] | None = [] if breakdown is not None else None
+        k, ms = profile_kernels(lambda: [step(batches[i % n]) for i in range(first, first + profile_steps)], device,
+                                events)  # fmt: skip
         timing.kernels_per_step, timing.kernel_ms_per_step = k / profile_steps, ms / profile_steps
+        if breakdown is not None:
+            timing.kernel_kinds = breakdown(events, profile_steps)
     return timing
 
 
 def _shape(batch) -> tuple:
-    return tuple(tuple(v.shape) for v in batch.values()) if isinstance(batch, dict) else ()
+    # (host ints, such as the collator's max_seqlen, are part of a batch's shape: a compiled variant each)
+    return tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else v for v in batch.values()) \
+        if isinstance(batch, dict) else ()  # fmt: skip
 
 
-def profile_kernels(run: Callable[[], object], device: torch.device) -> tuple[int, float]:
+def profile_kernels(run: Callable[[], object], device: torch.device, events_out: list[dict] | None = None
+                    ) -> tuple[int, float]:  # fmt: skip
     """(number of kernels, summed kernel + memcpy/memset milliseconds) that ``run()`` launched, read from the
-    profiler's Chrome trace (its event categories are stable across torch versions)."""
+    profiler's Chrome trace (its event categories are stable across torch versions); the trace's events are added
+    to ``events_out`` when given."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -174,6 +185,8 @@ def profile_kernels(run: Callable[[], object], device: torch.device) -> tuple[in
         events = json.loads(Path(path).read_text()).get("traceEvents", [])
     finally:
         os.unlink(path)
+    if events_out is not None:
+        events_out.extend(events)
     kernels = [e for e in events if e.get("cat") == "kernel"]
     busy_us = sum(float(e.get("dur", 0)) for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
     return len(kernels), busy_us / 1e3

@@ -11,6 +11,7 @@ else each transformer block wrapped in ``torch.compile`` here (``GlmtuneStep.com
 
 ``cuda_graph``: None follows ``train.cuda_graph``'s default (on with compiled blocks on CUDA: the step replayed as
 CUDA graphs, ``GraphedTrainStep``), True/False force it; ``prepare(batches)`` captures every batch key before timing.
+``loss_recompute``: None follows ``train.loss_recompute``'s default, or forces it.
 
 This is the one file to adapt when the trainer changes: ``GlmtuneStep.__call__`` must stay one optimizer step of
 the real trainer on one micro-batch.
@@ -93,6 +94,7 @@ class GlmtuneStep:
         max_grad_norm: float = 1.0,
         model: torch.nn.Module | None = None,
         cuda_graph: bool | None = None,
+        loss_recompute: bool | str | None = None,
     ) -> None:
         self.device = device
         # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base;
@@ -107,7 +109,9 @@ class GlmtuneStep:
         opt = OptimConfig(learning_rate=lr, max_grad_norm=max_grad_norm)
         self.max_grad_norm = max_grad_norm
         self.autocast = torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
-        self.net = LMLoss(self.model, opt.loss_chunk_tokens)
+        # train.loss_recompute: None = its default (the LMLoss of the day's), or forced
+        kw = {} if loss_recompute is None else {"recompute": loss_recompute}
+        self.net = LMLoss(self.model, opt.loss_chunk_tokens, **kw)
         self.inputs = set(inspect.signature(self.net.forward).parameters)
         self.compile_mode = None
         if default_compile(device) if compile is None else compile:
@@ -158,7 +162,8 @@ class GlmtuneStep:
             out = self.train_step([batch])
             return out.loss_sum / max(float(out.targets), 1.0)
         n = count_targets(batch["labels"])
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k in self.inputs}
+        inputs = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                  for k, v in batch.items() if k in self.inputs}  # fmt: skip
         with self.autocast:
             loss_sum = self.net(**inputs)
         (loss_sum / max(n, 1)).backward()

@@ -7,7 +7,9 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
   glmtune on the same padded batches, and packed as its recipe config does (rows of up to the longest sample,
   4 rows per step, so more samples per step).
 - packed-4x1024-lora: the same LoRA on 4 rows of 1024 packed tokens: transformers eager and under torch.compile,
-  glmtune eager and compiled.
+  glmtune eager and compiled (and compiled with flash's run bound = the row width, "compile-width", as before the
+  collator's bound; "compile-recompute": ``train.loss_recompute: true``, the eager loss chunks recomputed in the
+  backward, as before the compiled loss; the same for ADGEN packed, "packed-recompute").
 - adgen-ptuning: P-Tuning v2, pre_seq_len 128, 4 samples (glmtune only: no peer has it), padded and packed.
 - full-1.5b: full fine-tuning of a ~1.5B-parameter ChatGLM-shaped model (24 layers, hidden 2048) on packed 4x1024.
 
@@ -69,6 +71,8 @@ class Run:
     checkpointing: bool = False
     compile: bool | None = None  # None: the implementation's default (glmtune: train.compile's; transformers: off)
     cuda_graph: bool | None = None  # glmtune: None = train.cuda_graph's default (on when compiled on CUDA)
+    run_bound: bool = True  # glmtune: False drops the collator's max_seqlen (flash bounds runs by the row width)
+    loss_recompute: bool | None = None  # glmtune: None = train.loss_recompute's default (auto), or forced
 
     @property
     def id(self) -> str:
@@ -84,6 +88,9 @@ RUNS = [
     Run("packed-4x1024-lora", HF, "compile", "packed", compile=True),
     Run("packed-4x1024-lora", GLMTUNE, "eager", "packed", compile=False),
     Run("packed-4x1024-lora", GLMTUNE, "compile", "packed", compile=True),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-width", "packed", compile=True, run_bound=False),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-recompute", "packed", compile=True, loss_recompute=True),
+    Run("adgen-lora", GLMTUNE, "packed-recompute", "adgen-packed", loss_recompute=True),
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
     Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
     Run("full-1.5b", GLMTUNE, "default", "packed", method="full", model="1.5b"),
@@ -150,6 +157,8 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
 
     options = {"lora": LORA, "ptuning": PTUNING, "full": {}}[run.method]
     kw = {"cuda_graph": run.cuda_graph} if run.cuda_graph is not None else {}
+    if run.loss_recompute is not None:
+        kw["loss_recompute"] = run.loss_recompute
     return GlmtuneStep(cfg, method=run.method, options=options, device=device, precision=precision,
                        gradient_checkpointing=run.checkpointing, compile=run.compile, **kw)  # fmt: skip
 
@@ -159,8 +168,10 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
 
     if run.impl == HF:
         batches = [hf_batch(b, packed=run.data != "adgen-padded") for b in data.hf]
-    else:
+    elif run.run_bound:
         batches = data.glmtune
+    else:  # flash's max_seqlen = the row width, as before the collator bounded the runs
+        batches = [{k: v for k, v in b.items() if k != "max_seqlen"} for b in data.glmtune]
     n_params = non_embedding_params(build_model(cfg, device="meta"))
     flops_per_token = (6 if run.method == "full" else 4) * n_params
     impl = "transformers" if (run.impl == HF and run.method == "full") else run.impl
@@ -185,7 +196,7 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
 
     t0 = time.perf_counter()
     timing = time_steps(one, batches, data.tokens, device=device, warmup=args.warmup, steps=args.steps,
-                        profile_steps=args.profile_steps)  # fmt: skip
+                        profile_steps=args.profile_steps, breakdown=kernel_summary)  # fmt: skip
     row["run_s"] = time.perf_counter() - t0
     timed = range(args.warmup, args.warmup + args.steps)
     row.update({
@@ -196,6 +207,7 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
         "kernels_per_step": timing.kernels_per_step,
         "step_ms": timing.step_ms,
         "kernel_ms_per_step": timing.kernel_ms_per_step,
+        **(timing.kernel_kinds or {}),
         "rows_per_step": batches[0]["input_ids"].shape[0],
         "mean_width": sum(batches[i]["input_ids"].shape[1] for i in timed) / len(timed),
         "samples_per_step": sum(data.samples[i] for i in timed) / len(timed),
@@ -204,6 +216,26 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
         "last_loss": float(losses[-1]),
     })  # fmt: skip
     return row
+
+
+def kernel_summary(events: list[dict], steps: int, top: int = 20) -> dict:
+    """The profiled steps' kernels: ms per step by kind (bench/fsdp_speed.py's kinds; flash attention's forward
+    and backward apart) and the ``top`` kernels by time (name, launches and ms per step)."""
+    from fsdp_speed import kernel_breakdown
+
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.get("name", "")[:120], [0, 0.0])
+        entry[0] += 1
+        entry[1] += float(e["dur"]) / 1e3
+    flash_bwd = sum(ms for name, (_, ms) in by_name.items() if "flash" in name.lower() and "bwd" in name.lower())
+    kinds = kernel_breakdown(events, steps)
+    if "flash attention" in kinds:
+        kinds["flash attention bwd"] = flash_bwd / steps
+    tops = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"kernel_kinds_ms": kinds,
+            "top_kernels": [{"name": n, "per_step": c / steps, "ms": ms / steps} for n, (c, ms) in tops]}  # fmt: skip
 
 
 COLUMNS = [

@@ -119,3 +119,23 @@ def test_train_speed_runs_on_cpu(tmp_path):
         assert 5 < r["first_loss"] < 10  # ~ln(512) on random weights: a real loss went through
     table = out.with_suffix(".md").read_text()
     assert table.count("\n") == len(rows) + 2 and "useful tok/s" in table
+
+
+def test_kernel_summary_splits_kinds_and_ranks_kernels():
+    events = [
+        {"cat": "kernel", "name": "nvjet_tst_192x128_64x4", "ts": 0, "dur": 3000},
+        {"cat": "kernel", "name": "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", "ts": 3000,
+         "dur": 400},
+        {"cat": "kernel", "name": "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel", "ts": 3400,
+         "dur": 1000},
+        {"cat": "kernel", "name": "triton_poi_fused_add_mul_0", "ts": 5000, "dur": 600},
+        {"cat": "kernel", "name": "triton_poi_fused_add_mul_0", "ts": 5600, "dur": 600},
+        {"cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 10},
+    ]  # fmt: skip
+    out = train_speed.kernel_summary(events, steps=2)
+    kinds = out["kernel_kinds_ms"]
+    assert kinds["matmul"] == 1.5 and kinds["flash attention"] == 0.7 and kinds["flash attention bwd"] == 0.5
+    assert kinds["compiled elementwise"] == 0.6 and kinds["idle"] == pytest.approx(0.3)
+    top = out["top_kernels"]
+    assert [t["name"][:8] for t in top] == ["nvjet_ts", "triton_p", "void pyt", "void pyt"]
+    assert top[1]["per_step"] == 1 and top[1]["ms"] == 0.6

@@ -191,8 +191,12 @@ def test_target_slots_and_packed_inputs() -> None:
     from glmtune.train.graph_step import _Slot
 
     inputs = _Slot(spec, slots, flat).inputs()
-    for name, _, _ in spec:
-        assert torch.equal(inputs[name], batch[name]), name
+    for name, _, dtype in spec:
+        assert inputs[name] == batch[name] if dtype is int else torch.equal(inputs[name], batch[name]), name
+    # the runs' bound is a host int: part of the key (a graph each), not of the flat buffer
+    assert inputs["max_seqlen"] == batch["max_seqlen"] == 48
+    other, _, other_flat = pack_batch({**batch, "max_seqlen": 32})
+    assert other != spec and torch.equal(other_flat, flat) and _Slot(other, slots, flat).inputs()["max_seqlen"] == 32
     n = index.numel()
     assert torch.equal(inputs["target_index"][:n], index) and torch.equal(inputs["targets"][:n], targets)
     assert set(inputs["target_index"][n:].tolist()) == {0} and set(inputs["targets"][n:].tolist()) == {IGNORE_INDEX}

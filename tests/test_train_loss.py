@@ -136,3 +136,70 @@ def test_loss_without_recompute_gives_the_same_loss_and_gradients():
     assert forwards == [2 * chunks, chunks]  # recomputed in the backward, or not
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_chunk_loss_gives_the_eager_loss_and_gradients(backend):
+    """The compiled chunk loss (``train.loss_recompute: auto`` with compiled blocks on a GPU): the same loss and
+    gradients as the eager chunks, chunks of several lengths through one dynamic graph, padded IGNORE_INDEX slots
+    taking no loss, and it refuses recomputation."""
+    from glmtune.train.loss import compiled_chunk_loss, indexed_lm_loss, loss_targets
+
+    torch.manual_seed(1)
+    out = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 11, 16, requires_grad=True)
+    labels = torch.randint(0, 50, (3, 11))
+    labels[0, :4] = IGNORE_INDEX
+    index, targets = loss_targets(labels)
+    pad = 5  # as the CUDA-graph step pads its loss positions
+    index = torch.cat([index, index.new_zeros(pad)])
+    targets = torch.cat([targets, targets.new_full((pad,), IGNORE_INDEX)])
+    compiled = compiled_chunk_loss(backend)
+    results = []
+    for chunk_loss, chunk in ((None, 7), (compiled, 7), (compiled, 4), (compiled, 100)):
+        out.zero_grad()
+        hidden.grad = None
+        loss = indexed_lm_loss(hidden, index, targets, out, chunk_tokens=chunk, recompute=chunk_loss is None,
+                               chunk_loss=chunk_loss)  # fmt: skip
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), out.weight.grad.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="recompute"):
+        indexed_lm_loss(hidden, index, targets, out, recompute=True, chunk_loss=compiled)
+
+
+def test_loss_recompute_auto_decides_by_compile_and_device():
+    """``train.loss_recompute``: auto compiles the chunk loss (kept, not recomputed) only with compiled blocks on
+    CUDA in one process; true always recomputes the eager chunks, false keeps them."""
+    from glmtune.models import build_model
+    from glmtune.models.config import preset
+    from glmtune.train import compile as train_compile
+    from glmtune.train.step import LMLoss
+
+    model = build_model(preset("tiny-chatglm3"))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    kinds = {r: LMLoss(model, 8, recompute=r).loss_kind(cuda) for r in ("auto", True, False)}
+    assert kinds == {"auto": (True, False), True: (True, False), False: (False, False)}  # blocks not compiled
+    train_compile.compile_blocks(model, backend="aot_eager")
+    assert train_compile.blocks_compiled(model)
+    assert LMLoss(model, 8).loss_kind(cuda) == (False, True)
+    assert LMLoss(model, 8, recompute=False).loss_kind(cuda) == (False, True)
+    assert LMLoss(model, 8, recompute=True).loss_kind(cuda) == (True, False)
+    assert LMLoss(model, 8).loss_kind(cpu) == (True, False)  # the CPU: as before
+    with pytest.raises(ValueError, match="loss_recompute"):
+        LMLoss(model, 8, recompute="sometimes")
+
+
+def test_loss_recompute_config_values(tmp_path):
+    from train_support import small_config, tiny_model
+
+    from glmtune.train.config import ConfigError
+
+    model = tiny_model(tmp_path)
+    assert small_config(model, tmp_path).train.loss_recompute == "auto"
+    for text, value in [("true", True), ("off", False), ("auto", "auto")]:
+        assert small_config(model, tmp_path, f"train.loss_recompute={text}").train.loss_recompute == value
+    with pytest.raises(ConfigError, match="train.loss_recompute"):
+        small_config(model, tmp_path, "train.loss_recompute=sometimes")

@@ -135,13 +135,14 @@ def collate_packed(
     pad_id: int,
     positions: str = "1d",
     pad_to: int | None = None,
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor | int]:
     """Packed rows -> tensors, padded on the right to the longest row (or ``pad_to``).
 
     Returns input_ids, labels, attention_mask (b, t) as :func:`collate`; position_ids restarting at every sample;
     segment_ids (b, t): the sample's index within its row, -1 on padding (left out when every row holds one sample
-    of 1-D positions: right padding needs no mask); cu_seqlens with 1-D segment_ids (``masks.packed_runs``: the
-    runs of samples and padding, for flash attention); context (b, t) for "2d". The first label
+    of 1-D positions: right padding needs no mask); cu_seqlens and max_seqlen (an int) with 1-D segment_ids
+    (``masks.packed_runs``: the runs of samples and padding and a bound on their lengths, for flash attention);
+    context (b, t) for "2d". The first label
     of every sample is IGNORE_INDEX, so the loss never asks the last token of one sample to predict the next sample.
     """
     if not rows:
@@ -181,7 +182,7 @@ def collate_packed(
     if positions == "2d" or any(len(r.examples) > 1 for r in rows):
         out["segment_ids"] = seq_ids  # else one right-padded sample per row: the causal fast path is exact
         if positions == "1d":  # the runs for flash attention over variable lengths (masks' varlen form)
-            out["cu_seqlens"] = packed_runs(seq_ids)
+            out["cu_seqlens"], out["max_seqlen"] = packed_runs(seq_ids)
     if positions == "2d":
         out["context"] = ctx
     return out

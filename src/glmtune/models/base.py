@@ -218,10 +218,13 @@ class CausalLMBase(nn.Module):
         segment_ids: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> SequenceLayout:
         """The layout of a forward given the convenience arguments (one sample per row, left padding marked 0 in
         ``attention_mask`` (b, cached + s); or packed rows through ``segment_ids`` (b, s), -1 on padding)."""
         b, s = input_ids.shape
+        if max_seqlen is not None and cu_seqlens is None:
+            raise ValueError("max_seqlen bounds the runs of cu_seqlens: give both (the collator's) or neither")
         n_prefix = self.n_prefix()
         past = 0 if cache is None else cache.length - n_prefix
         if past < 0:
@@ -246,7 +249,8 @@ class CausalLMBase(nn.Module):
             context = context_from_ids(input_ids, self.config, starts_sample=past == 0)
         if segment_ids is None and new_mask is not None:
             segment_ids = torch.where(new_mask.bool(), 0, -1)
-        return SequenceLayout(position_ids, segment_ids, context, max_position=max_position, runs=cu_seqlens)
+        return SequenceLayout(position_ids, segment_ids, context, max_position=max_position, runs=cu_seqlens,
+                              max_run=max_seqlen)  # fmt: skip
 
     def hidden_states(
         self,
@@ -258,6 +262,7 @@ class CausalLMBase(nn.Module):
         segment_ids: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
         layout: SequenceLayout | None = None,
     ) -> torch.Tensor:
         """input_ids (b, s) -> final hidden states (b, s, H) (after the final norm), in the model's dtype.
@@ -266,12 +271,13 @@ class CausalLMBase(nn.Module):
         s), 1 for real tokens, 0 for padding; position_ids (b, s) / (b, 2, s), computed when None and nothing is
         cached; segment_ids (b, s) for packed rows (sample index in the row, -1 on padding); context (b, s) bool for
         v1's bidirectional prompt (computed from ``<sop>`` when None); cu_seqlens: the collator's runs of packed 1-D
-        rows (``masks.packed_runs``), used by the "varlen" attention backend. With ``cache`` the tokens'
-        keys/values go to the layout's slots (default: the cache's next free slots) and attention covers the whole
-        cache.
+        rows and max_seqlen, a bound on their lengths (``masks.packed_runs``), used by the "varlen" attention
+        backend. With ``cache`` the tokens' keys/values go to the layout's slots (default: the cache's next free
+        slots) and attention covers the whole cache.
         """
         if layout is None:
-            layout = self.make_layout(input_ids, attention_mask, position_ids, cache, segment_ids, context, cu_seqlens)
+            layout = self.make_layout(input_ids, attention_mask, position_ids, cache, segment_ids, context, cu_seqlens,
+                                      max_seqlen)  # fmt: skip
         b, s = input_ids.shape
         if layout.shape != (b, s):
             raise ValueError(f"layout is for {layout.shape} tokens, input_ids are {(b, s)}")

@@ -16,6 +16,8 @@ the attention mask. Nothing else computes positions or decides who attends to wh
   ``<sop>``). ``None``: purely causal.
 - ``slots``: (b, s) long, the KV-cache slots the tokens' keys/values go to (``None``: the cache's next free slots).
 - ``max_position``: a bound on ``positions`` known on the host (sizes the rotary table without a device sync).
+- ``runs``, ``max_run``: packed 1-D rows as variable-length runs (flash attention's ``cu_seqlens``) and a bound on
+  their lengths, known on the host (the collator's, ``masks.packed_runs``).
 
 Token order within a sample is the order of the row (training) or of the cache slots (generation).
 """
@@ -38,6 +40,7 @@ class SequenceLayout:
     slots: torch.Tensor | None = None  # (b, s) long
     max_position: int | None = None
     runs: torch.Tensor | None = None  # int32 (R + 1,): cu_seqlens of packed 1-D rows (masks.packed_runs), or None
+    max_run: int | None = None  # with runs: a bound on their lengths known on the host (None: the row width)
 
     @property
     def shape(self) -> tuple[int, int]:

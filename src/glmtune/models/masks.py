@@ -17,7 +17,9 @@ Four forms of the same rule:
   rows of v2/v3/GLM-4): the (b, s) tokens flattened, cut where the segment changes or a row starts, as flash
   attention's ``cu_seqlens``. Each run attends causally to itself; a padding run is a run of its own (its outputs
   are never read). Exact when every sample's tokens are contiguous in its row (collated rows always are; a sample
-  split by padding would become two runs). Every other masked layout takes the flex form under this backend.
+  split by padding would become two runs). Every other masked layout takes the flex form under this backend. The
+  collator's runs come with a bound on their lengths known on the host (``packed_runs``/``run_bound``: flash's
+  ``max_seqlen``, which sizes its grid); build_mask checks it on the device, the row width being the default.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class AttentionMask:
     dense: torch.Tensor | None = None  # bool (b, 1, s, t), True = may attend
     block: Any = None  # torch.nn.attention.flex_attention.BlockMask
     cu_seqlens: torch.Tensor | None = None  # int32 (n_max + 1,): run starts in the flattened (b * s) tokens, then b * s
-    max_len: int = 0  # with cu_seqlens: a bound on a run's length (the row width s)
+    max_len: int = 0  # with cu_seqlens: a bound on a run's length (the row width s, or the collator's run_bound)
 
     @property
     def causal(self) -> bool:
@@ -80,9 +82,13 @@ def packed_cu_seqlens(segments: torch.Tensor, max_runs: int | None = None) -> to
     host sync (a compiled step with ``dynamic=False``, a CUDA graph): the starts are padded with ``b * s``, i.e.
     zero-length runs at the end, and a batch with more than ``max_runs`` runs trips a device-side assert."""
     b, s = segments.shape
-    n = b * s
     max_runs = varlen_max_runs(b, s) if max_runs is None else max_runs
-    starts = _run_starts(segments)
+    return _cu_seqlens(_run_starts(segments), max_runs)
+
+
+def _cu_seqlens(starts: torch.Tensor, max_runs: int) -> torch.Tensor:
+    """Run starts (n,) bool -> cu_seqlens int32 (max_runs + 1,): the starts, then n for the unused runs and the end."""
+    n = starts.numel()
     torch._assert_async(starts.sum() <= max_runs, "packed rows hold more runs than the varlen mask's max_runs")
     idx = torch.nonzero_static(starts, size=max_runs, fill_value=n)[:, 0]  # (max_runs,) long
     return F.pad(idx, (0, 1), value=n).to(torch.int32)
@@ -100,11 +106,41 @@ def run_capacity(n_runs: int, b: int, s: int) -> int:
     return base if n_runs <= base else 1 << (n_runs - 1).bit_length()
 
 
-def packed_runs(segments: torch.Tensor) -> torch.Tensor:
-    """cu_seqlens of packed causal rows whose segments (b, s) are on the host (the collator's): capacity
-    :func:`run_capacity` of the runs they hold, so the device never needs the default's generous bound."""
+RUN_BLOCK = 128  # run bounds are multiples of flash attention's query block (its grid: blocks of the bound x runs)
+
+
+def run_bound(longest: int, s: int) -> int:
+    """The bound on run lengths (flash's ``max_seqlen``) for rows of width ``s`` whose longest sample has ``longest``
+    tokens: ``RUN_BLOCK`` x (1, 2, 3, 4, 6, 8, 12, ...) at least ``longest``, or ``s`` when that bound would be
+    more than half the row (few values per width: each is a compiled variant and a CUDA graph of the blocks).
+
+    Flash attention over runs launches ``ceil(bound / block)`` programs per run and head, most of which return at
+    once when the runs are short (ADGEN samples of ~130-300 tokens in rows of 1024)."""
+    blocks = max(1, -(-longest // RUN_BLOCK))
+    p = 1 << (blocks - 1).bit_length()  # the power of two >= blocks; 3/4 of it when that still holds them
+    blocks = 3 * p // 4 if p >= 4 and blocks <= 3 * p // 4 else p
+    bound = RUN_BLOCK * blocks
+    return s if 2 * bound > s else bound
+
+
+def packed_runs(segments: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cu_seqlens, bound on the run lengths) of packed causal rows whose segments (b, s) are on the host (the
+    collator's). The bound is :func:`run_bound` of the longest sample; padding runs longer than it are cut into
+    runs of at most the bound (their outputs are never read). The capacity is :func:`run_capacity` of the runs,
+    so the device never needs the default's generous one."""
     b, s = segments.shape
-    return packed_cu_seqlens(segments, run_capacity(int(_run_starts(segments).sum()), b, s))
+    starts = _run_starts(segments)
+    first = starts.nonzero()[:, 0]  # (runs,) run starts in the flattened tokens
+    lengths = torch.diff(first, append=torch.tensor([b * s]))
+    padding = segments.reshape(-1)[first] < 0
+    real = lengths[~padding]
+    bound = run_bound(int(real.max()) if real.numel() else 1, s)
+    for start, n in zip(first[padding].tolist(), lengths[padding].tolist(), strict=True):
+        starts[start : start + n : bound] = True  # a padding run -> pieces of at most ``bound`` tokens
+    cu = _cu_seqlens(starts, run_capacity(int(starts.sum()), b, s))
+    if int(cu.diff().max()) > bound:  # the host check: a wrong bound would silently leave queries unattended
+        raise AssertionError(f"a run is longer than its bound {bound}")
+    return cu, bound
 
 
 def _query_keys(layout: SequenceLayout, n_prefix: int, cache: KVCache | None, device: torch.device):
@@ -146,9 +182,14 @@ def build_mask(
         return AttentionMask()
     if backend == "varlen" and cache is None and n_prefix == 0 and layout.context is None:
         segments = layout.segments  # (b, s); not None here (else the causal fast path above)
+        s = segments.shape[1]
         if layout.runs is not None and max_runs is None:  # the collator's, sized to the batch
-            return AttentionMask(cu_seqlens=layout.runs, max_len=segments.shape[1])
-        return AttentionMask(cu_seqlens=packed_cu_seqlens(segments, max_runs), max_len=segments.shape[1])
+            bound = s if layout.max_run is None else layout.max_run
+            if bound < s:  # flash would leave a longer run's later queries unattended: stop instead
+                runs = layout.runs
+                torch._assert_async((runs[1:] - runs[:-1]).max() <= bound, "a run is longer than layout.max_run")
+            return AttentionMask(cu_seqlens=layout.runs, max_len=bound)
+        return AttentionMask(cu_seqlens=packed_cu_seqlens(segments, max_runs), max_len=s)
     q_seg, q_ord, k_seg, k_ord, k_ctx = _query_keys(layout, n_prefix, cache, device)
     if backend in ("flex", "varlen"):
         from torch.nn.attention.flex_attention import create_block_mask

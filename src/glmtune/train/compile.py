@@ -62,6 +62,15 @@ def compile_blocks(model: nn.Module, *, backend: str | Callable[..., Any] | None
     return len(blocks)
 
 
+def blocks_compiled(model: nn.Module) -> bool:
+    """Whether :func:`compile_blocks` compiled ``model``'s blocks (``nn.Module.compile`` keeps the compiled call)."""
+    try:
+        blocks = transformer_blocks(model)
+    except AttributeError:  # not one of the model families (a test's toy)
+        return False
+    return any(getattr(block, "_compiled_call_impl", None) is not None for block in blocks)
+
+
 @contextmanager
 def eager() -> Iterator[None]:
     """Run compiled modules eagerly inside (evaluation, generation: shapes vary from call to call)."""

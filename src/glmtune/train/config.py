@@ -104,9 +104,10 @@ class OptimConfig:
     # no gradient checkpointing, an unquantized base
     cuda_graph: Literal["auto"] | bool = "auto"
     loss_chunk_tokens: int = 1024  # tokens per chunk of the output layer + loss (memory ~ chunk * vocab)
-    # false: the loss chunks' logits are kept for the backward instead of recomputed (one output-layer product less
-    # a step, ~6 bytes x vocab more memory a target: ChatGLM3, 4,000 targets ~1.5 GB)
-    loss_recompute: bool = True
+    # the loss chunks' logits recomputed in the backward (true), or kept (false: one output-layer product less a
+    # step, ~6 bytes x vocab more memory a target: ChatGLM3, 4,000 targets ~1.5 GB); auto: with compiled blocks on
+    # one GPU the chunk loss is compiled and kept (bf16 logits, 2 bytes x vocab a target), else recomputed
+    loss_recompute: Literal["auto"] | bool = "auto"
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
     # several processes: fsdp shards weights, gradients and optimizer state, ddp copies them; auto: fsdp for
     # full/freeze, ddp for adapters (train/fsdp.py)

@@ -8,9 +8,9 @@ device, as TrainStep) and the gradients zeroed. A step is one host-to-device cop
 
 What makes a step replayable:
 - static inputs: a micro-batch's model inputs and loss positions travel in one flat int64 buffer per key (key =
-  the inputs' names and shapes and the padded target count); the loss positions (``target_index``, ``targets``)
-  are padded to a multiple of ``TARGET_BUCKET`` (at most the rows' capacity) with index 0 and target
-  ``IGNORE_INDEX``, which take no loss and give no gradient;
+  the inputs' names and shapes, the host ints such as the runs' bound ``max_seqlen``, and the padded target
+  count); the loss positions (``target_index``, ``targets``) are padded to a multiple of ``TARGET_BUCKET`` (at most
+  the rows' capacity) with index 0 and target ``IGNORE_INDEX``, which take no loss and give no gradient;
 - host numbers as device tensors: the loss scale (1 / target tokens of the step), a "no targets" flag and each
   parameter group's learning rate sit in one small float32 buffer, copied once per step; the optimizer reads its
   lr from there (the param groups keep their Python floats for the scheduler and the checkpoints);
@@ -85,16 +85,19 @@ def target_slots(n: int, capacity: int) -> int:
 class _Slot:
     """Static buffers (and graph A) of one key: ``flat`` holds every input, ``spec`` says where."""
 
-    spec: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
+    spec: tuple[tuple[str, tuple[int, ...] | int, torch.dtype | type], ...]  # host ints: (name, value, int)
     slots: int  # padded target count
     flat: torch.Tensor  # int64 (sum of numels + 2 * slots,) on the device
     graph: torch.cuda.CUDAGraph | None = None
     runs: int = 0
 
-    def inputs(self) -> dict[str, torch.Tensor]:
-        """The loss module's keyword arguments, as views of (or casts from) ``flat``."""
+    def inputs(self) -> dict[str, torch.Tensor | int]:
+        """The loss module's keyword arguments, as views of (or casts from) ``flat``, and the host ints."""
         out, at = {}, 0
         for name, shape, dtype in self.spec:
+            if dtype is int:  # (max_seqlen: part of the key, a constant of the captured graph)
+                out[name] = shape
+                continue
             n = _numel(shape)
             t = self.flat[at : at + n].view(shape)
             out[name] = t if dtype == torch.long else t.to(dtype)  # (context: bool, cast inside the graph)
@@ -111,12 +114,15 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def pack_batch(batch: dict[str, torch.Tensor]) -> tuple[tuple, int, torch.Tensor]:
-    """(spec, padded target count, flat int64 host tensor) of a collated host batch."""
+def pack_batch(batch: dict[str, torch.Tensor | int]) -> tuple[tuple, int, torch.Tensor]:
+    """(spec, padded target count, flat int64 host tensor) of a collated host batch; its host ints (max_seqlen)
+    are in the spec as (name, value, int)."""
     spec, parts = [], []
     for name in MODEL_INPUTS:
         t = batch.get(name)
-        if t is not None:
+        if isinstance(t, int):
+            spec.append((name, t, int))
+        elif t is not None:
             spec.append((name, tuple(t.shape), t.dtype))
             parts.append(t.reshape(-1).long())
     labels = batch["labels"]
@@ -276,5 +282,6 @@ class GraphedTrainStep:
 
 
 def _describe(slot: _Slot) -> str:
-    shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape, _ in slot.spec if name != "labels")
+    shapes = ", ".join(f"{name} {shape if dtype is int else 'x'.join(map(str, shape))}"
+                       for name, shape, dtype in slot.spec if name != "labels")  # fmt: skip
     return f"a micro-batch ({shapes}; {slot.slots} loss positions)"

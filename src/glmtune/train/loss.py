@@ -8,6 +8,9 @@ Labels come unshifted (aligned with ``input_ids``, ``IGNORE_INDEX`` where untrai
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +28,15 @@ def _chunk_loss(h: torch.Tensor, targets: torch.Tensor, output_layer: nn.Module)
     logits = output_layer(h)  # (n, vocab): one chunk only
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> float32 for the softmax
     return F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE_INDEX)  # (padded slots: no loss)
+
+
+@functools.cache
+def compiled_chunk_loss(backend: str | Callable = "inductor") -> Callable:
+    """The chunk loss compiled (``dynamic``: chunks of any length share one graph): the output layer's product, then
+    one fused kernel for the float32 upcast, log-sum-exp and target pick, and one for the backward's softmax minus
+    the target, cast back; the float32 logits never exist in memory. Its backward keeps the chunk's logits in the
+    model's dtype (2 bytes x vocab a target in bf16), so it is used without recomputation (see ``LMLoss``)."""
+    return torch.compile(_chunk_loss, backend=backend, dynamic=True)
 
 
 def loss_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,13 +72,19 @@ def indexed_lm_loss(
     output_layer: nn.Module,
     chunk_tokens: int = 1024,
     recompute: bool = True,
+    chunk_loss: Callable | None = None,
 ) -> torch.Tensor:
     """Sum of the token losses at ``index`` (see :func:`loss_targets`), in chunks of ``chunk_tokens`` rows. A
     target ``IGNORE_INDEX`` takes no loss (the CUDA-graph step pads ``index``/``targets`` to a fixed length so).
     ``recompute``: each chunk's logits are recomputed in the backward (one chunk alive at a time); False keeps
-    every chunk's logits for the backward (~6 bytes x vocab a target more memory, one output-layer product less)."""
+    every chunk's logits for the backward (~6 bytes x vocab a target more memory, one output-layer product less).
+    ``chunk_loss``: what computes a chunk (default the eager ``_chunk_loss``; :func:`compiled_chunk_loss`'s, which
+    is not recomputed: a compiled function reruns eagerly under the checkpoint's recomputation)."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if chunk_loss is not None and recompute:
+        raise ValueError("a compiled chunk loss is kept for the backward, not recomputed (recompute=False)")
+    chunk_loss = _chunk_loss if chunk_loss is None else chunk_loss
     h = hidden.flatten(0, 1).index_select(0, index)  # (n, H)
     n = index.numel()
     acc = torch.promote_types(hidden.dtype, torch.float32)
@@ -79,5 +97,5 @@ def indexed_lm_loss(
             total = total + checkpoint(_chunk_loss, hs, ts, output_layer, use_reentrant=False,
                                        preserve_rng_state=False).to(acc)  # fmt: skip
         else:
-            total = total + _chunk_loss(hs, ts, output_layer).to(acc)
+            total = total + chunk_loss(hs, ts, output_layer).to(acc)
     return total

@@ -19,12 +19,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from glmtune.train import compile as train_compile
 from glmtune.train import distributed
 from glmtune.train.distributed import DistInfo
-from glmtune.train.loss import count_targets, indexed_lm_loss, loss_targets
+from glmtune.train.loss import compiled_chunk_loss, count_targets, indexed_lm_loss, loss_targets
 
-# the batch keys the loss module takes: ids, labels and the sequence layout's tensors (data/collate.py)
-MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids", "context", "cu_seqlens")
+# the batch keys the loss module takes: ids, labels and the sequence layout's tensors (data/collate.py), and
+# max_seqlen, a host int (the bound on the runs of cu_seqlens)
+MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids", "context", "cu_seqlens",
+                "max_seqlen")  # fmt: skip
 
 
 class LMLoss(nn.Module):
@@ -34,21 +37,35 @@ class LMLoss(nn.Module):
     question of how many targets ``labels`` holds; without them they are computed from ``labels``.
     """
 
-    def __init__(self, model: nn.Module, chunk_tokens: int, recompute: bool = True) -> None:
+    def __init__(self, model: nn.Module, chunk_tokens: int, recompute: bool | str = "auto") -> None:
         super().__init__()
+        if recompute not in ("auto", True, False):
+            raise ValueError(f"train.loss_recompute must be auto, true or false, got {recompute!r}")
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.recompute = recompute  # the loss chunks' logits recomputed in the backward (train.loss_recompute)
 
+    def loss_kind(self, device: torch.device) -> tuple[bool, bool]:
+        """(recompute, compiled) of the chunked loss: with compiled blocks on CUDA in one process and
+        ``recompute`` auto or false, the chunk loss is compiled and kept for the backward (bf16 logits, 2 bytes x
+        vocab a target; no float32 logits in memory, one output-layer product less); else the eager chunk loss,
+        recomputed unless ``recompute`` is false (auto: recomputed)."""
+        several = torch.distributed.is_available() and torch.distributed.is_initialized()
+        compiled = self.recompute is not True and device.type == "cuda" and not several and \
+            train_compile.blocks_compiled(self.model)  # fmt: skip
+        return (not compiled and self.recompute is not False), compiled
+
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, segment_ids=None, context=None,
-                cu_seqlens=None, target_index=None, targets=None) -> torch.Tensor:  # fmt: skip
+                cu_seqlens=None, max_seqlen=None, target_index=None, targets=None) -> torch.Tensor:  # fmt: skip
         # attention_mask is not passed on: segment_ids carry the padding wherever a real token could see it
         h = self.model.hidden_states(input_ids, position_ids=position_ids, segment_ids=segment_ids,
-                                     context=context, cu_seqlens=cu_seqlens)  # (b, s, H)  # fmt: skip
+                                     context=context, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # fmt: skip
         if target_index is None:
             target_index, targets = loss_targets(labels)
+        recompute, compiled = self.loss_kind(h.device)
+        chunk_loss = compiled_chunk_loss(train_compile.BACKEND) if compiled else None
         return indexed_lm_loss(h, target_index, targets, self.model.output_embeddings(), self.chunk_tokens,
-                               self.recompute)  # fmt: skip
+                               recompute, chunk_loss)  # fmt: skip
 
 
 @dataclass
@@ -70,9 +87,11 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
-def device_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """The model inputs of a host batch on ``device`` (copies not waited for), with the loss positions."""
-    inputs = {k: to_device(v, device) for k, v in batch.items() if k in MODEL_INPUTS}
+def device_inputs(batch: dict[str, torch.Tensor | int], device: torch.device) -> dict[str, torch.Tensor | int]:
+    """The model inputs of a host batch on ``device`` (copies not waited for; host ints as they are), with the
+    loss positions."""
+    inputs = {k: to_device(v, device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+              if k in MODEL_INPUTS}  # fmt: skip
     index, targets = loss_targets(batch["labels"])
     inputs["target_index"] = to_device(index, device)
     inputs["targets"] = to_device(targets, device)
