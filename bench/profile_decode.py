@@ -47,25 +47,11 @@ def top_kernels(prof: profile, rows: int, width: int = 80) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=width)
 
 
-def graph_us(calls: list[Callable[[], object]], reps: int = 50) -> float:
-    """Median µs per call of ``calls`` captured in turn in one CUDA graph, its replays timed with CUDA events."""
-    for c in calls:  # compile, tune, allocate
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[reps // 2] / len(calls) * 1e3
+def graph_us(calls: list[Callable[[], object]]) -> float:
+    """Median µs per call of ``calls`` captured in turn in one CUDA graph (``gemv.replay_ms``)."""
+    from glmtune.models.gemv import replay_ms
+
+    return 1e3 * replay_ms(calls, replays=50)
 
 
 def attention_kernels(layers: int = 28) -> list[dict]:

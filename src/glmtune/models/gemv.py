@@ -6,9 +6,10 @@ streams the weight with many small programs (``BLOCK_N`` output rows each, 16-by
 products in float32 and reduces each row once at the end.
 
 The launch configuration is measured once per (out, in, dtype, bias) on the device (``tune``: a few candidates,
-timed with the L2 cache flushed between runs; the choice is logged) and kept for the process, like Triton's own
-autotuning; a first call while a CUDA graph is being captured (no benchmarking possible) takes ``DEFAULT``.
-Generation warms every decode step up before capturing it, so its calls are measured first.
+each timed as CUDA-graph replays after a read of a buffer larger than the L2 cache, as a decode step meets the weight;
+the choice is logged) and kept for the process, like Triton's own autotuning; a first call while a CUDA graph is being
+captured (no measuring possible) takes ``DEFAULT``. Generation warms every decode step up before capturing it, so its
+calls are measured first.
 
 ``gemv`` is a torch.library custom op with a fake implementation, so it traces under ``torch.compile`` and is
 captured in CUDA graphs. :class:`MatvecMode` routes ``F.linear`` calls that fit (``fits``) to it, which is how the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -79,10 +81,14 @@ class MatvecConfig:
     num_stages: int = 3
 
 
-DEFAULT = MatvecConfig(4, 512)
-CANDIDATES = (DEFAULT, MatvecConfig(2, 1024), MatvecConfig(4, 1024, 8), MatvecConfig(8, 256),
-              MatvecConfig(8, 512), MatvecConfig(8, 512, 8), MatvecConfig(16, 256, 8), MatvecConfig(4, 512, 4, 1),
-              MatvecConfig(2, 512, 2), MatvecConfig(8, 1024, 8), MatvecConfig(16, 512, 8))  # fmt: skip
+# The blocks that were fastest on an H200 for some ChatGLM3-6B linear, timed as CUDA-graph replays over weights
+# larger than the L2 cache (bench/profile_decode.py --kernels, 21 shapes tried): one row of 1024 inputs a step was
+# the fastest for 4 of the 5 linears (3.1-4.5 TB/s), two rows of 512 for the 4h_to_h (K 13696); 8 or 16 rows a
+# program were 5-60 % slower everywhere.
+DEFAULT = MatvecConfig(1, 1024)
+CANDIDATES = (DEFAULT, MatvecConfig(1, 512, 2), MatvecConfig(2, 1024), MatvecConfig(2, 1024, 4, 4),
+              MatvecConfig(2, 512, 2), MatvecConfig(4, 512), MatvecConfig(4, 512, 4, 1),
+              MatvecConfig(8, 512))  # fmt: skip
 _tuned: dict[tuple, MatvecConfig] = {}  # (out, in, dtype, bias, device index) -> the fastest candidate measured
 
 
@@ -122,21 +128,48 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, con
 
 
 def tune(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> MatvecConfig:
-    """The fastest of ``CANDIDATES`` for this shape, measured once (Triton's ``do_bench``: the L2 cache flushed
-    between runs, as a decode step meets the weight) and kept; ``DEFAULT`` in the interpreter or during a capture."""
+    """The fastest of ``CANDIDATES`` for this shape, measured once (``replay_ms``) and kept; ``DEFAULT`` in the
+    interpreter or during a capture."""
     key = (*weight.shape, x.dtype, bias is not None, x.device.index)
     config = _tuned.get(key)
     if config is not None:
         return config
     if INTERPRETED or not x.is_cuda or torch.cuda.is_current_stream_capturing():
         return DEFAULT
-    times = {c: triton.testing.do_bench(lambda c=c: launch(x, weight, bias, c), warmup=5, rep=20) for c in CANDIDATES}
+    # Read (never write: dirty lines would cost the next kernel their write-back) twice the L2 between calls, so
+    # the weight comes from device memory as in a decode step; that read's own time is taken off.
+    flush = torch.empty(2 * torch.cuda.get_device_properties(x.device).L2_cache_size // 4, device=x.device)
+    flush.fill_(1.0)
+    alone = replay_ms([lambda: flush.sum()] * 10)
+    times = {c: replay_ms([lambda c=c: (flush.sum(), launch(x, weight, bias, c))] * 10) - alone for c in CANDIDATES}
     config = min(times, key=times.__getitem__)
     gbs = weight.numel() * weight.element_size() / times[config] / 1e6  # bytes / ms -> GB/s
     log.info("matvec %s x %s %s: %s, %.1f us (%.0f GB/s of weight)", weight.shape[0], weight.shape[1], x.dtype,
              config, 1000 * times[config], gbs)  # fmt: skip
     _tuned[key] = config
     return config
+
+
+def replay_ms(calls: Sequence[Callable[[], object]], replays: int = 7) -> float:
+    """Median ms per call of a CUDA graph that makes ``calls`` in turn (each run once before, uncaptured: compiled,
+    allocated), over ``replays`` replays: kernel times without the host's launch gaps, as a captured step runs."""
+    for call in calls:
+        call()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+        for call in calls:
+            call()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[replays // 2] / len(calls)
 
 
 def tuned_configs() -> dict[tuple, MatvecConfig]:
