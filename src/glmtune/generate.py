@@ -591,14 +591,22 @@ class Decoder:
         step, n = 1, cfg.max_new_tokens
         if all(t < 0 for t in first):
             return
-        while step < n:
-            k = min(stream_every, n - step)
-            out = batch.read(batch.step(k))
-            for j in range(k):
-                yield out[:, j]
-            step += k
-            if bool((out[:, -1] < 0).all()):
-                return
+        # Each group of steps is queued before the previous group's tokens are waited for, so the device never idles
+        # while the host reads them (once every row has stopped, the group queued meanwhile runs as padding).
+        pending: Callable[[], torch.Tensor] | None = None
+        while pending is not None or step < n:
+            queued = None
+            if step < n:
+                k = min(stream_every, n - step)
+                queued = batch.read_later(batch.step(k))
+                step += k
+            if pending is not None:
+                out = pending()
+                for j in range(out.shape[1]):
+                    yield out[:, j]
+                if bool((out[:, -1] < 0).all()):
+                    return
+            pending = queued
 
 
 def resolve_decode(decode: str, device: torch.device) -> str:
