@@ -45,9 +45,9 @@ from benchlib import (  # noqa: E402
     sync,
     write_json,
 )
-from decode_speed import glmtune_generate, prompts_for, timed  # noqa: E402
+from decode_speed import prompts_for, timed  # noqa: E402
 
-from glmtune.generate import Decoder, GenerationConfig, generate  # noqa: E402
+from glmtune.generate import Decoder, GenerationConfig, generate, generate_stream  # noqa: E402
 from glmtune.models import build_model  # noqa: E402
 from glmtune.models.checkpoint import save_pretrained  # noqa: E402
 from glmtune.models.config import GLMConfig, preset  # noqa: E402
@@ -101,13 +101,27 @@ def write_random_quantized(cfg: GLMConfig, bits: int, out: Path, tokenizers: lis
 
 
 # ---- end to end ----------------------------------------------------------------------------------------------------
-def decode_row(model, args: argparse.Namespace, device: torch.device, vocab: int) -> dict:
-    """Decode tok/s of ``generate`` (what a user gets), the GPU's kernel time per token from the profiler (the
-    step's bound when the host keeps up) and whether graph decoding gives the eager tokens."""
-    ids = prompts_for(1, args.prompt_len, vocab)
-    run = glmtune_generate(model, ids, args.decode)
+def decode_row(model, args: argparse.Namespace, device: torch.device, vocab: int, mode: str) -> dict:
+    """Decode tok/s of ``generate`` in ``mode`` (what a user gets; one Decoder kept, as chat and a server keep it),
+    the GPU's kernel time per token from the profiler (the step's bound when the host keeps up) and whether the
+    first 16 tokens of the timed run equal the eager mode's."""
+    prompts = prompts_for(1, args.prompt_len, vocab).tolist()
+    decoder = Decoder(model, decode=mode)
+    last: list[int] = []
+
+    def run(n: int) -> int:
+        """``n`` tokens of a ``--new-tokens`` generation: one cache size, hence one compiled and captured step."""
+        last.clear()
+        cfg = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False)
+        for token in generate_stream(model, prompts, cfg, stop_ids=[], pad_id=0, decoder=decoder):
+            last.append(int(token[0]))
+            if len(last) == n:
+                break
+        return len(last)
+
     r = timed(run, args.new_tokens, device, warmup_tokens=args.new_tokens)
     r["whole_run_tokens_per_s"] = r["new_tokens"] / r["whole_s"]  # prefill included: robust to that outlier
+    tokens = last[:16]
     if device.type == "cuda":
         n = 33
         kernels_n, ms_n = profile_kernels(lambda: run(n), device)
@@ -115,11 +129,9 @@ def decode_row(model, args: argparse.Namespace, device: torch.device, vocab: int
         r["gpu_ms_per_token"] = (ms_n - ms_1) / (n - 1)
         r["kernels_per_token"] = (kernels_n - kernels_1) / (n - 1)
         r["wall_ms_per_token"] = 1e3 / r["tokens_per_s_per_seq"]
-    prompts = ids.tolist()
-    cfg = GenerationConfig(max_new_tokens=16, do_sample=False)
-    eager = generate(model, prompts, cfg, stop_ids=[], pad_id=0, decode="eager")
-    graph = generate(model, prompts, cfg, stop_ids=[], pad_id=0, decode=args.decode)
-    return {**r, "graph_equals_eager": graph == eager}
+    cfg = GenerationConfig(max_new_tokens=len(tokens), do_sample=False)
+    eager = generate(model, prompts, cfg, stop_ids=[], pad_id=0, decode="eager")[0]
+    return {**r, "decode": mode, "graph_equals_eager": tokens == eager}
 
 
 @contextlib.contextmanager
@@ -142,9 +154,9 @@ def gemv_blocks(table: dict[tuple[int, int, int], dict]):
 
 
 def memory_row(model, args: argparse.Namespace, device: torch.device, vocab: int, base: int) -> dict:
-    """Peak memory of a ``--context``-token batch-1 generation (prompt + ``--mem-new-tokens``)."""
+    """Peak memory of a ``--context``-token batch-1 generation (prompt + ``--mem-new-tokens``, graph decode)."""
     ids = prompts_for(1, args.context - args.mem_new_tokens, vocab)
-    decoder = Decoder(model, decode=args.decode)
+    decoder = Decoder(model, decode="graph" if device.type == "cuda" else "eager")
     cfg = GenerationConfig(max_new_tokens=args.mem_new_tokens, do_sample=False)
     made = len(generate(model, ids.tolist(), cfg, stop_ids=[], pad_id=0, decoder=decoder)[0])
     sync(device)
@@ -157,6 +169,7 @@ def memory_row(model, args: argparse.Namespace, device: torch.device, vocab: int
 
 def end_to_end(args: argparse.Namespace, device: torch.device, work: Path, add,
                gemv_table: dict | None = None) -> None:  # fmt: skip
+    """bf16, then each of ``--bits`` (INT4 in each of ``--int4-layouts``), each decoded in each ``--decode`` mode."""
     cfg = preset(args.preset)
     if args.layers:
         cfg = cfg.replace(num_layers=args.layers)
@@ -166,8 +179,9 @@ def end_to_end(args: argparse.Namespace, device: torch.device, work: Path, add,
         model = build_model(cfg, device=device, dtype=dtype, generation="chatglm3")
         random_fill(model, device, dtype, seed=0)
         model.eval()
-        add({"precision": "bf16", "weight_gib": sum(p.nbytes for p in model.parameters()) / GIB,
-             **decode_row(model, args, device, vocab)})  # fmt: skip
+        for mode in args.decode:
+            add({"precision": "bf16", "weight_gib": sum(p.nbytes for p in model.parameters()) / GIB,
+                 **decode_row(model, args, device, vocab, mode)})  # fmt: skip
         del model
         free_memory()
     tokenizers = tokenizer_files(work)
@@ -176,27 +190,30 @@ def end_to_end(args: argparse.Namespace, device: torch.device, work: Path, add,
         t0 = time.perf_counter()
         written = write_random_quantized(cfg, bits, folder, tokenizers, device)
         write_s = time.perf_counter() - t0
-        free_memory()  # resets the peak: what follows is what a user's process would hold
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        t0 = time.perf_counter()
-        model = load_pretrained(folder, dtype="bfloat16" if device.type == "cuda" else "float32",
-                                device=str(device)).model  # fmt: skip
-        sync(device)
-        load_s = time.perf_counter() - t0
-        row = {"precision": f"int{bits}", "folder_gib": written / GIB, "write_s": write_s, "load_s": load_s}
-        if device.type == "cuda":
-            row["load_peak_allocated_gib"] = (torch.cuda.max_memory_allocated(device) - base) / GIB
-            row["weight_gib"] = (torch.cuda.memory_allocated(device) - base) / GIB
-        row |= memory_row(model, args, device, vocab, base)
-        row |= decode_row(model, args, device, vocab)
-        add(row)
-        swept = {key: c for key, c in (gemv_table or {}).items() if key[2] == bits}
-        if swept:
-            with gemv_blocks(swept):
-                add({"precision": f"int{bits} (swept blocks)", "blocks": {str(k): c for k, c in swept.items()},
-                     **decode_row(model, args, device, vocab)})  # fmt: skip
-        del model
-        free_memory()
+        for layout in args.int4_layouts if bits == 4 else ["thudm"]:
+            free_memory()  # resets the peak: what follows is what a user's process would hold
+            base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+            t0 = time.perf_counter()
+            model = load_pretrained(folder, dtype="bfloat16" if device.type == "cuda" else "float32",
+                                    device=str(device), int4_layout=layout).model  # fmt: skip
+            sync(device)
+            load_s = time.perf_counter() - t0
+            label = f"int{bits}" + (f" {layout}" if bits == 4 and len(args.int4_layouts) > 1 else "")
+            row = {"precision": label, "layout": layout, "folder_gib": written / GIB, "write_s": write_s,
+                   "load_s": load_s}  # fmt: skip
+            if device.type == "cuda":
+                row["load_peak_allocated_gib"] = (torch.cuda.max_memory_allocated(device) - base) / GIB
+                row["weight_gib"] = (torch.cuda.memory_allocated(device) - base) / GIB
+            row |= memory_row(model, args, device, vocab, base)
+            for mode in args.decode:
+                add({**row, **decode_row(model, args, device, vocab, mode)})
+            swept = {key: c for key, c in (gemv_table or {}).items() if key[2] == bits}
+            if swept and layout == "thudm":
+                with gemv_blocks(swept):
+                    add({"precision": f"{label} (swept blocks)", "blocks": {str(k): c for k, c in swept.items()},
+                         **decode_row(model, args, device, vocab, args.decode[0])})  # fmt: skip
+            del model
+            free_memory()
         if not args.keep:
             shutil.rmtree(folder)
 
@@ -378,8 +395,10 @@ def best_gemv(rows: list[dict]) -> dict[tuple[int, int, int], dict]:
 
 
 # ---- driver --------------------------------------------------------------------------------------------------------
-E2E_COLUMNS = [("precision", "precision", ""), ("decode tok/s", "tokens_per_s_per_seq", ",.1f"),
+E2E_COLUMNS = [("precision", "precision", ""), ("decode", "decode", ""),
+               ("decode tok/s", "tokens_per_s_per_seq", ",.1f"),
                ("x bf16", "speedup", ".2f"), ("whole-run tok/s", "whole_run_tokens_per_s", ",.1f"),
+               ("whole-run x bf16", "whole_run_speedup", ".2f"),
                ("wall ms/token", "wall_ms_per_token", ".2f"),
                ("GPU ms/token", "gpu_ms_per_token", ".2f"), ("GPU x bf16", "gpu_speedup", ".2f"),
                ("kernels/token", "kernels_per_token", ".0f"), ("graph = eager", "graph_equals_eager", ""),
@@ -407,7 +426,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--decode", default="graph", help="glmtune decode mode (graph: the CUDA default)")
+    ap.add_argument(
+        "--decode",
+        nargs="+",
+        default=["graph"],
+        help="glmtune decode modes, each a row (graph: the CUDA default; compiled)",
+    )
+    ap.add_argument(
+        "--int4-layouts",
+        nargs="+",
+        default=["thudm", "tinygemm"],
+        choices=["thudm", "tinygemm"],
+        help="INT4's layouts in memory, each loaded and decoded (tinygemm: the inference layout)",
+    )
     ap.add_argument("--context", type=int, default=2048, help="tokens (prompt + new) of the memory run")
     ap.add_argument("--mem-new-tokens", type=int, default=16)
     ap.add_argument("--skip-bf16", action="store_true")
@@ -441,9 +472,11 @@ def main(argv: list[str] | None = None) -> dict:
             args.json.with_suffix(".md").write_text(tables(result) + "\n")
 
     def add_e2e(row: dict) -> None:
-        bf16 = next((r for r in result["end_to_end"] if r["precision"] == "bf16"), None)
+        bf16 = next((r for r in result["end_to_end"] if r["precision"] == "bf16" and r["decode"] == row["decode"]),
+                    None)  # fmt: skip
         if bf16 is not None:
             row["speedup"] = row["tokens_per_s_per_seq"] / bf16["tokens_per_s_per_seq"]
+            row["whole_run_speedup"] = row["whole_run_tokens_per_s"] / bf16["whole_run_tokens_per_s"]
             if "gpu_ms_per_token" in bf16:
                 row["gpu_speedup"] = bf16["gpu_ms_per_token"] / row["gpu_ms_per_token"]
         result["end_to_end"].append(row)

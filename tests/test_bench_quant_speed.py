@@ -14,12 +14,14 @@ def test_quant_speed_runs_on_cpu(tmp_path):
                                "5", "--context", "40", "--mem-new-tokens", "4", "--json", str(out)])  # fmt: skip
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     rows = result["end_to_end"]
-    assert [r["precision"] for r in rows] == ["bf16", "int8", "int4"]
+    assert [r["precision"] for r in rows] == ["bf16", "int8", "int4 thudm", "int4 tinygemm"]
     for r in rows:
-        assert r["new_tokens"] == 5 and r["graph_equals_eager"] is True
+        assert r["new_tokens"] == 5 and r["graph_equals_eager"] is True and r["decode"] == "graph"
     for r in rows[1:]:  # the folders hold what the format says: int8 weights, fp16 scales, quantization_bit
         assert r["mem_new_tokens"] == 4 and r["folder_gib"] > 0 and r["load_s"] >= 0
+        assert r["whole_run_speedup"] == r["whole_run_tokens_per_s"] / rows[0]["whole_run_tokens_per_s"]
     assert rows[2]["folder_gib"] < rows[1]["folder_gib"]  # INT4 packs two values a byte
+    assert [r["layout"] for r in rows[1:]] == ["thudm", "thudm", "tinygemm"]
 
 
 def test_the_written_folder_loads_quantized(tmp_path):

@@ -169,7 +169,8 @@ def test_layers_tinygemm_cannot_take_stay_in_thudm_layout():
     assert not odd.to_layout("tinygemm") and odd.layout == "thudm"
     model = torch.nn.Sequential(odd, int8, _layer(16, 256, seed=0, bias=False))
     assert use_inference_layout(model, "tinygemm") == 1
-    assert use_inference_layout(model, "auto", torch.float32) == 0  # the CPU: auto keeps THUDM's layout
+    assert [m.layout for m in model] == ["thudm", "thudm", "tinygemm"]
+    assert use_inference_layout(model, "thudm") == 0
     assert all(m.layout == "thudm" for m in model)
     with pytest.raises(ValueError, match="unknown layout"):
         use_inference_layout(model, "gptq")
@@ -250,7 +251,7 @@ def test_gpu_a_model_in_tinygemm_layout_decodes_in_graphs_and_compiled():
     ids = torch.randint(5, 400, (2, 9), generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         ref = model(ids).double()
-    assert use_inference_layout(model, "auto", torch.bfloat16) == 4 * preset("tiny-chatglm3").num_layers
+    assert use_inference_layout(model) == 4 * preset("tiny-chatglm3").num_layers
     with torch.no_grad():
         out = model(ids).double()
     assert ((out - ref).abs().max() / (ref.max() - ref.min())).item() < 0.03

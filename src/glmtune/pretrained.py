@@ -99,9 +99,9 @@ def load_pretrained(
     they load (int8/int4 in THUDM's format, nf4 through torchao); a folder whose config.json has
     ``quantization_bit`` loads quantized as it is.
 
-    ``int4_layout`` (INT4 models, for generation only): "thudm" keeps THUDM's bytes (what training needs);
-    "auto" repacks the INT4 layers into PyTorch's tinygemm layout where its kernel runs (CUDA, bfloat16), which
-    decodes faster; "tinygemm" forces it (the CPU op on the CPU). ``quant.use_inference_layout``.
+    ``int4_layout`` (INT4 models): "thudm" (the default) keeps THUDM's bytes, which training needs and the Triton
+    kernels read; "tinygemm" repacks the INT4 layers for PyTorch's tinygemm kernel, for generation only
+    (``quant.use_inference_layout``; opt-in: slower than the default kernels on an H200).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -123,7 +123,7 @@ def load_pretrained(
     start = time.perf_counter()
     model = load_model(model_dir, config, dtype=dt, device=dev, generation=generation, quantize=quantize)
     if int4_layout != "thudm" and dev.type != "meta" and quantization(config, quantize) == "int4":
-        repacked = use_inference_layout(model, int4_layout, dt)
+        repacked = use_inference_layout(model, int4_layout)
         log.info("INT4 layers in tinygemm's layout (inference): %d", repacked)
     log.info("loaded %s (%s) in %.1fs as %s on %s", model_dir, generation, time.perf_counter() - start, dt, dev)
     return Pretrained(model_dir, config, generation, model, tokenizer, get_template(generation))

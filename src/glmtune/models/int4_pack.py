@@ -40,13 +40,6 @@ def tinygemm_params(out_features: int, in_features: int) -> tuple[int, int] | No
     return None if tiles is None or group is None else (tiles, group)
 
 
-def available(device: torch.device) -> bool:
-    """Whether this torch has the tinygemm ops for ``device`` (CUDA: compute capability 8.0 or newer)."""
-    if device.type == "cuda":
-        return hasattr(torch.ops.aten, "_weight_int4pack_mm") and torch.cuda.get_device_capability(device)[0] >= 8
-    return device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
-
-
 def to_unsigned(q: torch.Tensor) -> torch.Tensor:
     """THUDM's int8 bytes (N, K/2) -> uint8 bytes of unsigned nibbles u = v + 8 (same nibble order)."""
     return q.contiguous().view(torch.uint8) ^ 0x88

@@ -10,7 +10,7 @@ The forward here is the reference path on any device: dequantize, then multiply 
 kernel). The layer has no trainable tensors, but gradients flow through it to its input (adapters over a quantized
 base).
 
-INT4 layers have a second, inference-only layout (``use_inference_layout``, chosen at load time for generation):
+INT4 layers have a second, inference-only layout (``use_inference_layout``, opt-in at load time for generation):
 tinygemm's tiled words (``models/int4_pack.py``), multiplied by PyTorch's INT4 kernel at a few rows. It replaces the
 THUDM bytes in ``weight`` (no second copy); the state dict, ``dequantized`` and a state-dict load still speak THUDM's
 format, bit for bit. Training keeps THUDM's layout and the Triton kernels.
@@ -266,23 +266,17 @@ def config_bits(config: object, source: object = "config.json") -> int:
     return int(bits)
 
 
-def use_inference_layout(model: nn.Module, layout: str = "auto", dtype: torch.dtype | None = None) -> int:
-    """Repack the INT4 ``QuantizedLinear`` layers of a model loaded for generation into ``layout``: "tinygemm",
-    "thudm", or "auto" (tinygemm where it runs: CUDA with PyTorch's INT4 kernel, bfloat16 compute ``dtype``, a shape
-    it takes; else THUDM's). One layer at a time, each buffer replaced (peak: one layer's bytes twice). Returns the
-    number of layers now in tinygemm's layout. Not for training: its backward dequantizes every step."""
-    if layout not in ("auto", *LAYOUTS):
-        raise ValueError(f"unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
-    from glmtune.models import int4_pack
-
+def use_inference_layout(model: nn.Module, layout: str = "tinygemm") -> int:
+    """Store the INT4 ``QuantizedLinear`` layers of a model loaded for generation in ``layout`` ("tinygemm" or
+    "thudm"), one layer at a time, each buffer replaced (peak: one layer's bytes twice); layers whose shape tinygemm
+    cannot take stay in THUDM's. Returns the number of layers now in tinygemm's layout. Not for training (its
+    backward dequantizes every step). Opt-in: on an H200 the default INT4 path (THUDM's layout, the tensor-core GEMV
+    at one row, the tiled kernel at a few) was faster at every row count measured (bench/RESULTS.md)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     count = 0
     for module in model.modules():
-        if not isinstance(module, QuantizedLinear) or module.bits != 4:
-            continue
-        want = layout
-        if layout == "auto":
-            runs = module.weight.is_cuda and int4_pack.available(module.weight.device) and dtype == torch.bfloat16
-            want = "tinygemm" if runs else "thudm"
-        module.to_layout(want)
-        count += module.layout == "tinygemm"
+        if isinstance(module, QuantizedLinear) and module.bits == 4:
+            module.to_layout(layout)
+            count += module.layout == "tinygemm"
     return count

@@ -8,10 +8,12 @@ first call inside a CUDA graph capture never benchmarks or syncs):
 - ``M <= GEMV_MAX_M`` (decode at batch 1): a matrix-vector kernel on the CUDA cores. Decode is bound by reading
   the weights, and INT4 reads a quarter of bf16's bytes; each program reduces ``BLOCK_N`` output rows over the
   whole input.
-  An INT4 variant on the tensor cores (``_gemv4_mma_kernel``, ``GemvConfig(mma=True)``, bfloat16 inputs): the
-  nibbles become exact bf16 integers in ~1 instruction a byte (inline PTX) and mma.m16n8k16 does the products.
-  Opt-in, not the default: this 1-D form has not run on a GPU yet (a 2-D-tiled first form was right at ChatGLM3-6B's
-  shapes but wrong at small tiles, where Triton 3.6 put rows instead of words along the lanes).
+  INT4 with bfloat16 inputs (the default there, ``GemvConfig(mma=True)``): a variant on the tensor cores
+  (``_gemv4_mma_kernel``): the nibbles become exact bf16 integers in ~1 instruction a byte (inline PTX) and
+  mma.m16n8k16 does the products. On an H200 it ran ChatGLM3-6B's INT4 block in 57 µs at one row, against 74 µs for
+  the CUDA-core kernel, 68 µs for PyTorch's tinygemm kernel on the same weights repacked (``int4_pack``) and 115 µs
+  for the bf16 Triton matvec (bench/RESULTS.md). Other dtypes, and rows not a whole number of 32-bit words, take
+  the CUDA-core kernel with the same blocks.
 - ``M <= DOT_MAX_M`` (small decode batches): a tiled kernel, the unpacked tile fed to ``tl.dot`` (tensor cores),
   the scale applied to the float32 accumulator.
 - larger ``M`` (prefill, training): dequantize the weight to ``x``'s dtype (one Triton pass) and multiply with
@@ -36,7 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
-TC_MAX_M = 64  # tinygemm layout: up to this many rows tinygemm's kernel, above it dequantize + cuBLAS
+# tinygemm layout: up to this many rows tinygemm's kernel, above it dequantize + cuBLAS (on an H200 tinygemm took
+# ~125 µs per 16 rows on dense_h_to_4h, the layout's dequantize + cuBLAS ~305 µs: the crossing near 40 rows)
+TC_MAX_M = 32
 GEMV_MAX_M = 1  # up to this many rows: the CUDA-core matrix-vector kernel (at 2-4 rows the tiled one was faster)
 DOT_MAX_M = 16  # up to this many rows: the tensor-core tiled kernel; above it, dequantize + cuBLAS
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -311,7 +315,7 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     # INT4 with bfloat16 inputs on CUDA, rows a multiple of 4 bytes: the tensor-core kernel (_gemv4_mma_kernel; one
-    # row of x per program column, block_m unused, block_k / 4 words a step). Not the default: not yet measured.
+    # row of x per program column, block_m unused, block_k / 4 words a step); otherwise the CUDA-core kernel
     mma: bool = False
 
 
@@ -327,13 +331,15 @@ class DotConfig:
 
 def gemv_config(m: int, n: int, kp: int, bits: int) -> GemvConfig:
     """The matrix-vector kernel's blocks: many small programs (1,024 for 4,096 output rows). The batch-1 blocks are
-    the fastest of bench/quant_speed.py's sweep over ChatGLM3-6B's four linears on an H200 (bench/RESULTS.md)."""
+    the fastest of bench/quant_speed.py's sweeps over ChatGLM3-6B's four linears on an H200 (bench/RESULTS.md); INT4
+    takes the tensor-core kernel (bfloat16 inputs; its sweep's best, within 2 %, at the CUDA-core kernel's blocks,
+    which other dtypes keep)."""
     if m == 1:
         if n >= 16384:  # dense_h_to_4h
-            return GemvConfig(1, 8, 512)
+            return GemvConfig(1, 8, 512, mma=bits == 4)
         if bits == 8 and n <= 4096:  # INT8 dense and dense_4h_to_h
             return GemvConfig(1, 8, 1024, num_warps=8)
-        return GemvConfig(1, 4, 512)
+        return GemvConfig(1, 4, 512, mma=bits == 4)
     block_m = 2 if m == 2 else 4
     return GemvConfig(block_m, 4, 512 // block_m)
 
