@@ -106,7 +106,7 @@ def decode_row(model, args: argparse.Namespace, device: torch.device, vocab: int
     the GPU's kernel time per token from the profiler (the step's bound when the host keeps up) and whether the
     first 16 tokens of the timed run equal the eager mode's."""
     prompts = prompts_for(1, args.prompt_len, vocab).tolist()
-    decoder = Decoder(model, decode=mode)
+    decoder = Decoder(model, decode=mode, attention=args.attention)
     last: list[int] = []
 
     def run(n: int) -> int:
@@ -156,7 +156,7 @@ def gemv_blocks(table: dict[tuple[int, int, int], dict]):
 def memory_row(model, args: argparse.Namespace, device: torch.device, vocab: int, base: int) -> dict:
     """Peak memory of a ``--context``-token batch-1 generation (prompt + ``--mem-new-tokens``, graph decode)."""
     ids = prompts_for(1, args.context - args.mem_new_tokens, vocab)
-    decoder = Decoder(model, decode="graph" if device.type == "cuda" else "eager")
+    decoder = Decoder(model, decode="graph" if device.type == "cuda" else "eager", attention=args.attention)
     cfg = GenerationConfig(max_new_tokens=args.mem_new_tokens, do_sample=False)
     made = len(generate(model, ids.tolist(), cfg, stop_ids=[], pad_id=0, decoder=decoder)[0])
     sync(device)
@@ -432,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=["graph"],
         help="glmtune decode modes, each a row (graph: the CUDA default; compiled)",
     )
+    ap.add_argument("--attention", default="auto", help="the decode step's attention (generate.ATTENTION_MODES)")
     ap.add_argument(
         "--int4-layouts",
         nargs="+",
@@ -462,6 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     info = {**device_info(device), "preset": args.preset, "layers": args.layers or None,
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "decode": args.decode,
+            "attention": args.attention,
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "note": args.note}  # fmt: skip
     result: dict = {"info": info, "end_to_end": [], "kernels": []}
