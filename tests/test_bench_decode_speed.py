@@ -34,10 +34,11 @@ def test_decode_speed_runs_on_cpu(tmp_path):
 
 def test_decode_speed_variants_and_profile():
     rows = decode_speed.main(["--preset", "tiny-chatglm3", "--device", "cpu", "--batch", "1", "2", "--prompt-len",
-                              "8", "--new-tokens", "6", "--variants", "eager:torch", "graph", "--profile-batch", "2",
-                              "--profile-tokens", "3", "--no-hf"])  # fmt: skip
-    assert [(r["impl"], r["batch"]) for r in rows] == [("glmtune decode=eager matvec=torch", 1),
-        ("glmtune decode=eager matvec=torch", 2), ("glmtune decode=graph", 1), ("glmtune decode=graph", 2)]  # fmt: skip
+                              "8", "--new-tokens", "6", "--variants", "eager:torch:sdpa", "graph",
+                              "--profile-batch", "2", "--profile-tokens", "3", "--no-hf"])  # fmt: skip
+    eager = "glmtune decode=eager matvec=torch attention=sdpa"
+    assert [(r["impl"], r["batch"]) for r in rows] == [(eager, 1), (eager, 2), ("glmtune decode=graph", 1),
+                                                       ("glmtune decode=graph", 2)]  # fmt: skip
     assert ["kernel_ms_per_token" in r for r in rows] == [False, True, False, True]
     for r in rows:
         assert r["whole_tokens_per_s"] == pytest.approx(r["new_tokens"] / r["whole_s"])
