@@ -11,8 +11,7 @@ else each transformer block wrapped in ``torch.compile`` here (``GlmtuneStep.com
 
 ``cuda_graph``: None follows ``train.cuda_graph``'s default (on with compiled blocks on CUDA: the step replayed as
 CUDA graphs, ``GraphedTrainStep``), True/False force it; ``prepare(batches)`` captures every batch key before timing.
-``loss_recompute``: None follows ``train.loss_recompute``'s default, or forces it; ``compile_options``: Inductor's
-options for ``compile_blocks`` (None: its default).
+``loss_recompute``: None follows ``train.loss_recompute``'s default, or forces it.
 
 This is the one file to adapt when the trainer changes: ``GlmtuneStep.__call__`` must stay one optimizer step of
 the real trainer on one micro-batch.
@@ -96,7 +95,6 @@ class GlmtuneStep:
         model: torch.nn.Module | None = None,
         cuda_graph: bool | None = None,
         loss_recompute: bool | str | None = None,
-        compile_options: dict | None = None,
     ) -> None:
         self.device = device
         # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base;
@@ -118,8 +116,7 @@ class GlmtuneStep:
         self.compile_mode = None
         if default_compile(device) if compile is None else compile:
             if train_compile is not None:
-                kw = {} if compile_options is None else {"options": compile_options}
-                train_compile.compile_blocks(self.model, **kw)
+                train_compile.compile_blocks(self.model)
                 self.compile_mode = "train.compile (compile_blocks)"
             else:
                 for block in _blocks(self.model):

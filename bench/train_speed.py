@@ -9,8 +9,7 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
 - packed-4x1024-lora: the same LoRA on 4 rows of 1024 packed tokens: transformers eager and under torch.compile,
   glmtune eager and compiled (and compiled with flash's run bound = the row width, "compile-width", as before the
   collator's bound; "compile-recompute": ``train.loss_recompute: true``, the eager loss chunks recomputed in the
-  backward, as before the compiled loss; the same for ADGEN packed, "packed-recompute"; "compile-pointwise-cat":
-  the blocks compiled with Inductor's default options instead of ``compile.INDUCTOR_OPTIONS``).
+  backward, as before the compiled loss; the same for ADGEN packed, "packed-recompute").
 - adgen-ptuning: P-Tuning v2, pre_seq_len 128, 4 samples (glmtune only: no peer has it), padded and packed.
 - full-1.5b: full fine-tuning of a ~1.5B-parameter ChatGLM-shaped model (24 layers, hidden 2048) on packed 4x1024.
 
@@ -74,7 +73,6 @@ class Run:
     cuda_graph: bool | None = None  # glmtune: None = train.cuda_graph's default (on when compiled on CUDA)
     run_bound: bool = True  # glmtune: False drops the collator's max_seqlen (flash bounds runs by the row width)
     loss_recompute: bool | None = None  # glmtune: None = train.loss_recompute's default (auto), or forced
-    inductor_defaults: bool = False  # glmtune: the blocks compiled with Inductor's defaults, not compile_blocks'
 
     @property
     def id(self) -> str:
@@ -92,7 +90,6 @@ RUNS = [
     Run("packed-4x1024-lora", GLMTUNE, "compile", "packed", compile=True),
     Run("packed-4x1024-lora", GLMTUNE, "compile-width", "packed", compile=True, run_bound=False),
     Run("packed-4x1024-lora", GLMTUNE, "compile-recompute", "packed", compile=True, loss_recompute=True),
-    Run("packed-4x1024-lora", GLMTUNE, "compile-pointwise-cat", "packed", compile=True, inductor_defaults=True),
     Run("adgen-lora", GLMTUNE, "packed-recompute", "adgen-packed", loss_recompute=True),
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
     Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
@@ -162,8 +159,6 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
     kw = {"cuda_graph": run.cuda_graph} if run.cuda_graph is not None else {}
     if run.loss_recompute is not None:
         kw["loss_recompute"] = run.loss_recompute
-    if run.inductor_defaults:
-        kw["compile_options"] = {}
     return GlmtuneStep(cfg, method=run.method, options=options, device=device, precision=precision,
                        gradient_checkpointing=run.checkpointing, compile=run.compile, **kw)  # fmt: skip
 

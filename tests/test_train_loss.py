@@ -202,19 +202,3 @@ def test_loss_recompute_config_values(tmp_path):
         assert small_config(model, tmp_path, f"train.loss_recompute={text}").train.loss_recompute == value
     with pytest.raises(ConfigError, match="train.loss_recompute"):
         small_config(model, tmp_path, "train.loss_recompute=sometimes")
-
-
-def test_inductor_options_of_the_blocks():
-    """compile_blocks hands Inductor its options (the concatenations as slices, not pointwise) where this torch has
-    them, and none to other backends."""
-    from glmtune.models import build_model
-    from glmtune.models.config import preset
-    from glmtune.train import compile as train_compile
-
-    assert train_compile.inductor_options({"no_such_option": 1, "max_pointwise_cat_inputs": 0}) == {
-        "max_pointwise_cat_inputs": 0}  # fmt: skip
-    assert set(train_compile.inductor_options()) <= set(train_compile.INDUCTOR_OPTIONS)
-    assert train_compile.inductor_options({}) == {}
-    model = build_model(preset("tiny-chatglm3"))
-    assert train_compile.compile_blocks(model, backend="inductor") == preset("tiny-chatglm3").num_layers  # accepted
-    assert train_compile.blocks_compiled(model)

@@ -23,11 +23,6 @@ log = logging.getLogger(__name__)
 
 BACKEND: str | Callable[..., Any] = "inductor"  # the tests use "aot_eager" (same graphs, no code generation)
 RECOMPILE_LIMIT = 32  # compiled variants of the block's code kept (shapes x mask kinds); dynamo's default is 8
-# Inductor options of the blocks' compilation. On CUDA it lowers a concatenation of computed pieces as one kernel
-# that loads every piece's inputs for each output element ("pointwise cat"): the SwiGLU backward (the gate's and
-# the value's gradients, concatenated for the dense_h_to_4h product) then reads its inputs ~1.4x over (0.27 ms a
-# layer at 4 x 1024 tokens on an H200, 7.6 ms a step). Off, one fused kernel writes each piece into its slice.
-INDUCTOR_OPTIONS = {"max_pointwise_cat_inputs": 0, "max_complex_pointwise_cat_inputs": 0}
 
 
 def use_compile(setting: str | bool, device: torch.device) -> bool:
@@ -48,25 +43,13 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return tr.encoder.layers if hasattr(tr, "encoder") else tr.layers
 
 
-def inductor_options(options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``options`` (default :data:`INDUCTOR_OPTIONS`) less those this torch's Inductor does not have."""
-    import torch._inductor.config as inductor_config
-
-    wanted = INDUCTOR_OPTIONS if options is None else options
-    return {k: v for k, v in wanted.items() if hasattr(inductor_config, k)}
-
-
-def compile_blocks(model: nn.Module, *, backend: str | Callable[..., Any] | None = None,
-                   options: dict[str, Any] | None = None) -> int:  # fmt: skip
-    """Compile every transformer block in place (names unchanged); returns how many. ``options``: Inductor's
-    (default :data:`INDUCTOR_OPTIONS`; ``{}``: Inductor's own defaults)."""
+def compile_blocks(model: nn.Module, *, backend: str | Callable[..., Any] | None = None) -> int:
+    """Compile every transformer block in place (names unchanged); returns how many."""
     blocks = transformer_blocks(model)
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
-    backend = backend or BACKEND
-    kw = {"options": inductor_options(options)} if backend == "inductor" else {}
     for block in blocks:
-        block.compile(backend=backend, dynamic=False, **kw)
+        block.compile(backend=backend or BACKEND, dynamic=False)
     # Masked attention on CUDA: packed causal rows as flash attention over variable-length runs where torch has it,
     # the rest (P-Tuning prefixes, v1 prompts) as FlexAttention, compiled inside the blocks, its kernels skipping the
     # blocks the mask hides. Unpadded causal batches keep SDPA's flash path either way.
