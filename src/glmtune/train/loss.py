@@ -3,7 +3,9 @@
 Labels come unshifted (aligned with ``input_ids``, ``IGNORE_INDEX`` where untrained): the hidden state at position
 ``i`` predicts ``labels[i + 1]``. Only the positions that have a target go through the output layer, in chunks of
 ``chunk_tokens``; each chunk's logits are upcast to float32 for the log-softmax and recomputed in the backward pass
-(activation checkpointing), so at most one chunk's logits (chunk x vocab) exist at any time.
+(activation checkpointing), so at most one chunk's logits (chunk x vocab) exist at any time. With compiled blocks
+on one GPU (``train.loss_recompute: auto``, ``train.step.LMLoss``) the chunk loss is compiled instead and its
+logits kept for the backward in the model's dtype: no float32 logits, one output-layer product less.
 """
 
 from __future__ import annotations
