@@ -2,10 +2,11 @@
 against bf16, peak GPU memory of a quantized folder loaded as a user loads it, and the kernels alone.
 
 - ``decode``: batch 1, greedy, a ``--prompt-len`` prompt, ``--new-tokens`` new tokens, glmtune's ``Decoder`` in
-  ``--decode`` mode (graph: the CUDA default), timed as bench/decode_speed.py times it (decode tok/s = (new tokens -
-  1) / (whole run - 1-token run), after a warm-up run of the timed length). bf16: the model built on the device
-  with random weights; INT8/INT4: the folders below, loaded. The tokens of a short greedy run in the graph mode are
-  checked against the eager mode's (``graph_equals_eager``).
+  each ``--decode`` mode (graph: the CUDA default; compiled), timed as bench/decode_speed.py times it (decode tok/s
+  = (new tokens - 1) / (whole run - 1-token run), after a warm-up run of the timed length; every run over the same
+  cache size). bf16: the model built on the device with random weights; INT8/INT4: the folders below, loaded (INT4
+  in each of ``--int4-layouts``: THUDM's bytes, or tinygemm's repacked words). Ratios are to bf16 in the same mode.
+  The first 16 tokens of the timed run are checked against the eager mode's (``graph_equals_eager``).
 - ``memory``: for each ``--bits``, a THUDM-format folder (int8 ``weight`` + fp16 ``weight_scale`` per block linear,
   ``quantization_bit`` in config.json, a tiny ChatGLM3 tokenizer) with random weights is written to local disk
   tensor by tensor (drawn on the GPU, written by the checkpoint's shard writer: no full-precision model exists),
@@ -15,8 +16,9 @@ against bf16, peak GPU memory of a quantized folder loaded as a user loads it, a
 - ``kernels`` (``--kernels``): each linear of a block (qkv, dense, h_to_4h, 4h_to_h) at M rows through each path of
   ``models/quant_kernels.py`` and bf16 cuBLAS, timed as replays of a CUDA graph over enough weight copies that
   none comes from L2 (the host's launch cost left out, as in graph decode: ``_bench``), each result checked against
-  the dequantized product, torch's tinygemm INT4 matmul as a reference (INT4, one row), and a
-  sweep of the matrix-vector and tiled kernels' blocks.
+  the dequantized product; at one row the bf16 Triton matvec (what bf16 decode runs); INT4 also in tinygemm's
+  layout (``models/int4_pack.py``: aten's INT4 kernel on the repacked weight, checked against the reference
+  packing); and a sweep of the matrix-vector and tiled kernels' blocks (``--gemv-sweep``).
 
     PYTHONPATH=src python3 bench/quant_speed.py --kernels --json bench/results/quant_speed.json
 
