@@ -78,6 +78,7 @@ def glmtune_generate(model, ids: torch.Tensor, decode: str, matvec: str = "auto"
                 break
         return made
 
+    generate.decoder = decoder  # profiled() counts the steps it ran
     return generate
 
 
@@ -101,10 +102,15 @@ COLUMNS = [("impl", "impl", ""), ("batch", "batch", "d"), ("warm-up s", "warmup_
 
 def profiled(run: Callable[..., int], new_tokens: int, tokens: int, title: str) -> dict:
     """Kernel time and launches per token of ``run``'s first ``tokens`` tokens (prefill included) under the profiler,
-    its top kernels printed."""
+    its top kernels printed. A token is the prefill's first one or a decode step run: the stream queues a group of
+    steps ahead of the tokens it hands out, so stopping after ``tokens`` has run a few more steps, counted too."""
     from profile_decode import kernel_profile, top_kernels
 
-    summary, prof = kernel_profile(lambda: run(new_tokens, tokens), tokens)
+    decoder = run.decoder
+    before = decoder.steps
+    totals, prof = kernel_profile(lambda: run(new_tokens, tokens), 1)
+    made = 1 + decoder.steps - before
+    summary = {k: v / made for k, v in totals.items()}
     print(f"== {title}: {summary}\n{top_kernels(prof, 12, 70)}", flush=True)
     return summary
 

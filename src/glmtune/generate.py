@@ -489,15 +489,27 @@ class DecodeBatch:
 
     def read(self, cols: Sequence[int]) -> torch.Tensor:
         """The tokens of the given ring columns, (b, len(cols)) long on the CPU (one device sync)."""
-        return self.state.out[:, list(cols)].cpu()
+        out = self._columns(cols)
+        return out.cpu() if out.is_cuda else out.clone()  # never a view of the ring, which later steps overwrite
+
+    def _columns(self, cols: Sequence[int]) -> torch.Tensor:
+        """The ring's columns ``cols``, (b, len(cols)) on the device, queued without waiting: a Python list as an
+        index would be copied to the device by a blocking copy, which waits for every step queued before it."""
+        cols = list(cols)
+        if cols and cols == list(range(cols[0], cols[0] + len(cols))):
+            return self.state.out[:, cols[0] : cols[0] + len(cols)]
+        index = torch.tensor(cols, dtype=torch.long)
+        if self.device.type == "cuda":
+            index = index.pin_memory().to(self.device, non_blocking=True)
+        return self.state.out.index_select(1, index)
 
     def read_later(self, cols: Sequence[int]) -> Callable[[], torch.Tensor]:
         """:meth:`read` without waiting now: the copy is queued behind the steps, and the returned function waits
         for it alone (not for steps queued after it), so the host can work on these tokens while the device runs
         the next steps."""
-        out = self.state.out[:, list(cols)]
+        out = self._columns(cols)
         if self.device.type != "cuda":
-            host = out.cpu()
+            host = out.clone()
             return lambda: host
         host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
         host.copy_(out, non_blocking=True)
@@ -533,6 +545,7 @@ class Decoder:
         self.cache_multiple = cache_multiple
         self.max_entries = max_entries
         self._batches: dict[tuple, DecodeBatch] = {}
+        self.steps = 0  # decode steps queued by stream() so far (a stream left early has queued one group ahead)
 
     def batch(self, b: int, max_len: int, *, n_stop: int, top_k: int = 0, repetition_penalty: float = 1.0,
               ring: int = 8, window_multiple: int | None = None) -> DecodeBatch:  # fmt: skip
@@ -600,6 +613,7 @@ class Decoder:
                 k = min(stream_every, n - step)
                 queued = batch.read_later(batch.step(k))
                 step += k
+                self.steps += k
             if pending is not None:
                 out = pending()
                 for j in range(out.shape[1]):
