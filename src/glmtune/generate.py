@@ -9,14 +9,18 @@ captures that step — forward, logits processing, sampling and the state update
 it; ``"eager"`` runs the very same step op by op (the CPU path, and what the tests compare against).
 
 At one row per step (batch 1) a step is bound by reading the weights; on CUDA its linears then run glmtune's Triton
-matrix-vector kernel (``matvec="auto"``/``"triton"``, ``models/gemv.py``: ~4 TB/s of weight on an H200 against
-cuBLAS's 1.8-3.3), routed from ``F.linear`` while the step is warmed up, compiled and captured. ChatGLM3-6B bf16 at
-batch 1 on an H200 (bench/decode_speed.py): graph 150 -> 164 tok/s, ``decode="compiled"`` ~210 -> 238-244.
+matrix-vector kernel (``matvec="auto"``/``"triton"``, ``models/gemv.py``: 3.2-4.5 TB/s of weight on an H200 against
+cuBLAS's 2.5-4.1), routed from ``F.linear`` while the step is warmed up, compiled and captured. Its attention over
+the cache (a few queries per KV head: GQA folded) runs glmtune's split-over-the-keys Triton kernel on CUDA
+(``attention="auto"``/``"triton"``, ``models/decode_attention.py``: ~4.8 µs a ChatGLM3 layer against cuDNN's 11.3),
+routed from SDPA the same way. ChatGLM3-6B bf16 at batch 1 on an H200 (bench/decode_speed.py): graph 150 -> 177
+tok/s, ``decode="compiled"`` ~210 -> 249.
 
 Sampling never leaves the device: a row's draw is ``argmax(logits + Gumbel noise)`` (exactly a draw from the
 softmax), the noise a counter-based hash of (row seed, step, token), so a row draws what it draws alone whatever
 its batch, with no per-row generator and no host round trip. Tokens are copied to the host every
-``stream_every`` steps and yielded one step at a time (a small lag).
+``stream_every`` steps and yielded one step at a time (a small lag); the next group of steps is queued before the
+host waits for a group's tokens.
 """
 
 from __future__ import annotations
