@@ -140,8 +140,8 @@ class DecodeAttentionConfig:
     num_warps: int = 4
 
 
-# Within 0.6 us of the best setting swept at batch 1/8/32 over 384/1024 keys on an H200 (bench/profile_decode.py
-# --kernels); one program per head (no split) took 1.6-3.5x longer at batch 1-8.
+# Within 0.7 us of the best setting swept at batch 1/8/32 over 384/1024 keys on an H200 (bench/profile_decode.py
+# --kernels); one program per head (no split) took 1.3-3.4x longer at batch 1-8.
 DEFAULT = DecodeAttentionConfig()
 
 
