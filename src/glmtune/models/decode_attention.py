@@ -8,7 +8,7 @@ small for a kernel that walks the keys in one program per head: ChatGLM3-6B's to
 loads the L queries once, walks its chunk in ``BLOCK_T`` steps (each K/V tile read once for all L queries), keeps
 a running max and sum (online softmax) and writes an unnormalised partial; a second kernel combines the partials
 of a (row, head, query) with their maxima. One chunk writes the output directly (no second kernel). On an H200 a
-ChatGLM3-6B decode step's attention (384 slots) takes 3.2 + 1.6 us a layer this way, 2-3.7x less than cuDNN at
+ChatGLM3-6B decode step's attention (384 slots) takes 3.2 + 1.6 us a layer this way; 2-5x less than cuDNN at
 batch 1-32 (bench/profile_decode.py --kernels, bench/RESULTS.md).
 
 The mask is the dense bool mask of ``masks.build_mask`` (any broadcastable strides: read, never copied), so every
