@@ -18,8 +18,6 @@ SETTINGS = ("train.max_steps=4", "train.batch_size=2", "method.dropout=0.0", "tr
             f"data.dev={ADGEN_DEV}", "data.max_dev_samples=7", "eval.every_steps=2", "save.every_steps=2")  # fmt: skip
 
 WORKER = """
-import sys
-sys.path.insert(0, {tests!r})
 from train_support import run, small_config
 run(small_config({model!r}, {out!r}, *{settings!r}))
 """
@@ -53,9 +51,10 @@ def test_two_processes_match_one(tmp_path: Path, backend: str) -> None:
 
     out = tmp_path / "ddp"
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent(WORKER).format(tests=str(TESTS), model=str(model), out=str(out),
-                                                     settings=settings))  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script.write_text(textwrap.dedent(WORKER).format(model=str(model), out=str(out), settings=settings))
+    # the worker imports train_support from tests/
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,8 +24,7 @@ SETTINGS = ("train.max_steps=8", "train.batch_size=4", "save.every_steps=2", "sa
             "eval.every_steps=3", f"data.dev={ADGEN_DEV}", "data.max_dev_samples=6", "method.dropout=0.1")  # fmt: skip
 
 KILLER = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
+import os, signal
 import glmtune.train.state as state
 from train_support import run, small_config
 
@@ -50,7 +49,7 @@ def test_killed_run_resumes_with_the_same_losses(tmp_path: Path) -> None:
     assert expected == [(s, loss) for s, loss in reference.losses]
 
     out = tmp_path / "killed"
-    script = textwrap.dedent(KILLER).format(tests=str(TESTS), model=str(model), out=str(out), settings=SETTINGS)
+    script = textwrap.dedent(KILLER).format(model=str(model), out=str(out), settings=SETTINGS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
