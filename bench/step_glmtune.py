@@ -34,6 +34,7 @@ from glmtune.train.data import Batcher, make_batcher
 from glmtune.train.distributed import DistInfo
 from glmtune.train.loop import LMLoss, build_optimizer, trainable_parameters
 from glmtune.train.loss import count_targets
+from glmtune.train.recompute import apply_checkpointing, reads_rng_state
 
 try:
     from glmtune.train.step import TrainStep
@@ -88,7 +89,7 @@ class GlmtuneStep:
         options: dict,
         device: torch.device,
         precision: torch.dtype,
-        gradient_checkpointing: bool = False,
+        gradient_checkpointing: bool | str = False,
         compile: bool | None = None,
         lr: float = 3e-4,
         max_grad_norm: float = 1.0,
@@ -105,7 +106,8 @@ class GlmtuneStep:
         self.method.setup(self.model)
         named = trainable_parameters(self.method, self.model)
         self.params = list(named.values())
-        self.model.transformer.gradient_checkpointing = gradient_checkpointing
+        # train.gradient_checkpointing as the trainer applies it (true, or the selective modes mlp / half)
+        apply_checkpointing(self.model, gradient_checkpointing)
         opt = OptimConfig(learning_rate=lr, max_grad_norm=max_grad_norm)
         self.max_grad_norm = max_grad_norm
         self.autocast = torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
@@ -129,7 +131,7 @@ class GlmtuneStep:
             self.graphed = use_cuda_graph("auto" if cuda_graph is None else cuda_graph, device,
                                           compiled=self.compile_mode is not None, single=True,
                                           precision="fp32" if precision == torch.float32 else "bf16",
-                                          gradient_checkpointing=gradient_checkpointing,
+                                          recompute_reads_rng=reads_rng_state(self.model, gradient_checkpointing),
                                           quantized=model is not None)  # fmt: skip
         self.optimizer = build_optimizer(named, opt, device, **({"fused": True} if self.graphed else {}))
         self.train_step = None

@@ -68,7 +68,7 @@ class Run:
     data: str  # "adgen-padded" | "adgen-packed" | "packed"
     method: str = "lora"
     model: str = "6b"  # "6b" | "1.5b"
-    checkpointing: bool = False
+    checkpointing: bool | str = False  # glmtune: train.gradient_checkpointing (true, mlp, half); transformers: bool
     compile: bool | None = None  # None: the implementation's default (glmtune: train.compile's; transformers: off)
     cuda_graph: bool | None = None  # glmtune: None = train.cuda_graph's default (on when compiled on CUDA)
     run_bound: bool = True  # glmtune: False drops the collator's max_seqlen (flash bounds runs by the row width)
@@ -91,6 +91,7 @@ RUNS = [
     Run("packed-4x1024-lora", GLMTUNE, "compile-width", "packed", compile=True, run_bound=False),
     Run("packed-4x1024-lora", GLMTUNE, "compile-recompute", "packed", compile=True, loss_recompute=True),
     Run("adgen-lora", GLMTUNE, "packed-recompute", "adgen-packed", loss_recompute=True),
+    Run("adgen-lora", GLMTUNE, "packed-mlp-recomputed", "adgen-packed", checkpointing="mlp"),  # the memory option
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
     Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
     Run("full-1.5b", GLMTUNE, "default", "packed", method="full", model="1.5b"),

@@ -22,6 +22,7 @@ from glmtune.train.data import make_batcher
 from glmtune.train.distributed import DistInfo
 from glmtune.train.graph_step import TARGET_BUCKET, GraphedTrainStep, pack_batch, target_slots, use_cuda_graph
 from glmtune.train.loss import loss_targets
+from glmtune.train.recompute import apply_checkpointing
 from glmtune.train.setup import build_optimizer, trainable_parameters
 from glmtune.train.step import LMLoss, TrainStep
 from test_train_step import ToyLoss, _batches, _state
@@ -43,7 +44,15 @@ def _examples(n: int, vocab: int, seed: int) -> list[Encoded]:
     return out
 
 
-def _setup(method: str, device: torch.device, *, seed: int = 0, lr: float = 0.05, compiled: bool = False):
+def _setup(
+    method: str,
+    device: torch.device,
+    *,
+    seed: int = 0,
+    lr: float = 0.05,
+    compiled: bool = False,
+    checkpointing: bool | str = False,
+):
     """A tiny ChatGLM3 with ``method`` on ``device``: (loss module, trainable parameters, fused AdamW)."""
     torch.manual_seed(seed)
     model = build_model(preset("tiny-chatglm3"), device=device, dtype=torch.float32, generation="chatglm3")
@@ -56,6 +65,7 @@ def _setup(method: str, device: torch.device, *, seed: int = 0, lr: float = 0.05
     with torch.no_grad():  # LoRA's B starts at zero: give the adapters a gradient everywhere from step 1
         for p in named.values():
             p.add_(torch.randn_like(p) * 0.05)
+    apply_checkpointing(model, checkpointing)
     if compiled:
         train_compile.compile_blocks(model)
     model.train()
@@ -73,12 +83,13 @@ def _steps(packing: bool, n: int, grad_accum: int = 2) -> list[list[dict[str, to
     return [[batcher.collate(u) for u in batcher.step_units(i, 0)] for i in range(n)]
 
 
-def _compare(method: str, packing: bool, device: torch.device, *, compiled: bool = False, n: int = 5):
+def _compare(method: str, packing: bool, device: torch.device, *, compiled: bool = False, n: int = 5,
+             checkpointing: bool | str = False):  # fmt: skip
     """(TrainStep's history, the graphed step's history, its step object) over ``n`` steps from the same start."""
     steps = _steps(packing, n)
     histories, graphed = [], None
     for cls in (TrainStep, GraphedTrainStep):
-        net, params, opt = _setup(method, device, compiled=compiled)
+        net, params, opt = _setup(method, device, compiled=compiled, checkpointing=checkpointing)
         autocast = torch.autocast(device.type, enabled=False)
         step = cls(net, params, opt, info=DistInfo(device=device), autocast=autocast, max_grad_norm=0.5)
         torch.manual_seed(7)  # the same dropout draws
@@ -113,6 +124,15 @@ def test_graphed_step_matches_train_step_on_the_cpu(method: str, packing: bool) 
     and weights as TrainStep."""
     ref, got, _ = _compare(method, packing, torch.device("cpu"))
     assert len({round(x, 6) for x, *_ in ref[:-1]}) == len(ref) - 1  # the steps did differ (training happened)
+    _assert_same(ref, got)
+
+
+def test_graphed_step_with_recomputed_mlps_matches_train_step_on_the_cpu() -> None:
+    """train.gradient_checkpointing=mlp (the MLPs draw no random numbers: recomputed without the RNG state, so CUDA
+    graphs keep working) with LoRA dropout on query_key_value: the same losses, norms and weights as TrainStep
+    without recomputation."""
+    ref, _, _ = _compare("lora", True, torch.device("cpu"))
+    _, got, _ = _compare("lora", True, torch.device("cpu"), checkpointing="mlp")
     _assert_same(ref, got)
 
 
@@ -204,15 +224,15 @@ def test_target_slots_and_packed_inputs() -> None:
 
 def test_use_cuda_graph_decisions(tmp_path) -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    ok = {"compiled": True, "single": True, "precision": "bf16", "gradient_checkpointing": False, "quantized": False}
+    ok = {"compiled": True, "single": True, "precision": "bf16", "recompute_reads_rng": False, "quantized": False}
     assert use_cuda_graph("auto", cuda, **ok) is True
     assert use_cuda_graph("auto", cpu, **ok) is False
     assert use_cuda_graph(True, cpu, **ok) is True  # plain calls on the CPU
     assert use_cuda_graph(False, cuda, **ok) is False
-    for change in ({"compiled": False}, {"single": False}, {"precision": "fp16"}, {"gradient_checkpointing": "mlp"},
+    for change in ({"compiled": False}, {"single": False}, {"precision": "fp16"}, {"recompute_reads_rng": True},
                    {"quantized": True}):  # fmt: skip
         assert use_cuda_graph("auto", cuda, **{**ok, **change}) is False, change
-    for change in ({"single": False}, {"precision": "fp16"}, {"gradient_checkpointing": True}):
+    for change in ({"single": False}, {"precision": "fp16"}, {"recompute_reads_rng": True}):
         with pytest.raises(ValueError, match="train.cuda_graph=true"):
             use_cuda_graph(True, cuda, **{**ok, **change})
     model = tiny_model(tmp_path)

@@ -69,3 +69,62 @@ def test_names_unchanged_and_bad_modes(models: Path) -> None:
     assert list(model.state_dict()) == names and model.transformer.gradient_checkpointing is False
     with pytest.raises(ValueError, match="gradient_checkpointing must be"):
         apply_checkpointing(model, "attention")
+
+
+@pytest.mark.parametrize(
+    ("mode", "lora_targets", "reads"),
+    [
+        (False, "query_key_value", False),
+        ("mlp", "query_key_value", False),  # LoRA's dropout sits in the attention, not in the recomputed MLPs
+        ("mlp", "dense_h_to_4h", True),  # ... here inside the MLP: its recomputation must replay the same draws
+        ("half", "query_key_value", True),  # whole blocks hold the attention's LoRA dropout
+        (True, "query_key_value", True),  # the models' own switch always keeps the RNG state
+    ],
+)
+def test_which_modes_read_the_rng_state(models: Path, mode, lora_targets: str, reads: bool) -> None:
+    """What decides whether train.cuda_graph can stay on (graph_step.use_cuda_graph's recompute_reads_rng)."""
+    from glmtune.adapters import build_method
+    from glmtune.train.recompute import reads_rng_state
+
+    model = load_pretrained(tiny_model(models), device="cpu").model
+    build_method("lora", {"rank": 2, "alpha": 4, "dropout": 0.1, "target_modules": lora_targets}).setup(model)
+    assert reads_rng_state(model, mode) is reads
+
+
+def test_recomputed_mlps_without_dropout_leave_the_rng_state_alone(models: Path, monkeypatch) -> None:
+    """mlp over plain MLPs: the backward recomputes them without reading or setting the RNG state (which a CUDA
+    graph capture refuses), and the gradients equal those of no recomputation; with dropout inside, the state is
+    saved and restored (torch's default)."""
+    from glmtune.adapters import build_method
+
+    ids = torch.randint(5, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads, reads = [], []
+
+    def counting(name: str):
+        real = getattr(torch, name)
+        return lambda *a, **k: reads.append(name) or real(*a, **k)
+
+    for mode in (False, "mlp"):
+        model = load_pretrained(tiny_model(models), device="cpu", dtype="float32").model
+        torch.manual_seed(1)  # the same LoRA initialisation on both sides
+        build_method("lora", {"rank": 2, "alpha": 4, "dropout": 0.1, "target_modules": "query_key_value"}).setup(model)
+        apply_checkpointing(model, mode)
+        model.train()
+        for name in ("get_rng_state", "set_rng_state"):
+            monkeypatch.setattr(torch, name, counting(name))
+        torch.manual_seed(3)  # the same dropout draws
+        model(ids).float().square().mean().backward()
+        monkeypatch.undo()
+        assert reads == []
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+    model = load_pretrained(tiny_model(models), device="cpu", dtype="float32").model
+    build_method("lora", {"rank": 2, "alpha": 4, "dropout": 0.1, "target_modules": "dense_h_to_4h"}).setup(model)
+    apply_checkpointing(model, "mlp")
+    model.train()
+    monkeypatch.setattr(torch, "get_rng_state", counting("get_rng_state"))
+    model(ids).float().square().mean().backward()
+    assert reads  # the MLP's LoRA dropout: its draws replayed by restoring the state

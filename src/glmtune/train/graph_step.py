@@ -37,8 +37,8 @@ from torch import nn
 
 from glmtune.templates import IGNORE_INDEX
 from glmtune.train.distributed import DistInfo
-from glmtune.train.loss import count_targets, loss_targets
-from glmtune.train.step import MODEL_INPUTS, StepOutput
+from glmtune.train.loss import loss_targets
+from glmtune.train.step import MODEL_INPUTS, StepOutput, host_counts
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,14 @@ def use_cuda_graph(
     compiled: bool,
     single: bool,
     precision: str,
-    gradient_checkpointing: bool | str,
+    recompute_reads_rng: bool,
     quantized: bool,
 ) -> bool:
     """``train.cuda_graph`` (auto, true, false) for a run: auto = on with ``train.compile`` on CUDA in one process,
-    in bf16/fp32, without activation checkpointing and with an unquantized base; true where auto would refuse for
-    a reason graphs cannot work around is an error. On the CPU ``true`` runs the same step as plain calls."""
+    in bf16/fp32, with an unquantized base and without activation checkpointing that saves/restores the RNG state
+    (``recompute.reads_rng_state``: ``true``, or selective modes over modules with dropout; ``mlp`` over plain MLPs
+    is fine); true where auto would refuse for a reason graphs cannot work around is an error. On the CPU ``true``
+    runs the same step as plain calls."""
     if setting not in ("auto", True, False):
         raise ValueError(f"train.cuda_graph must be auto, true or false, got {setting!r}")
     if setting is False:
@@ -66,7 +68,8 @@ def use_cuda_graph(
     blockers = {
         "several processes (DDP/FSDP)": not single,
         "train.precision=fp16 (its GradScaler reads the step back)": precision == "fp16",
-        "train.gradient_checkpointing (recomputed blocks restore the RNG state)": bool(gradient_checkpointing),
+        "train.gradient_checkpointing over modules that draw random numbers (their recomputation restores the RNG "
+        "state; mlp over MLPs without dropout works)": recompute_reads_rng,
     }
     reasons = [why for why, hit in blockers.items() if hit]
     if setting is True:
@@ -175,8 +178,7 @@ class GraphedTrainStep:
 
     # ---- one step -------------------------------------------------------------------------------------------
     def __call__(self, batches: list[dict[str, torch.Tensor]]) -> StepOutput:
-        n = sum(count_targets(b["labels"]) for b in batches)
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        n, tokens = host_counts(batches)
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         self._to_device(self.scalars, torch.tensor([1.0 / max(n, 1), float(n == 0), *lrs], dtype=torch.float32))
         for batch in batches:

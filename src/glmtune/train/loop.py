@@ -57,7 +57,7 @@ from glmtune.train.interrupt import (
     resume_command,
 )
 from glmtune.train.metrics import MetricsWriter
-from glmtune.train.recompute import apply_checkpointing
+from glmtune.train.recompute import apply_checkpointing, reads_rng_state
 from glmtune.train.resume_check import check_same_data, data_fingerprint, data_record
 from glmtune.train.run_folder import (
     check_output_dir,
@@ -340,10 +340,11 @@ class Trainer:
         self.compiled = use_compile(t.compile, self.info.device)
         if self.compiled:
             compile_blocks(self.model)
+        reads_rng = reads_rng_state(self.model, t.gradient_checkpointing)
         self.graphed = use_cuda_graph(t.cuda_graph, self.info.device, compiled=self.compiled,
                                       single=self.mode == "single" and not self.info.enabled,
-                                      precision=self.precision, gradient_checkpointing=t.gradient_checkpointing,
-                                      quantized=self.quantized)  # fmt: skip
+                                      precision=self.precision, quantized=self.quantized,
+                                      recompute_reads_rng=reads_rng)  # fmt: skip
         if self.graphed:
             log.info("train.cuda_graph: each step replayed as CUDA graphs (captured per batch shape)")
 

@@ -7,7 +7,9 @@
 - ``false``: nothing recomputed.
 
 The selective modes wrap the chosen modules' ``forward`` on the instance, so parameter names (and checkpoints) do
-not change; ``train.compile`` compiles the blocks with the wrapping inside.
+not change; ``train.compile`` compiles the blocks with the wrapping inside. A recomputed module that draws no random
+numbers (no dropout inside: the MLPs, unless LoRA with dropout wraps their linears) is recomputed without saving and
+restoring the RNG state, which a CUDA graph could not capture: ``mlp`` keeps ``train.cuda_graph`` (``reads_rng_state``).
 """
 
 from __future__ import annotations
@@ -27,16 +29,43 @@ log = logging.getLogger(__name__)
 MODES = (True, False, "mlp", "half")
 
 
+def draws_random_numbers(module: nn.Module) -> bool:
+    """Whether a training forward of ``module`` draws from the RNG (a dropout with p > 0 inside it)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in module.modules())
+
+
 def recompute_in_backward(module: nn.Module) -> None:
-    """Make ``module`` keep only its inputs in training; its forward runs again in the backward pass."""
+    """Make ``module`` keep only its inputs in training; its forward runs again in the backward pass. The RNG state
+    is saved and restored around the recomputation only when the module draws random numbers (decided now: call
+    after the method has put its layers, e.g. LoRA's dropout, in place)."""
     forward: Callable[..., Any] = module.forward
+    preserve = draws_random_numbers(module)
 
     def forward_checkpointed(*args: Any, **kwargs: Any) -> Any:
         if not (module.training and torch.is_grad_enabled()):
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=preserve, **kwargs)
 
     module.forward = forward_checkpointed
+
+
+def _recomputed(model: nn.Module, mode: bool | str) -> list[nn.Module]:
+    """The modules that ``mode`` recomputes (True: every block, by the model's own switch)."""
+    if mode is False:
+        return []
+    blocks = list(transformer_blocks(model))
+    if mode == "mlp":
+        return [block.mlp for block in blocks]
+    return blocks[::2] if mode == "half" else blocks
+
+
+def reads_rng_state(model: nn.Module, mode: bool | str) -> bool:
+    """Whether checkpointing ``mode`` saves/restores the RNG state in a step (which a CUDA graph cannot capture):
+    ``true`` always (the models' own switch keeps torch's default), the selective modes when a recomputed module
+    draws random numbers."""
+    if mode is True:
+        return True
+    return any(draws_random_numbers(m) for m in _recomputed(model, mode))
 
 
 def apply_checkpointing(model: nn.Module, mode: bool | str) -> None:
@@ -46,8 +75,7 @@ def apply_checkpointing(model: nn.Module, mode: bool | str) -> None:
     model.transformer.gradient_checkpointing = mode is True
     if mode in (True, False):
         return
-    blocks = transformer_blocks(model)
-    chosen = [block.mlp for block in blocks] if mode == "mlp" else list(blocks)[::2]
+    chosen = _recomputed(model, mode)
     for module in chosen:
         recompute_in_backward(module)
     log.info("activation checkpointing: %d %s recomputed in the backward pass", len(chosen),

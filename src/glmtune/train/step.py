@@ -98,6 +98,11 @@ def device_inputs(batch: dict[str, torch.Tensor | int], device: torch.device) ->
     return inputs
 
 
+def host_counts(batches: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """(target tokens, real tokens) of a step's micro-batches, counted from their host labels and masks."""
+    return sum(count_targets(b["labels"]) for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)
+
+
 class TrainStep:
     """Forward, backward, clip and update for the micro-batches of one optimizer step (see the module docstring)."""
 
@@ -148,8 +153,7 @@ class TrainStep:
     def _global_counts(self, batches):
         """(targets, tokens, loss scale) of the global batch; the scale turns DDP's mean over ranks into the
         global token mean."""
-        n_local = sum(count_targets(b["labels"]) for b in batches)
-        tokens_local = sum(int(b["attention_mask"].sum()) for b in batches)
+        n_local, tokens_local = host_counts(batches)
         if not self.info.enabled:
             return float(n_local), float(tokens_local), 1.0 / max(float(n_local), 1.0)
         counts = to_device(torch.tensor([n_local, tokens_local], dtype=torch.float64), self.info.device)
