@@ -133,7 +133,9 @@ def decode_row(model, args: argparse.Namespace, device: torch.device, vocab: int
         r["kernels_per_token"] = (kernels_n - kernels_1) / (n - 1)
         r["wall_ms_per_token"] = 1e3 / r["tokens_per_s_per_seq"]
     run(len(tokens), Decoder(model, decode="eager", attention=args.attention))
-    return {**r, "decode": mode, "graph_equals_eager": tokens == last}
+    # where a difference starts says what it is: at token 0 a wrong step, late a near tie tipped by summation order
+    first = next((i for i, (a, b) in enumerate(zip(tokens, last, strict=True)) if a != b), None)
+    return {**r, "decode": mode, "graph_equals_eager": tokens == last, "first_difference": first}
 
 
 @contextlib.contextmanager
@@ -404,6 +406,7 @@ E2E_COLUMNS = [("precision", "precision", ""), ("decode", "decode", ""),
                ("wall ms/token", "wall_ms_per_token", ".2f"),
                ("GPU ms/token", "gpu_ms_per_token", ".2f"), ("GPU x bf16", "gpu_speedup", ".2f"),
                ("kernels/token", "kernels_per_token", ".0f"), ("graph = eager", "graph_equals_eager", ""),
+               ("first difference", "first_difference", ""),
                ("folder GiB", "folder_gib", ".2f"), ("weights GiB", "weight_gib", ".2f"),
                ("load s", "load_s", ".1f"), ("load peak GiB", "load_peak_allocated_gib", ".2f"),
                ("peak GiB (load + context)", "peak_allocated_gib", ".2f"),
