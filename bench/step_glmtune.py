@@ -11,7 +11,8 @@ else each transformer block wrapped in ``torch.compile`` here (``GlmtuneStep.com
 
 ``cuda_graph``: None follows ``train.cuda_graph``'s default (on with compiled blocks on CUDA: the step replayed as
 CUDA graphs, ``GraphedTrainStep``), True/False force it; ``prepare(batches)`` captures every batch key before timing.
-``loss_recompute``: None follows ``train.loss_recompute``'s default, or forces it.
+``loss_recompute``: None follows ``train.loss_recompute``'s default, or forces it. ``fused_swiglu``: ChatGLM's MLPs
+switched to glmtune's fused SwiGLU ops (``chatglm.use_fused_swiglu``, before compiling; off by default).
 
 This is the one file to adapt when the trainer changes: ``GlmtuneStep.__call__`` must stay one optimizer step of
 the real trainer on one micro-batch.
@@ -48,6 +49,10 @@ try:
     from glmtune.train.graph_step import GraphedTrainStep, use_cuda_graph
 except ImportError:  # before train.cuda_graph
     GraphedTrainStep = use_cuda_graph = None
+try:
+    from glmtune.models.chatglm import use_fused_swiglu
+except ImportError:  # before the fused SwiGLU ops
+    use_fused_swiglu = None
 
 
 def default_compile(device: torch.device) -> bool:
@@ -96,6 +101,7 @@ class GlmtuneStep:
         model: torch.nn.Module | None = None,
         cuda_graph: bool | None = None,
         loss_recompute: bool | str | None = None,
+        fused_swiglu: bool = False,
     ) -> None:
         self.device = device
         # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base;
@@ -115,6 +121,11 @@ class GlmtuneStep:
         kw = {} if loss_recompute is None else {"recompute": loss_recompute}
         self.net = LMLoss(self.model, opt.loss_chunk_tokens, **kw)
         self.inputs = set(inspect.signature(self.net.forward).parameters)
+        self.fused_swiglu_mlps = 0  # MLPs running the fused SwiGLU ops (0 without Triton)
+        if fused_swiglu:
+            if use_fused_swiglu is None:
+                raise RuntimeError("this glmtune has no fused SwiGLU ops (chatglm.use_fused_swiglu)")
+            self.fused_swiglu_mlps = use_fused_swiglu(self.model)
         self.compile_mode = None
         if default_compile(device) if compile is None else compile:
             if train_compile is not None:

@@ -9,7 +9,8 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
 - packed-4x1024-lora: the same LoRA on 4 rows of 1024 packed tokens: transformers eager and under torch.compile,
   glmtune eager and compiled (and compiled with flash's run bound = the row width, "compile-width", as before the
   collator's bound; "compile-recompute": ``train.loss_recompute: true``, the eager loss chunks recomputed in the
-  backward, as before the compiled loss; the same for ADGEN packed, "packed-recompute").
+  backward, as before the compiled loss; the same for ADGEN packed, "packed-recompute"; "compile-fused-swiglu" and
+  ADGEN's "packed-fused-swiglu": the MLPs' SwiGLU as glmtune's fused Triton ops, ``chatglm.use_fused_swiglu``).
 - adgen-ptuning: P-Tuning v2, pre_seq_len 128, 4 samples (glmtune only: no peer has it), padded and packed.
 - full-1.5b: full fine-tuning of a ~1.5B-parameter ChatGLM-shaped model (24 layers, hidden 2048) on packed 4x1024.
 
@@ -73,6 +74,7 @@ class Run:
     cuda_graph: bool | None = None  # glmtune: None = train.cuda_graph's default (on when compiled on CUDA)
     run_bound: bool = True  # glmtune: False drops the collator's max_seqlen (flash bounds runs by the row width)
     loss_recompute: bool | None = None  # glmtune: None = train.loss_recompute's default (auto), or forced
+    fused_swiglu: bool = False  # glmtune: the MLPs' SwiGLU as the fused ops (chatglm.use_fused_swiglu)
 
     @property
     def id(self) -> str:
@@ -90,7 +92,9 @@ RUNS = [
     Run("packed-4x1024-lora", GLMTUNE, "compile", "packed", compile=True),
     Run("packed-4x1024-lora", GLMTUNE, "compile-width", "packed", compile=True, run_bound=False),
     Run("packed-4x1024-lora", GLMTUNE, "compile-recompute", "packed", compile=True, loss_recompute=True),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-fused-swiglu", "packed", compile=True, fused_swiglu=True),
     Run("adgen-lora", GLMTUNE, "packed-recompute", "adgen-packed", loss_recompute=True),
+    Run("adgen-lora", GLMTUNE, "packed-fused-swiglu", "adgen-packed", fused_swiglu=True),
     Run("adgen-lora", GLMTUNE, "packed-mlp-recomputed", "adgen-packed", checkpointing="mlp"),  # the memory option
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
     Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
@@ -160,6 +164,8 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
     kw = {"cuda_graph": run.cuda_graph} if run.cuda_graph is not None else {}
     if run.loss_recompute is not None:
         kw["loss_recompute"] = run.loss_recompute
+    if run.fused_swiglu:
+        kw["fused_swiglu"] = True
     return GlmtuneStep(cfg, method=run.method, options=options, device=device, precision=precision,
                        gradient_checkpointing=run.checkpointing, compile=run.compile, **kw)  # fmt: skip
 
@@ -185,6 +191,8 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
     row["compiled"] = bool(getattr(step, "compile_mode", None)) if run.impl == GLMTUNE else bool(run.compile)
     if getattr(step, "compile_mode", None):
         row["compile_mode"] = step.compile_mode
+    if run.fused_swiglu:
+        row["fused_swiglu_mlps"] = step.fused_swiglu_mlps
     row["cuda_graph"] = bool(getattr(step, "graphed", False))
     if row["cuda_graph"]:  # every batch key captured before timing (as compilation: warm-up)
         t0 = time.perf_counter()

@@ -163,16 +163,40 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """``dense_4h_to_h(silu(a) * g)`` for ``[a | g] = dense_h_to_4h(x)``. ``fused_swiglu`` (off by default; set by
+    ``use_fused_swiglu``): the activation and its backward as glmtune's fused ops (``models/swiglu.py``)."""
+
     def __init__(self, config: GLMConfig, device=None, dtype=None) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         bias = config.add_bias_linear
         self.dense_h_to_4h = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=bias, **kw)
         self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=bias, **kw)
+        self.fused_swiglu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_swiglu:
+            from glmtune.models.swiglu import swiglu  # imports Triton: only for models switched on
+
+            return self.dense_4h_to_h(swiglu(self.dense_h_to_4h(x)))
         a, g = self.dense_h_to_4h(x).chunk(2, dim=-1)
         return self.dense_4h_to_h(F.silu(a) * g)
+
+
+def use_fused_swiglu(model: nn.Module, on: bool = True) -> int:
+    """Switch every ChatGLM ``MLP`` in ``model`` to the fused SwiGLU ops (``on``) or back; returns how many MLPs
+    are switched on. Without Triton the MLPs keep PyTorch's expressions (logged) and 0 is returned. Call it before
+    ``torch.compile`` (compiled code keeps the path it traced)."""
+    if on:
+        try:
+            import glmtune.models.swiglu  # noqa: F401  (the ops need Triton)
+        except ImportError:
+            log.warning("Triton is not installed: the MLPs keep PyTorch's SwiGLU")
+            on = False
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    for mlp in mlps:
+        mlp.fused_swiglu = on
+    return len(mlps) if on else 0
 
 
 class GLMBlock(nn.Module):
