@@ -12,7 +12,8 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
   backward, as before the compiled loss; the same for ADGEN packed, "packed-recompute"; "compile-fused-swiglu" and
   ADGEN's "packed-fused-swiglu": the MLPs' SwiGLU as glmtune's fused Triton ops, ``chatglm.use_fused_swiglu``).
 - adgen-ptuning: P-Tuning v2, pre_seq_len 128, 4 samples (glmtune only: no peer has it), padded and packed.
-- full-1.5b: full fine-tuning of a ~1.5B-parameter ChatGLM-shaped model (24 layers, hidden 2048) on packed 4x1024.
+- full-1.5b: full fine-tuning of a ~1.5B-parameter ChatGLM-shaped model (24 layers, hidden 2048) on packed 4x1024
+  (and with the fused SwiGLU ops, "fused-swiglu").
 
 Each run: ``--warmup`` steps (compilation happens there), ``--steps`` timed steps, ``--profile-steps`` under
 torch.profiler. benchlib's docstring defines useful tokens, MFU, GPU busy and peak. Rows are written to ``--json``
@@ -99,6 +100,8 @@ RUNS = [
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
     Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
     Run("full-1.5b", GLMTUNE, "default", "packed", method="full", model="1.5b"),
+    # full fine-tuning: dense_4h_to_h's weight gradient also reads silu(a) * g (saved, as Inductor saves it)
+    Run("full-1.5b", GLMTUNE, "fused-swiglu", "packed", method="full", model="1.5b", fused_swiglu=True),
     Run("full-1.5b", HF, "eager", "packed", method="full", model="1.5b"),
 ]
 
