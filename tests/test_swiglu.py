@@ -244,6 +244,12 @@ def test_tiny_chatglm3_with_fused_swiglu_gives_the_same_loss_and_gradients(monke
     assert torch.equal(_loss_and_grads(model, ids)[0], loss)
 
 
+def test_glm_v1_has_no_swiglu_to_switch():
+    model = build_model(preset("tiny-chatglm"), dtype=torch.float32)  # GELU MLPs
+    assert use_fused_swiglu(model) == 0
+    assert not any(isinstance(m, MLP) for m in model.modules())
+
+
 def test_tiny_chatglm3_compiled_with_fused_swiglu_equals_eager(monkeypatch):
     from glmtune.train import compile as train_compile
 
