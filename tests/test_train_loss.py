@@ -176,7 +176,7 @@ def test_loss_recompute_auto_decides_by_compile_and_device():
     from glmtune.models import build_model
     from glmtune.models.config import preset
     from glmtune.train import compile as train_compile
-    from glmtune.train.step import LMLoss
+    from glmtune.train.step import KEEP_LOGITS_BYTES, LMLoss
 
     model = build_model(preset("tiny-chatglm3"))
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -188,6 +188,10 @@ def test_loss_recompute_auto_decides_by_compile_and_device():
     assert LMLoss(model, 8, recompute=False).loss_kind(cuda) == (False, True)
     assert LMLoss(model, 8, recompute=True).loss_kind(cuda) == (True, False)
     assert LMLoss(model, 8).loss_kind(cpu) == (True, False)  # the CPU: as before
+    # auto keeps logits only up to KEEP_LOGITS_BYTES (then recomputes, as before); false keeps them whatever the size
+    assert LMLoss(model, 8).loss_kind(cuda, KEEP_LOGITS_BYTES) == (False, True)
+    assert LMLoss(model, 8).loss_kind(cuda, KEEP_LOGITS_BYTES + 1) == (True, False)
+    assert LMLoss(model, 8, recompute=False).loss_kind(cuda, 10 * KEEP_LOGITS_BYTES) == (False, True)
     with pytest.raises(ValueError, match="loss_recompute"):
         LMLoss(model, 8, recompute="sometimes")
 

@@ -30,6 +30,12 @@ MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "segmen
                 "max_seqlen")  # fmt: skip
 
 
+# train.loss_recompute auto keeps the compiled chunk loss's logits for the backward only while they take at most this
+# (2 bytes x vocab a target in bf16: ~8,000 ChatGLM3 or ~3,500 GLM-4 targets a micro-batch); more targets are
+# recomputed chunk by chunk, so a long-sequence batch never needs more memory than before the compiled loss
+KEEP_LOGITS_BYTES = 1 << 30
+
+
 class LMLoss(nn.Module):
     """model + chunked loss in one module, so that DDP sees a forward pass: returns the summed token loss.
 
@@ -45,13 +51,15 @@ class LMLoss(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.recompute = recompute  # the loss chunks' logits recomputed in the backward (train.loss_recompute)
 
-    def loss_kind(self, device: torch.device) -> tuple[bool, bool]:
+    def loss_kind(self, device: torch.device, kept_bytes: int = 0) -> tuple[bool, bool]:
         """(recompute, compiled) of the chunked loss: with compiled blocks on CUDA in one process and
-        ``recompute`` auto or false, the chunk loss is compiled and kept for the backward (bf16 logits, 2 bytes x
-        vocab a target; no float32 logits in memory, one output-layer product less); else the eager chunk loss,
-        recomputed unless ``recompute`` is false (auto: recomputed)."""
+        ``recompute`` false, or auto while the kept logits (``kept_bytes``: targets x vocab x element size) take at
+        most ``KEEP_LOGITS_BYTES``, the chunk loss is compiled and kept for the backward (no float32 logits in
+        memory, one output-layer product less); else the eager chunk loss, recomputed unless ``recompute`` is
+        false (auto: recomputed)."""
         several = torch.distributed.is_available() and torch.distributed.is_initialized()
-        compiled = self.recompute is not True and device.type == "cuda" and not several and \
+        fits = self.recompute is False or kept_bytes <= KEEP_LOGITS_BYTES
+        compiled = self.recompute is not True and fits and device.type == "cuda" and not several and \
             train_compile.blocks_compiled(self.model)  # fmt: skip
         return (not compiled and self.recompute is not False), compiled
 
@@ -62,10 +70,12 @@ class LMLoss(nn.Module):
                                      context=context, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)  # fmt: skip
         if target_index is None:
             target_index, targets = loss_targets(labels)
-        recompute, compiled = self.loss_kind(h.device)
+        out = self.model.output_embeddings()
+        vocab = getattr(out, "out_features", None) or out.weight.shape[0]
+        kept = target_index.numel() * vocab * h.element_size()  # (shapes: known without a sync)
+        recompute, compiled = self.loss_kind(h.device, kept)
         chunk_loss = compiled_chunk_loss(train_compile.BACKEND) if compiled else None
-        return indexed_lm_loss(h, target_index, targets, self.model.output_embeddings(), self.chunk_tokens,
-                               recompute, chunk_loss)  # fmt: skip
+        return indexed_lm_loss(h, target_index, targets, out, self.chunk_tokens, recompute, chunk_loss)
 
 
 @dataclass
