@@ -206,6 +206,9 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
     def one(batch):
         losses.append(step(batch))
 
+    cuda = device.type == "cuda"
+    if cuda:  # the peak so far: the model, and the graphs' captures with their eager first runs
+        row["peak_prepare_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     t0 = time.perf_counter()
     timing = time_steps(one, batches, data.tokens, device=device, warmup=args.warmup, steps=args.steps,
                         profile_steps=args.profile_steps, breakdown=kernel_summary)  # fmt: skip
@@ -214,7 +217,9 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
     row.update({
         "useful_tokens_per_s": timing.useful_tokens_per_s,
         "mfu": mfu(flops_per_token, timing.useful_tokens_per_s, args.peak_tflops if device.type == "cuda" else None),
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        # what the caching allocator holds: a CUDA graph's pool counts here, not as allocated, between its replays
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
         "gpu_busy": timing.gpu_busy,
         "kernels_per_step": timing.kernels_per_step,
         "step_ms": timing.step_ms,
@@ -255,7 +260,8 @@ COLUMNS = [
     ("CUDA graphs", "graphs", ""),
     ("rows x width", "shape", ""), ("samples/step", "samples_per_step", ".1f"),
     ("useful tok/s", "useful_tokens_per_s", ",.0f"), ("MFU", "mfu", ".1%"), ("step ms", "step_ms", ".1f"),
-    ("GPU busy", "gpu_busy", ".0%"), ("kernels/step", "kernels_per_step", ",.0f"), ("peak GiB", "peak_gib", ".1f"),
+    ("GPU busy", "gpu_busy", ".0%"), ("kernels/step", "kernels_per_step", ",.0f"), ("peak GiB", "peak_gib", ".2f"),
+    ("reserved GiB", "peak_reserved_gib", ".2f"),
 ]  # fmt: skip
 
 
