@@ -133,9 +133,23 @@ def decode_row(model, args: argparse.Namespace, device: torch.device, vocab: int
         r["kernels_per_token"] = (kernels_n - kernels_1) / (n - 1)
         r["wall_ms_per_token"] = 1e3 / r["tokens_per_s_per_seq"]
     run(len(tokens), Decoder(model, decode="eager", attention=args.attention))
-    # where a difference starts says what it is: at token 0 a wrong step, late a near tie tipped by summation order
-    first = next((i for i, (a, b) in enumerate(zip(tokens, last, strict=True)) if a != b), None)
-    return {**r, "decode": mode, "graph_equals_eager": tokens == last, "first_difference": first}
+    return {**r, "decode": mode, "graph_equals_eager": tokens == last,
+            **first_difference(model, prompts[0], eager=list(last), other=tokens)}  # fmt: skip
+
+
+def first_difference(model, prompt: list[int], *, eager: list[int], other: list[int]) -> dict:
+    """Where ``other`` (a fast mode's greedy tokens) leaves ``eager``'s, and the eager logit gap there between the
+    two choices relative to the logits' range: a gap near 0 is a near tie that another summation order tips; at
+    token 0 or with a large gap, a wrong step."""
+    first = next((i for i, (a, b) in enumerate(zip(eager, other, strict=True)) if a != b), None)
+    if first is None:
+        return {"first_difference": None, "difference_gap": None}
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + eager[:first]], device=device)
+    with torch.no_grad():
+        logits = model(ids)[0, -1].float()
+    gap = (logits[eager[first]] - logits[other[first]]) / (logits.max() - logits.min())
+    return {"first_difference": first, "difference_gap": float(gap)}
 
 
 @contextlib.contextmanager
@@ -406,7 +420,7 @@ E2E_COLUMNS = [("precision", "precision", ""), ("decode", "decode", ""),
                ("wall ms/token", "wall_ms_per_token", ".2f"),
                ("GPU ms/token", "gpu_ms_per_token", ".2f"), ("GPU x bf16", "gpu_speedup", ".2f"),
                ("kernels/token", "kernels_per_token", ".0f"), ("graph = eager", "graph_equals_eager", ""),
-               ("first difference", "first_difference", ""),
+               ("first difference", "first_difference", ""), ("gap there", "difference_gap", ".2e"),
                ("folder GiB", "folder_gib", ".2f"), ("weights GiB", "weight_gib", ".2f"),
                ("load s", "load_s", ".1f"), ("load peak GiB", "load_peak_allocated_gib", ".2f"),
                ("peak GiB (load + context)", "peak_allocated_gib", ".2f"),

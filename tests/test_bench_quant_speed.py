@@ -38,3 +38,29 @@ def test_the_written_folder_loads_quantized(tmp_path):
     model = load_pretrained(folder, device="cpu").model
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
     assert len(layers) == 4 * cfg.num_layers and all(m.bits == 4 for m in layers)
+
+
+def test_first_difference_says_where_and_by_how_much():
+    """A fast mode's tokens that part from eager's at position k: k and eager's logit gap there (>= 0: eager took
+    its argmax; 0 only for an exact tie); equal tokens: None."""
+    import torch
+
+    from glmtune.generate import GenerationConfig, generate
+    from glmtune.models import build_model
+    from glmtune.models.config import preset
+
+    model = build_model(preset("tiny-chatglm3"), generation="chatglm3")
+    model.init_weights(seed=0, std=0.05)
+    model.eval()
+    prompt = [5, 9, 17, 33]
+    eager = generate(model, [prompt], GenerationConfig(max_new_tokens=6, do_sample=False), stop_ids=[], pad_id=0,
+                     decode="eager")[0]  # fmt: skip
+    assert quant_speed.first_difference(model, prompt, eager=eager, other=list(eager)) == {
+        "first_difference": None, "difference_gap": None}  # fmt: skip
+    other = list(eager)
+    other[3] = (eager[3] + 1) % 100
+    got = quant_speed.first_difference(model, prompt, eager=eager, other=other)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + eager[:3]]))[0, -1].float()
+    want = (logits[eager[3]] - logits[other[3]]) / (logits.max() - logits.min())
+    assert got["first_difference"] == 3 and got["difference_gap"] == float(want) and got["difference_gap"] > 0
