@@ -158,15 +158,22 @@ class GlmtuneStep:
     def prepare(self, batches: list[dict[str, torch.Tensor]]) -> int:
         """With CUDA graphs: steps on ``batches`` until a step on any of them only replays graphs (each batch
         key runs eagerly once and is captured at its second step), so no capture falls into the timed steps.
-        Returns the steps it ran."""
+        Returns the steps it ran. ``pass_peaks_gib``: the peak allocated memory of each pass over ``batches``
+        (first: the eager runs, with the compiles; then the captures), each measured from a reset."""
         done = 0
+        self.pass_peaks_gib: list[float] = []
         if not self.graphed or not self.train_step.capture:
             return done
         for _ in range(3):
+            torch.cuda.reset_peak_memory_stats(self.device)
+            ran = 0
             for batch in batches:
                 if not self.train_step.ready(batch):
                     self(batch)
-                    done += 1
+                    ran += 1
+            if ran:
+                self.pass_peaks_gib.append(torch.cuda.max_memory_allocated(self.device) / 2**30)
+            done += ran
         return done
 
     def __call__(self, batch: dict[str, torch.Tensor]):

@@ -197,18 +197,23 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
     if run.fused_swiglu:
         row["fused_swiglu_mlps"] = step.fused_swiglu_mlps
     row["cuda_graph"] = bool(getattr(step, "graphed", False))
+    cuda = device.type == "cuda"
+    peaks = [torch.cuda.max_memory_allocated(device) / 2**30] if cuda else []  # the model's build
     if row["cuda_graph"]:  # every batch key captured before timing (as compilation: warm-up)
         t0 = time.perf_counter()
         row["prepare_steps"] = step.prepare(batches[: args.warmup + args.steps + args.profile_steps])
         row["prepare_s"] = time.perf_counter() - t0
+        # where the peak comes from: the eager first runs (with the compiles), the captures (each from a reset)
+        row["peak_passes_gib"] = list(getattr(step, "pass_peaks_gib", []))
+        peaks += row["peak_passes_gib"]
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
     losses = []
 
     def one(batch):
         losses.append(step(batch))
 
-    cuda = device.type == "cuda"
-    if cuda:  # the peak so far: the model, and the graphs' captures with their eager first runs
-        row["peak_prepare_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    row["peak_build_gib"] = peaks[0] if cuda else None
     t0 = time.perf_counter()
     timing = time_steps(one, batches, data.tokens, device=device, warmup=args.warmup, steps=args.steps,
                         profile_steps=args.profile_steps, breakdown=kernel_summary)  # fmt: skip
@@ -217,8 +222,10 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
     row.update({
         "useful_tokens_per_s": timing.useful_tokens_per_s,
         "mfu": mfu(flops_per_token, timing.useful_tokens_per_s, args.peak_tflops if device.type == "cuda" else None),
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
-        # what the caching allocator holds: a CUDA graph's pool counts here, not as allocated, between its replays
+        # the whole run's peak: the build, the preparing passes and the steps (timed and profiled)
+        "peak_gib": max(peaks + [torch.cuda.max_memory_allocated(device) / 2**30]) if cuda else None,
+        "peak_steps_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        # what the caching allocator holds during the steps: a CUDA graph's pool counts here, not as allocated
         "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30 if cuda else None,
         "gpu_busy": timing.gpu_busy,
         "kernels_per_step": timing.kernels_per_step,
