@@ -8,9 +8,6 @@ Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` wh
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +15,7 @@ import torch.nn.functional as F
 from glmtune.generate import Decoder, GenerationConfig, generate, resolve_attention
 from glmtune.models import build_model
 from glmtune.models.config import preset
+from triton_support import import_kernels
 
 pytest.importorskip("triton")
 
@@ -27,18 +25,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 @pytest.fixture(scope="module")
 def da():
-    """models.decode_attention: compiled where CUDA is; on a CPU-only machine imported with Triton's interpreter on
-    (a copy imported without it, e.g. by another test, cannot run here)."""
-    name = "glmtune.models.decode_attention"
-    loaded = sys.modules.get(name)
-    if loaded is not None:
-        if not (CUDA or loaded.INTERPRETED):
-            pytest.skip(f"{name} was imported without TRITON_INTERPRET and there is no GPU")
-        return loaded
-    with pytest.MonkeyPatch.context() as mp:
-        if not CUDA:
-            mp.setenv("TRITON_INTERPRET", "1")
-        return importlib.import_module(name)
+    """models.decode_attention, compiled or interpreted (``triton_support``)."""
+    return import_kernels("glmtune.models.decode_attention")
 
 
 def _case(b: int, h: int, n_q: int, t: int, d: int, dtype: torch.dtype, seed: int, n_prefix: int = 0,

@@ -7,9 +7,6 @@ Without a GPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1`` wh
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +14,7 @@ import torch.nn.functional as F
 from glmtune.generate import Decoder, GenerationConfig, generate, resolve_matvec
 from glmtune.models import build_model
 from glmtune.models.config import preset
+from triton_support import import_kernels
 
 pytest.importorskip("triton")
 
@@ -26,18 +24,8 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 @pytest.fixture(scope="module")
 def gv():
-    """models.gemv: compiled where CUDA is; on a CPU-only machine imported with Triton's interpreter on (a copy
-    imported without it, e.g. by another test, cannot run here)."""
-    name = "glmtune.models.gemv"
-    loaded = sys.modules.get(name)
-    if loaded is not None:
-        if not (CUDA or loaded.INTERPRETED):
-            pytest.skip(f"{name} was imported without TRITON_INTERPRET and there is no GPU")
-        return loaded
-    with pytest.MonkeyPatch.context() as mp:
-        if not CUDA:
-            mp.setenv("TRITON_INTERPRET", "1")
-        return importlib.import_module(name)
+    """models.gemv, compiled or interpreted (``triton_support``)."""
+    return import_kernels("glmtune.models.gemv")
 
 
 def _inputs(n: int, k: int, dtype: torch.dtype, seed: int, bias: bool = True):

@@ -8,13 +8,11 @@ compiled kernels, the ``QuantizedLinear`` dispatch and CUDA-graph decode of a qu
 
 from __future__ import annotations
 
-import importlib
-import sys
-
 import pytest
 import torch
 
 from glmtune.models.quant import dequantize_weight, pack_int4
+from triton_support import import_kernels
 
 pytest.importorskip("triton")
 
@@ -25,17 +23,8 @@ MODULE = "glmtune.models.quant_kernels"
 
 @pytest.fixture(scope="module")
 def qk():
-    """The kernels module: compiled on a CUDA machine, else imported with the interpreter switched on."""
-    if CUDA:
-        return importlib.import_module(MODULE)
-    if MODULE in sys.modules:
-        mod = sys.modules[MODULE]
-        if not mod.INTERPRETED:
-            pytest.skip("quant_kernels was imported without TRITON_INTERPRET on a machine without CUDA")
-        return mod
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        return importlib.import_module(MODULE)
+    """The kernels module, compiled or interpreted (``triton_support``)."""
+    return import_kernels(MODULE)
 
 
 def _device() -> str:
