@@ -253,31 +253,13 @@ def copies_for(tensors: tuple[torch.Tensor, ...], min_bytes: float = 256e6) -> l
 
 def _bench(call, copies: list, rep_ms: int) -> float:
     """Median µs of ``call(*copy)``: one CUDA graph calls it once per copy (the weights in turn, so none is read
-    from L2); its replays are timed with CUDA events, the median replay divided by the number of calls. A graph
-    leaves out the host's launch cost (a Triton launch from Python costs more than these kernels take) as the
-    decode step's graph does."""
-    for c in copies:  # compile, allocate
-        call(*c)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in copies:
-            call(*c)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    reps = max(5, min(200, int(rep_ms / max(start.elapsed_time(end), 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2] / len(copies) * 1e3
+    from L2), replayed about ``rep_ms`` ms (``gemv.replay_ms``). A graph leaves out the host's launch cost (a Triton
+    launch from Python costs more than these kernels take) as the decode step's graph does."""
+    from glmtune.models.gemv import replay_ms
+
+    calls = [lambda c=c: call(*c) for c in copies]
+    once_ms = replay_ms(calls, replays=1) * len(calls)  # one replay (also the warm-up)
+    return 1e3 * replay_ms(calls, replays=max(5, min(200, int(rep_ms / max(once_ms, 1e-3)))))
 
 
 def kernel_row(qk, w_bf16: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bits: int, m: int, sweeps: list,
