@@ -100,13 +100,14 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     gradient_checkpointing: Literal["mlp", "half"] | bool = False  # true: every block; mlp, half: less
     compile: Literal["auto"] | bool = "auto"  # torch.compile each block; auto: on CUDA (YAML on/off = true/false)
-    # the whole step replayed as CUDA graphs (train/graph_step.py); auto: with compile, one process, no fp16,
-    # no gradient checkpointing, an unquantized base
+    # the whole step replayed as CUDA graphs (train/graph_step.py); auto: with compile, one process, no fp16, an
+    # unquantized base, no gradient checkpointing that restores the RNG state (mlp over MLPs without dropout is fine)
     cuda_graph: Literal["auto"] | bool = "auto"
     loss_chunk_tokens: int = 1024  # tokens per chunk of the output layer + loss (memory ~ chunk * vocab)
     # the loss chunks' logits recomputed in the backward (true), or kept (false: one output-layer product less a
     # step, ~6 bytes x vocab more memory a target: ChatGLM3, 4,000 targets ~1.5 GB); auto: with compiled blocks on
-    # one GPU the chunk loss is compiled and kept (bf16 logits, 2 bytes x vocab a target), else recomputed
+    # one GPU the chunk loss is compiled and kept while its bf16 logits take <= 1 GiB a micro-batch (2 bytes x vocab
+    # a target), else recomputed
     loss_recompute: Literal["auto"] | bool = "auto"
     max_bad_steps: int = 5  # this many non-finite losses in a row stop the run
     # several processes: fsdp shards weights, gradients and optimizer state, ddp copies them; auto: fsdp for
