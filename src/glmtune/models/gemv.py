@@ -211,8 +211,8 @@ class MatvecMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            call = {**dict(zip(("input", "weight", "bias"), args, strict=False)), **kwargs}
+            x, weight, bias = call["input"], call["weight"], call.get("bias")
             if fits(x, weight, bias):
                 return gemv(x, weight, bias)
         return func(*args, **kwargs)
