@@ -122,3 +122,14 @@ def test_mps_without_mps(capsys):
         check_device("mps")
     check_device("cpu")
     check_device("auto")
+
+
+def test_parse_adapters_names_once_whatever_the_spaces():
+    from glmtune.cli_options import parse_adapters
+
+    assert parse_adapters(["a=/x", " b = /y "]) == {"a": "/x", "b": "/y"}
+    for values in (["a=/x", "a =/y"], ["a =/x", "a=/y"]):
+        with pytest.raises(ValueError, match="given twice"):
+            parse_adapters(values)
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        parse_adapters(["=/x"])

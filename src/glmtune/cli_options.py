@@ -76,11 +76,12 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for v in values:
         name, sep, path = v.partition("=")
-        if not sep or not name.strip() or not path.strip():
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
             raise ValueError(f"--adapter {v!r}: expected NAME=PATH")
         if name in out:
             raise ValueError(f"--adapter {v!r}: the name {name!r} is given twice")
-        out[name.strip()] = path.strip()
+        out[name] = path
     return out
 
 

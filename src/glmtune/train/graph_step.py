@@ -28,6 +28,7 @@ the same code runs as plain calls (the tests compare it with TrainStep there).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -101,20 +102,13 @@ class _Slot:
             if dtype is int:  # (max_seqlen: part of the key, a constant of the captured graph)
                 out[name] = shape
                 continue
-            n = _numel(shape)
+            n = math.prod(shape)
             t = self.flat[at : at + n].view(shape)
             out[name] = t if dtype == torch.long else t.to(dtype)  # (context: bool, cast inside the graph)
             at += n
         out["target_index"] = self.flat[at : at + self.slots]
         out["targets"] = self.flat[at + self.slots : at + 2 * self.slots]
         return out
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def pack_batch(batch: dict[str, torch.Tensor | int]) -> tuple[tuple, int, torch.Tensor]:

@@ -608,9 +608,7 @@ class Trainer:
         """The dev loss and (rank 0's) generation metrics due at this step, shared by every rank."""
         results: dict[str, float] = {}
         with eager():  # shapes vary from batch to batch: the compiled blocks run eagerly
-            self._evaluate(results, is_last)
-        if self.sharded:
-            self.net.reshard()  # without a backward pass the root keeps its gathered weights: shard them again
+            self._evaluate(results, is_last)  # (under FSDP evaluate_loss reshards every unit after its forwards)
         return results
 
     def _evaluate(self, results: dict[str, float], is_last: bool) -> None:
