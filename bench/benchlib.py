@@ -110,6 +110,11 @@ class Timing:
     kernels_per_step: float | None = None
     kernel_ms_per_step: float | None = None
     kernel_kinds: dict | None = None  # ``breakdown``'s summary of the profiled steps (time_steps)
+    # where a timed step's wall time goes (CUDA): the host's time inside ``step()`` (mean, max) and the device's
+    # time from one step's start to the next, read from events recorded on the stream between the calls
+    host_ms: float | None = None
+    host_max_ms: float | None = None
+    device_step_ms: list[float] | None = None
 
     @property
     def gpu_busy(self) -> float | None:
@@ -143,14 +148,26 @@ def time_steps(
             step(batches[i % n])
             seen.add(_shape(batches[i % n]))
     sync(device)
+    cuda = device.type == "cuda"
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if cuda else []
+    host = []
     start = time.perf_counter()
     done = 0
-    for i in range(warmup, warmup + steps):
+    for j, i in enumerate(range(warmup, warmup + steps)):
+        if cuda:
+            events[j].record()
+        t = time.perf_counter()
         step(batches[i % n])
+        host.append(time.perf_counter() - t)
         done += tokens[i % n]
+    if cuda:
+        events[-1].record()
     sync(device)
     wall = time.perf_counter() - start
-    timing = Timing(step_ms=1e3 * wall / steps, useful_tokens_per_s=done / wall)
+    timing = Timing(step_ms=1e3 * wall / steps, useful_tokens_per_s=done / wall,
+                    host_ms=1e3 * sum(host) / steps, host_max_ms=1e3 * max(host))  # fmt: skip
+    if cuda:
+        timing.device_step_ms = [a.elapsed_time(b) for a, b in zip(events[:-1], events[1:], strict=True)]
     if device.type == "cuda" and profile_steps > 0:
         first = warmup + steps
         events: list[dict] | None = [] if breakdown is not None else None

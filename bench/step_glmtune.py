@@ -11,8 +11,9 @@ else each transformer block wrapped in ``torch.compile`` here (``GlmtuneStep.com
 
 ``cuda_graph``: None follows ``train.cuda_graph``'s default (on with compiled blocks on CUDA: the step replayed as
 CUDA graphs, ``GraphedTrainStep``), True/False force it; ``prepare(batches)`` captures every batch key before timing.
-``loss_recompute``: None follows ``train.loss_recompute``'s default, or forces it. ``fused_swiglu``: ChatGLM's MLPs
-switched to glmtune's fused SwiGLU ops (``chatglm.use_fused_swiglu``, before compiling; off by default).
+``loss_recompute``: None follows ``train.loss_recompute``'s default, or forces it. ``fused_swiglu``: None follows
+``compile_blocks``' default (ChatGLM's MLPs on glmtune's fused SwiGLU ops when compiled on CUDA), True/False force it.
+``compile_options``: Inductor options for ``compile_blocks`` (None: its default).
 
 This is the one file to adapt when the trainer changes: ``GlmtuneStep.__call__`` must stay one optimizer step of
 the real trainer on one micro-batch.
@@ -101,7 +102,8 @@ class GlmtuneStep:
         model: torch.nn.Module | None = None,
         cuda_graph: bool | None = None,
         loss_recompute: bool | str | None = None,
-        fused_swiglu: bool = False,
+        fused_swiglu: bool | None = None,
+        compile_options: dict | None = None,
     ) -> None:
         self.device = device
         # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base;
@@ -121,20 +123,26 @@ class GlmtuneStep:
         kw = {} if loss_recompute is None else {"recompute": loss_recompute}
         self.net = LMLoss(self.model, opt.loss_chunk_tokens, **kw)
         self.inputs = set(inspect.signature(self.net.forward).parameters)
-        self.fused_swiglu_mlps = 0  # MLPs running the fused SwiGLU ops (0 without Triton)
-        if fused_swiglu:
-            if use_fused_swiglu is None:
-                raise RuntimeError("this glmtune has no fused SwiGLU ops (chatglm.use_fused_swiglu)")
-            self.fused_swiglu_mlps = use_fused_swiglu(self.model)
+        if fused_swiglu and use_fused_swiglu is None:
+            raise RuntimeError("this glmtune has no fused SwiGLU ops (chatglm.use_fused_swiglu)")
         self.compile_mode = None
         if default_compile(device) if compile is None else compile:
             if train_compile is not None:
-                train_compile.compile_blocks(self.model)
+                accepts = inspect.signature(train_compile.compile_blocks).parameters
+                kw = {k: v for k, v in (("fused_swiglu", fused_swiglu), ("options", compile_options))
+                      if v is not None and k in accepts}  # fmt: skip
+                if fused_swiglu is not None and "fused_swiglu" not in accepts:  # (before compile_blocks chose it)
+                    use_fused_swiglu(self.model, fused_swiglu)
+                train_compile.compile_blocks(self.model, **kw)
                 self.compile_mode = "train.compile (compile_blocks)"
             else:
                 for block in _blocks(self.model):
                     block.compile()
                 self.compile_mode = "each transformer block torch.compile'd by the bench"
+        elif fused_swiglu:
+            use_fused_swiglu(self.model)
+        # MLPs running the fused SwiGLU ops (0 without Triton, or switched off)
+        self.fused_swiglu_mlps = sum(bool(getattr(m, "fused_swiglu", False)) for m in self.model.modules())
         # train.cuda_graph as the trainer decides it (auto: with compiled blocks on CUDA; a caller's model, e.g. a
         # quantized base, counts as quantized), or forced
         self.graphed = False
@@ -162,18 +170,40 @@ class GlmtuneStep:
         (first: the eager runs, with the compiles; then the captures), each measured from a reset."""
         done = 0
         self.pass_peaks_gib: list[float] = []
+        self.call_peaks_gib: dict[str, float] = {}  # the largest peak of an eager call and of a capturing one
+        # of the call with the largest peak: allocated at its start, at the end of the forward (the saved
+        # activations on top), the forward's peak and the call's (GiB)
+        self.peak_call_memory: dict[str, float] = {}
         if not self.graphed or not self.train_step.capture:
             return done
+        gib = 2**30
+        at_forward: dict[str, float] = {}
+
+        def forward_memory(*_) -> None:
+            at_forward["forward_end"] = torch.cuda.memory_allocated(self.device) / gib
+            at_forward["forward_peak"] = torch.cuda.max_memory_allocated(self.device) / gib
+
+        hook = self.net.register_forward_hook(forward_memory)
         for _ in range(3):
             torch.cuda.reset_peak_memory_stats(self.device)
-            ran = 0
+            ran, peak = 0, 0.0
             for batch in batches:
                 if not self.train_step.ready(batch):
+                    graphs = self.train_step.graphs
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                    start = torch.cuda.memory_allocated(self.device) / gib
                     self(batch)
+                    call = torch.cuda.max_memory_allocated(self.device) / gib
+                    kind = "capture" if self.train_step.graphs > graphs else "eager"
+                    self.call_peaks_gib[kind] = max(self.call_peaks_gib.get(kind, 0.0), call)
+                    if call > self.peak_call_memory.get("peak", 0.0):
+                        self.peak_call_memory = {"kind": kind, "start": start, **at_forward, "peak": call}
+                    peak = max(peak, call)
                     ran += 1
             if ran:
-                self.pass_peaks_gib.append(torch.cuda.max_memory_allocated(self.device) / 2**30)
+                self.pass_peaks_gib.append(peak)
             done += ran
+        hook.remove()
         return done
 
     def __call__(self, batch: dict[str, torch.Tensor]):

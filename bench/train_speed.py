@@ -9,11 +9,12 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
 - packed-4x1024-lora: the same LoRA on 4 rows of 1024 packed tokens: transformers eager and under torch.compile,
   glmtune eager and compiled (and compiled with flash's run bound = the row width, "compile-width", as before the
   collator's bound; "compile-recompute": ``train.loss_recompute: true``, the eager loss chunks recomputed in the
-  backward, as before the compiled loss; the same for ADGEN packed, "packed-recompute"; "compile-fused-swiglu" and
-  ADGEN's "packed-fused-swiglu": the MLPs' SwiGLU as glmtune's fused Triton ops, ``chatglm.use_fused_swiglu``).
+  backward, as before the compiled loss; the same for ADGEN packed, "packed-recompute"; "compile-inductor-swiglu"
+  and ADGEN's "packed-inductor-swiglu": the MLPs' SwiGLU left to Inductor, as before compiled blocks took glmtune's
+  fused SwiGLU ops; "compile-coordinate-descent", "compile-autotune": with those Inductor options).
 - adgen-ptuning: P-Tuning v2, pre_seq_len 128, 4 samples (glmtune only: no peer has it), padded and packed.
 - full-1.5b: full fine-tuning of a ~1.5B-parameter ChatGLM-shaped model (24 layers, hidden 2048) on packed 4x1024
-  (and with the fused SwiGLU ops, "fused-swiglu").
+  (and with Inductor's SwiGLU, "inductor-swiglu").
 
 Each run: ``--warmup`` steps (compilation happens there), ``--steps`` timed steps, ``--profile-steps`` under
 torch.profiler. benchlib's docstring defines useful tokens, MFU, GPU busy and peak. Rows are written to ``--json``
@@ -60,6 +61,7 @@ log = logging.getLogger("train_speed")
 LORA = {"rank": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_value"}
 PTUNING = {"pre_seq_len": 128, "prefix_projection": False}
 HF, GLMTUNE = "transformers+peft", "glmtune"
+DESCENT = (("coordinate_descent_tuning", True),)  # Inductor tunes each kernel's launch configuration
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,8 @@ class Run:
     cuda_graph: bool | None = None  # glmtune: None = train.cuda_graph's default (on when compiled on CUDA)
     run_bound: bool = True  # glmtune: False drops the collator's max_seqlen (flash bounds runs by the row width)
     loss_recompute: bool | None = None  # glmtune: None = train.loss_recompute's default (auto), or forced
-    fused_swiglu: bool = False  # glmtune: the MLPs' SwiGLU as the fused ops (chatglm.use_fused_swiglu)
+    fused_swiglu: bool | None = None  # glmtune: the MLPs' SwiGLU as the fused ops; None = compile_blocks' default
+    inductor: tuple[tuple[str, object], ...] = ()  # glmtune: Inductor options for compile_blocks (() = its default)
 
     @property
     def id(self) -> str:
@@ -93,15 +96,17 @@ RUNS = [
     Run("packed-4x1024-lora", GLMTUNE, "compile", "packed", compile=True),
     Run("packed-4x1024-lora", GLMTUNE, "compile-width", "packed", compile=True, run_bound=False),
     Run("packed-4x1024-lora", GLMTUNE, "compile-recompute", "packed", compile=True, loss_recompute=True),
-    Run("packed-4x1024-lora", GLMTUNE, "compile-fused-swiglu", "packed", compile=True, fused_swiglu=True),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-inductor-swiglu", "packed", compile=True, fused_swiglu=False),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-coordinate-descent", "packed", compile=True, inductor=DESCENT),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-autotune", "packed", compile=True, inductor=(("max_autotune", True),)),
     Run("adgen-lora", GLMTUNE, "packed-recompute", "adgen-packed", loss_recompute=True),
-    Run("adgen-lora", GLMTUNE, "packed-fused-swiglu", "adgen-packed", fused_swiglu=True),
+    Run("adgen-lora", GLMTUNE, "packed-inductor-swiglu", "adgen-packed", fused_swiglu=False),
     Run("adgen-lora", GLMTUNE, "packed-mlp-recomputed", "adgen-packed", checkpointing="mlp"),  # the memory option
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
     Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
     Run("full-1.5b", GLMTUNE, "default", "packed", method="full", model="1.5b"),
     # full fine-tuning: dense_4h_to_h's weight gradient also reads silu(a) * g (saved, as Inductor saves it)
-    Run("full-1.5b", GLMTUNE, "fused-swiglu", "packed", method="full", model="1.5b", fused_swiglu=True),
+    Run("full-1.5b", GLMTUNE, "inductor-swiglu", "packed", method="full", model="1.5b", fused_swiglu=False),
     Run("full-1.5b", HF, "eager", "packed", method="full", model="1.5b"),
 ]
 
@@ -167,8 +172,10 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
     kw = {"cuda_graph": run.cuda_graph} if run.cuda_graph is not None else {}
     if run.loss_recompute is not None:
         kw["loss_recompute"] = run.loss_recompute
-    if run.fused_swiglu:
-        kw["fused_swiglu"] = True
+    if run.fused_swiglu is not None:
+        kw["fused_swiglu"] = run.fused_swiglu
+    if run.inductor:
+        kw["compile_options"] = dict(run.inductor)
     return GlmtuneStep(cfg, method=run.method, options=options, device=device, precision=precision,
                        gradient_checkpointing=run.checkpointing, compile=run.compile, **kw)  # fmt: skip
 
@@ -194,8 +201,10 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
     row["compiled"] = bool(getattr(step, "compile_mode", None)) if run.impl == GLMTUNE else bool(run.compile)
     if getattr(step, "compile_mode", None):
         row["compile_mode"] = step.compile_mode
-    if run.fused_swiglu:
+    if run.impl == GLMTUNE:
         row["fused_swiglu_mlps"] = step.fused_swiglu_mlps
+    if run.inductor:
+        row["inductor_options"] = dict(run.inductor)
     row["cuda_graph"] = bool(getattr(step, "graphed", False))
     cuda = device.type == "cuda"
     peaks = [torch.cuda.max_memory_allocated(device) / 2**30] if cuda else []  # the model's build
@@ -205,6 +214,8 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
         row["prepare_s"] = time.perf_counter() - t0
         # where the peak comes from: the eager first runs (with the compiles), the captures (each from a reset)
         row["peak_passes_gib"] = list(getattr(step, "pass_peaks_gib", []))
+        row["peak_calls_gib"] = dict(getattr(step, "call_peaks_gib", {}))  # an eager call's, a capture's
+        row["peak_call_memory_gib"] = dict(getattr(step, "peak_call_memory", {}))
         peaks += row["peak_passes_gib"]
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -231,6 +242,9 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
         "kernels_per_step": timing.kernels_per_step,
         "step_ms": timing.step_ms,
         "kernel_ms_per_step": timing.kernel_ms_per_step,
+        "host_ms": timing.host_ms,
+        "host_max_ms": timing.host_max_ms,
+        "device_step_ms": timing.device_step_ms,
         **(timing.kernel_kinds or {}),
         "rows_per_step": batches[0]["input_ids"].shape[0],
         "mean_width": sum(batches[i]["input_ids"].shape[1] for i in timed) / len(timed),
@@ -258,8 +272,19 @@ def kernel_summary(events: list[dict], steps: int, top: int = 20) -> dict:
     if "flash attention" in kinds:
         kinds["flash attention bwd"] = flash_bwd / steps
     tops = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
-    return {"kernel_kinds_ms": kinds,
-            "top_kernels": [{"name": n, "per_step": c / steps, "ms": ms / steps} for n, (c, ms) in tops]}  # fmt: skip
+    # the host's CUDA runtime/driver calls by time (where a step's host thread waits: a launch, a sync, an alloc)
+    calls: dict[str, list[float]] = {}
+    for e in events:
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "dur" in e:
+            entry = calls.setdefault(e.get("name", ""), [0, 0.0])
+            entry[0] += 1
+            entry[1] += float(e["dur"]) / 1e3
+    host_calls = sorted(calls.items(), key=lambda kv: -kv[1][1])[:8]
+
+    def per_step(items):
+        return [{"name": n, "per_step": c / steps, "ms": ms / steps} for n, (c, ms) in items]
+
+    return {"kernel_kinds_ms": kinds, "top_kernels": per_step(tops), "host_calls": per_step(host_calls)}
 
 
 COLUMNS = [

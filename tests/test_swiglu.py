@@ -258,8 +258,13 @@ def test_tiny_chatglm3_compiled_with_fused_swiglu_equals_eager(monkeypatch):
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(1))
     use_fused_swiglu(model)
     loss, grads = _loss_and_grads(model, ids)
+    use_fused_swiglu(model, on=False)
     torch._dynamo.reset()
-    train_compile.compile_blocks(model)
+    train_compile.compile_blocks(model)  # on the CPU: the MLPs keep PyTorch's SwiGLU unless asked
+    assert not any(m.fused_swiglu for m in model.modules() if isinstance(m, MLP))
+    torch._dynamo.reset()
+    train_compile.compile_blocks(model, fused_swiglu=True)  # (the default on CUDA)
+    assert all(m.fused_swiglu for m in model.modules() if isinstance(m, MLP))
     try:
         c_loss, c_grads = _loss_and_grads(model, ids)
     finally:

@@ -145,3 +145,23 @@ def test_config_values(models: Path, tmp_path: Path) -> None:
         small_config(model, tmp_path, "train.compile=sometimes")
     assert train_compile.use_compile("auto", torch.device("cpu")) is False
     assert train_compile.use_compile("auto", torch.device("cuda")) is True
+
+
+def test_inductor_options_reach_each_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile_blocks(options=...)`` hands Inductor's options to every block's torch.compile (no global config);
+    other backends take none."""
+    from torch import nn
+
+    from glmtune.models import build_model
+    from glmtune.models.config import preset
+
+    seen: list[dict] = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **kw: seen.append(kw))
+    model = build_model(preset("tiny-chatglm3"), dtype=torch.float32)
+    n = train_compile.compile_blocks(model, backend="inductor", options={"coordinate_descent_tuning": True})
+    assert n == len(seen) > 0
+    assert all(kw == {"backend": "inductor", "dynamic": False, "options": {"coordinate_descent_tuning": True}}
+               for kw in seen)  # fmt: skip
+    seen.clear()
+    train_compile.compile_blocks(model, backend="aot_eager", options={"coordinate_descent_tuning": True})
+    assert seen and all("options" not in kw for kw in seen)
