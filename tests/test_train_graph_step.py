@@ -287,6 +287,9 @@ def test_replays_draw_new_dropout_masks() -> None:
         (batches,) = _steps(True, 1)
         losses[dropout] = [float(step(batches).loss_sum) for _ in range(5)]
         assert step.ready(batches[0])
+        # the copies go through each key's two pinned buffers, kept, not a pinned allocation a step
+        assert [len(slot.staging.hosts) for slot in step.slots.values()] == [2]
+        assert all(host.is_pinned() for host in next(iter(step.slots.values())).staging.hosts)
     assert len(set(losses[0.1][2:])) == 3  # steps 3-5 are replays
     assert losses[0.0][2:] == pytest.approx([losses[0.0][0]] * 3, rel=1e-6)
 

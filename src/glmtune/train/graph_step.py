@@ -4,7 +4,8 @@ A LoRA step on short batches launches ~1,200 kernels for ~35 ms of GPU work: lau
 GPU idle about half the time. :class:`GraphedTrainStep` computes what :class:`~glmtune.train.step.TrainStep` does,
 as two kinds of graph: graph A (one per input key) = forward + backward of one micro-batch, accumulating into the
 gradients and the loss sum; graph B = gradient norm and clipping, fused AdamW (skipping a non-finite step on the
-device, as TrainStep) and the gradients zeroed. A step is one host-to-device copy per micro-batch and a few replays.
+device, as TrainStep) and the gradients zeroed. A step is one host-to-device copy per micro-batch (from pinned
+buffers kept per key) and a few replays.
 
 What makes a step replayable:
 - static inputs: a micro-batch's model inputs and loss positions travel in one flat int64 buffer per key (key =
@@ -31,7 +32,7 @@ import logging
 import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -86,6 +87,31 @@ def target_slots(n: int, capacity: int) -> int:
 
 
 @dataclass
+class _Staging:
+    """Pinned host buffers (``TURNS``, used in turn) that feed one device buffer, so a step's copy needs no pinned
+    allocation (a new pinned block costs ``cudaHostAlloc``, which can stall the host). A buffer is written again
+    once the copy out of it, ``TURNS`` steps earlier, has run (its event)."""
+
+    TURNS = 2
+    hosts: list[torch.Tensor] = field(default_factory=list)
+    events: list[torch.cuda.Event] = field(default_factory=list)
+    turn: int = 0
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst`` (CUDA) = ``src`` (host, dst's numel and dtype), without waiting for the copy."""
+        if len(self.hosts) < self.TURNS:
+            self.hosts.append(torch.empty(src.shape, dtype=src.dtype, pin_memory=True))
+            self.events.append(torch.cuda.Event())
+        else:
+            self.events[self.turn].synchronize()  # (the device is at most a step or two behind: rarely a wait)
+        host = self.hosts[self.turn]
+        host.copy_(src)
+        dst.copy_(host.view(dst.shape), non_blocking=True)
+        self.events[self.turn].record()
+        self.turn = (self.turn + 1) % self.TURNS
+
+
+@dataclass
 class _Slot:
     """Static buffers (and graph A) of one key: ``flat`` holds every input, ``spec`` says where."""
 
@@ -94,6 +120,7 @@ class _Slot:
     flat: torch.Tensor  # int64 (sum of numels + 2 * slots,) on the device
     graph: torch.cuda.CUDAGraph | None = None
     runs: int = 0
+    staging: _Staging = field(default_factory=_Staging)
 
     def inputs(self) -> dict[str, torch.Tensor | int]:
         """The loss module's keyword arguments, as views of (or casts from) ``flat``, and the host ints."""
@@ -164,6 +191,7 @@ class GraphedTrainStep:
         n_groups = len(optimizer.param_groups)
         self.scalars = torch.zeros(2 + n_groups, dtype=torch.float32, device=device)  # scale, no targets, lrs
         self.lrs = [self.scalars[2 + i] for i in range(n_groups)]
+        self.scalars_staging = _Staging()
         self.slots: dict[tuple, _Slot] = {}
         self.update_graph: torch.cuda.CUDAGraph | None = None
         self.update_runs = 0
@@ -174,7 +202,8 @@ class GraphedTrainStep:
     def __call__(self, batches: list[dict[str, torch.Tensor]]) -> StepOutput:
         n, tokens = host_counts(batches)
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
-        self._to_device(self.scalars, torch.tensor([1.0 / max(n, 1), float(n == 0), *lrs], dtype=torch.float32))
+        scalars = torch.tensor([1.0 / max(n, 1), float(n == 0), *lrs], dtype=torch.float32)
+        self._to_device(self.scalars, scalars, self.scalars_staging)
         for batch in batches:
             slot = self._slot(batch)
             self._run(slot, lambda slot=slot: self._forward_backward(slot))
@@ -230,14 +259,15 @@ class GraphedTrainStep:
         if slot is None:
             slot = _Slot(spec, slots, torch.empty(flat.numel(), dtype=torch.long, device=self.device))
             self.slots[(spec, slots)] = slot
-        self._to_device(slot.flat, flat)
+        self._to_device(slot.flat, flat, slot.staging)
         return slot
 
-    def _to_device(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy a host tensor into a static buffer without waiting (from pinned memory on CUDA)."""
+    def _to_device(self, dst: torch.Tensor, src: torch.Tensor, staging: _Staging) -> None:
+        """Copy a host tensor into a static buffer without waiting (through ``staging``'s pinned buffers on CUDA)."""
         if dst.device.type == "cuda":
-            src = src.pin_memory()
-        dst.copy_(src, non_blocking=True)
+            staging.copy(dst, src)
+        else:
+            dst.copy_(src)
 
     def _run(self, slot: _Slot | None, body: Callable[[], None]) -> None:
         """Replay the graph of ``slot`` (None: the update), or run ``body`` eagerly, or capture it first."""
