@@ -140,3 +140,35 @@ def test_a_batch_without_targets_is_skipped() -> None:
     assert bool(out.bad) and float(out.targets) == 0.0
     after = _state(net, step.optimizer)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_loss_kind_reads_the_run_once_and_after_compile_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LMLoss.loss_kind`` asks torch.distributed and walks the blocks once per module (the first forward), not
+    once per micro-batch; a module built before ``compile_blocks`` (the trainer's order) and one built after it both
+    see the compiled blocks."""
+    from glmtune.models import build_model
+    from glmtune.models.config import preset
+    from glmtune.train import compile as train_compile
+    from glmtune.train.step import LMLoss
+
+    asked: list[str] = []
+    blocks_compiled, is_initialized = train_compile.blocks_compiled, torch.distributed.is_initialized
+    monkeypatch.setattr(train_compile, "blocks_compiled", lambda m: asked.append("blocks") or blocks_compiled(m))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: asked.append("dist") or is_initialized())
+
+    torch.manual_seed(0)
+    model = build_model(preset("tiny-chatglm3"))
+    net = LMLoss(model, 8)
+    ids = torch.randint(5, 200, (2, 12))
+    losses = [net(ids, ids) for _ in range(3)]  # three micro-batches
+    assert sorted(asked) == ["blocks", "dist"]  # once, not once a micro-batch
+    assert all(torch.equal(loss, losses[0]) for loss in losses)  # (eager, recomputed chunks on the CPU)
+
+    cuda = torch.device("cuda")  # (only its type is read)
+    before = LMLoss(model, 8)  # built before the blocks are compiled, asked after (the trainer's order)
+    train_compile.compile_blocks(model, backend="aot_eager")
+    after = LMLoss(model, 8)
+    asked.clear()
+    for _ in range(3):
+        assert before.loss_kind(cuda) == (False, True) and after.loss_kind(cuda) == (False, True)
+    assert sorted(asked) == ["blocks", "blocks", "dist", "dist"]  # once per module

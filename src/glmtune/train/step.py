@@ -50,17 +50,23 @@ class LMLoss(nn.Module):
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.recompute = recompute  # the loss chunks' logits recomputed in the backward (train.loss_recompute)
+        # (several processes, blocks compiled): constant for a run, asked at the first loss_kind (the first forward),
+        # so that the trainer may compile the blocks after building this module
+        self._run_facts: tuple[bool, bool] | None = None
 
     def loss_kind(self, device: torch.device, kept_bytes: int = 0) -> tuple[bool, bool]:
         """(recompute, compiled) of the chunked loss: with compiled blocks on CUDA in one process and
         ``recompute`` false, or auto while the kept logits (``kept_bytes``: targets x vocab x element size) take at
         most ``KEEP_LOGITS_BYTES``, the chunk loss is compiled and kept for the backward (no float32 logits in
         memory, one output-layer product less); else the eager chunk loss, recomputed unless ``recompute`` is
-        false (auto: recomputed)."""
-        several = torch.distributed.is_available() and torch.distributed.is_initialized()
+        false (auto: recomputed). Whether several processes run and whether the blocks are compiled is read once,
+        at the first call, and kept (both stay as they are for a run)."""
+        if self._run_facts is None:
+            several = torch.distributed.is_available() and torch.distributed.is_initialized()
+            self._run_facts = several, train_compile.blocks_compiled(self.model)
+        several, blocks_compiled = self._run_facts
         fits = self.recompute is False or kept_bytes <= KEEP_LOGITS_BYTES
-        compiled = self.recompute is not True and fits and device.type == "cuda" and not several and \
-            train_compile.blocks_compiled(self.model)  # fmt: skip
+        compiled = self.recompute is not True and fits and device.type == "cuda" and not several and blocks_compiled
         return (not compiled and self.recompute is not False), compiled
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, segment_ids=None, context=None,
