@@ -444,6 +444,16 @@ def test_choose_mode() -> None:
         fsdp.check_supported(precision="fp32", offload=True, device=torch.device("cpu"))
 
 
+def test_shard_defaults_to_the_config_keep_gathered() -> None:
+    """``shard``'s keep_gathered default (what bench/fsdp_speed.py reports as the default) is the config's."""
+    import inspect
+
+    from glmtune.train.config import OptimConfig
+
+    assert inspect.signature(fsdp.shard).parameters["keep_gathered"].default == OptimConfig().fsdp_keep_gathered
+    assert fsdp.KEEP_GATHERED == OptimConfig().fsdp_keep_gathered
+
+
 def test_different_configs_on_the_ranks_are_an_error(monkeypatch) -> None:
     info = distributed.DistInfo(rank=0, world_size=3)
     texts = ["a: 1\n", "a: 1\n", "a: 2\n"]

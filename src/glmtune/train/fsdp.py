@@ -45,6 +45,7 @@ from glmtune.models.checkpoint import ShardWriter
 from glmtune.models.config import GLMConfig
 from glmtune.templates import IGNORE_INDEX
 from glmtune.train.compile import transformer_blocks
+from glmtune.train.config import OptimConfig
 from glmtune.train.distributed import DistInfo
 from glmtune.train.step import TrainStep
 
@@ -78,7 +79,9 @@ def check_supported(*, precision: str, offload: bool, device: torch.device) -> N
                          f"(this run is on {device})")  # fmt: skip
 
 
-KEEP_GATHERED = 1  # last block units left gathered after the forward (their backward starts right after it)
+# last block units left gathered after the forward (their backward starts right after it): train.fsdp_keep_gathered's
+# default, which config.py holds
+KEEP_GATHERED = OptimConfig.fsdp_keep_gathered
 PREFETCH = 1  # block units whose all-gather is in flight ahead of the one computing (1: FSDP's own prefetching)
 BLOCKS_PER_UNIT = 1
 
