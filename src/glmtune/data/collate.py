@@ -141,7 +141,8 @@ def collate_packed(
     Returns input_ids, labels, attention_mask (b, t) as :func:`collate`; position_ids restarting at every sample;
     segment_ids (b, t): the sample's index within its row, -1 on padding (left out when every row holds one sample
     of 1-D positions: right padding needs no mask); cu_seqlens and max_seqlen (an int) with 1-D segment_ids
-    (``masks.packed_runs``: the runs of samples and padding and a bound on their lengths, for flash attention);
+    (``masks.packed_runs``: the runs of samples and padding and a bound on their lengths, for flash attention; the
+    trainer passes them on only where the model's attention reads them, ``train.step.step_batch``);
     context (b, t) for "2d". The first label
     of every sample is IGNORE_INDEX, so the loss never asks the last token of one sample to predict the next sample.
     """

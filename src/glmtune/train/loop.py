@@ -93,7 +93,7 @@ from glmtune.train.state import (
     write_checkpoint,
     write_sharded_checkpoint,
 )
-from glmtune.train.step import LMLoss, StepOutput, TrainStep
+from glmtune.train.step import LMLoss, StepOutput, TrainStep, step_batch
 
 log = logging.getLogger(__name__)
 
@@ -542,7 +542,8 @@ class Trainer:
         """One optimizer step on the batches of step ``progress.step``; its numbers are kept for ``read_back``."""
         progress, batcher = self.progress, self.batcher
         step = progress.step
-        batches = [batcher.collate(units) for units in batcher.step_units(step, self.info.rank)]
+        batches = [step_batch(batcher.collate(units), self.model)
+                   for units in batcher.step_units(step, self.info.rank)]  # fmt: skip
         lr = self.optimizer.param_groups[0]["lr"]
         out = self.step_fn(batches)
         with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order

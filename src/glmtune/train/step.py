@@ -28,6 +28,8 @@ from glmtune.train.loss import compiled_chunk_loss, count_targets, indexed_lm_lo
 # max_seqlen, a host int (the bound on the runs of cu_seqlens)
 MODEL_INPUTS = ("input_ids", "labels", "attention_mask", "position_ids", "segment_ids", "context", "cu_seqlens",
                 "max_seqlen")  # fmt: skip
+# the collator's runs of packed 1-D rows (masks.packed_runs), which only the "varlen" attention backend reads
+RUN_INPUTS = ("cu_seqlens", "max_seqlen")
 
 
 # train.loss_recompute auto keeps the compiled chunk loss's logits for the backward only while they take at most this
@@ -112,6 +114,21 @@ def device_inputs(batch: dict[str, torch.Tensor | int], device: torch.device) ->
     inputs["target_index"] = to_device(index, device)
     inputs["targets"] = to_device(targets, device)
     return inputs
+
+
+def reads_runs(model: nn.Module) -> bool:
+    """Whether ``model``'s attention reads a batch's :data:`RUN_INPUTS`: the "varlen" backend on rows without a
+    P-Tuning prefix (``masks.build_mask``); "sdpa", "flex" and prefixed rows build their masks from the segments."""
+    n_prefix = model.n_prefix() if hasattr(model, "n_prefix") else 0
+    return getattr(model, "attention_backend", None) == "varlen" and n_prefix == 0
+
+
+def step_batch(batch: dict[str, torch.Tensor | int], model: nn.Module) -> dict[str, torch.Tensor | int]:
+    """``batch`` as a step on ``model`` takes it: without the runs where the model's attention does not read them
+    (the CUDA-graph step's key holds ``max_seqlen``: each new bound would cost a capture that buys nothing)."""
+    if reads_runs(model) or not any(k in batch for k in RUN_INPUTS):
+        return batch
+    return {k: v for k, v in batch.items() if k not in RUN_INPUTS}
 
 
 def host_counts(batches: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
