@@ -12,6 +12,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from glmtune.models.masks import ALL, AttentionMask
 
@@ -148,6 +149,9 @@ class KVCacheView:
         return keys[:, :, : self.max_len], values[:, :, : self.max_len]
 
 
+KV_COPIES = ("saved", "recomputed")  # attend's kv_copy
+
+
 def varlen_supported(device: torch.device | str) -> bool:
     """Whether flash attention over variable-length runs (``torch.nn.attention.varlen``) runs on ``device``."""
     device = torch.device(device)
@@ -170,15 +174,42 @@ def _varlen_api() -> tuple[bool, bool]:
     return _varlen_signature()
 
 
-def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, kv_copy: str = "saved"
+                   ) -> torch.Tensor:  # fmt: skip
     """Causal flash attention within the runs of ``mask.cu_seqlens`` (the tokens of all rows flattened)."""
     b, _, s, _ = q.shape
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         return attend(q, k, v, AttentionMask(dense=_dense_from_runs(mask.cu_seqlens, b, s)))
-    return _flash_varlen(q, k, v, mask)
+    return _flash_varlen(q, k, v, mask, kv_copy)
 
 
-def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+def repeat_kv_heads(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """(T, n_kv, d) -> (T, n_head, d) in one copy: head h = kv * g + j reads key head kv (g = n_head / n_kv), the
+    grouping flash and SDPA's ``enable_gqa`` use; the backward sums the g copies."""
+    tokens, n_kv, d = t.shape
+    return t[:, :, None].expand(tokens, n_kv, n_head // n_kv, d).reshape(tokens, n_head, d)
+
+
+def _repeat_pair(k: torch.Tensor, v: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return repeat_kv_heads(k, n_head), repeat_kv_heads(v, n_head)
+
+
+def kv_for_flash(k: torch.Tensor, v: torch.Tensor, n_head: int, kv_copy: str = "saved") -> tuple[torch.Tensor, ...]:
+    """K and V (T, n_kv, d) repeated to ``n_head`` heads for an attention kernel that takes no grouped heads.
+
+    The kernel saves what it is given for its backward, so the copies (g times the K/V) stay alive to the backward.
+    ``kv_copy="recomputed"``, under ``torch.compile``: the repeat runs inside ``torch.utils.checkpoint``, whose
+    nodes the compiled graph tags for recomputation; the partitioner then keeps the n_kv heads and repeats them again
+    in the backward (left alone, its min-cut keeps the copies: "materialized in backward"). Eagerly the option
+    changes nothing (the kernel's autograd still saves its inputs), so it is not applied there."""
+    if kv_copy == "recomputed" and torch.compiler.is_compiling():
+        # no RNG state read (nothing random inside; compiled checkpoints never fork the RNG either)
+        return checkpoint(_repeat_pair, k, v, n_head, use_reentrant=False, preserve_rng_state=False)
+    return _repeat_pair(k, v, n_head)
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, kv_copy: str = "saved"
+                  ) -> torch.Tensor:  # fmt: skip
     """``varlen_attn`` called as this torch's signature wants it; q (b, h, s, d), k, v (b, n_kv, s, d)."""
     from torch.nn.attention.varlen import varlen_attn
 
@@ -191,9 +222,8 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atten
     if n_kv != n_head:
         if gqa:
             kwargs["enable_gqa"] = True
-        else:  # heads h = kv * g + j use key head kv (flash's grouping too); the backward sums the g copies
-            g = n_head // n_kv
-            kf, vf = (t[:, :, None].expand(b * s, n_kv, g, d).reshape(b * s, n_head, d) for t in (kf, vf))
+        else:  # one copy each (flash takes the heads grouped only from torch 2.13 on)
+            kf, vf = kv_for_flash(kf, vf, n_head, kv_copy)
     cu = mask.cu_seqlens
     out = varlen_attn(qf, kf, vf, cu, cu, mask.max_len, mask.max_len, **kwargs)  # (b * s, n_head, d)
     return out.reshape(b, s, n_head, d).transpose(1, 2)
@@ -207,11 +237,16 @@ def _dense_from_runs(cu_seqlens: torch.Tensor, b: int, s: int) -> torch.Tensor:
     return ((run[:, :, None] == run[:, None, :]) & (order[None, :] <= order[:, None]))[:, None]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    """Scaled dot-product attention with grouped KV heads. q (b, h, s, d); k, v (b, n_kv, t, d) -> (b, h, s, d)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, kv_copy: str = "saved"
+           ) -> torch.Tensor:  # fmt: skip
+    """Scaled dot-product attention with grouped KV heads. q (b, h, s, d); k, v (b, n_kv, t, d) -> (b, h, s, d).
+
+    ``kv_copy`` (``KV_COPIES``): what a compiled backward gets of K/V heads repeated for flash's varlen kernel
+    where it takes no grouped heads (torch < 2.13): the copies ("saved") or the grouped heads, repeated again
+    ("recomputed", see :func:`kv_for_flash`). Every other path ignores it."""
     n_head = q.shape[1]
     if mask.cu_seqlens is not None:
-        return _attend_varlen(q, k, v, mask)
+        return _attend_varlen(q, k, v, mask, kv_copy)
     if mask.block is not None:
         from torch.nn.attention.flex_attention import flex_attention
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmtune.models.attention import KVCache, attend
+from glmtune.models.attention import KV_COPIES, KVCache, attend
 from glmtune.models.base import CausalLMBase
 from glmtune.models.config import GLMConfig
 from glmtune.models.masks import AttentionMask
@@ -132,6 +132,7 @@ class SelfAttention(nn.Module):
             config.hidden_size, config.qkv_size, bias=config.add_bias_linear or config.add_qkv_bias, **kw
         )
         self.dense = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.add_bias_linear, **kw)
+        self.kv_copy = "saved"  # attention.KV_COPIES; set by set_kv_copy
 
     def forward(
         self,
@@ -158,8 +159,21 @@ class SelfAttention(nn.Module):
         elif prefix_kv is not None:
             k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
             v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
-        out = attend(q, k, v, mask)  # (b, h, s, d)
+        out = attend(q, k, v, mask, kv_copy=self.kv_copy)  # (b, h, s, d)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.n_head * d))
+
+
+def set_kv_copy(model: nn.Module, kv_copy: str) -> int:
+    """What the compiled backward of every ChatGLM attention in ``model`` keeps of the K/V heads repeated for flash's
+    varlen kernel (torch < 2.13 takes no grouped heads): "saved" (the default: the repeated copies) or "recomputed"
+    (the grouped heads, repeated again in the backward; ``attention.kv_for_flash``). Returns how many attentions have
+    grouped K/V heads, where it can matter. Set it before the first compiled call (a change recompiles)."""
+    if kv_copy not in KV_COPIES:
+        raise ValueError(f"kv_copy must be one of {KV_COPIES}, got {kv_copy!r}")
+    attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    for attention in attentions:
+        attention.kv_copy = kv_copy
+    return sum(a.n_kv != a.n_head for a in attentions)
 
 
 class MLP(nn.Module):
