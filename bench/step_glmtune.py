@@ -13,7 +13,9 @@ else each transformer block wrapped in ``torch.compile`` here (``GlmtuneStep.com
 CUDA graphs, ``GraphedTrainStep``), True/False force it; ``prepare(batches)`` captures every batch key before timing.
 ``loss_recompute``: None follows ``train.loss_recompute``'s default, or forces it. ``fused_swiglu``: None follows
 ``compile_blocks``' default (ChatGLM's MLPs on glmtune's fused SwiGLU ops when compiled on CUDA), True/False force it.
-``compile_options``: Inductor options for ``compile_blocks`` (None: its default).
+``compile_options``: Inductor options for ``compile_blocks`` (None: its default). ``kv_copy``: None leaves ChatGLM's
+attention as built ("saved"); "recomputed"/"saved" set by ``chatglm.set_kv_copy`` before compiling (what compiled
+backwards keep of the K/V heads repeated for flash varlen: the copies, or the grouped heads repeated again).
 
 This is the one file to adapt when the trainer changes: ``GlmtuneStep.__call__`` must stay one optimizer step of
 the real trainer on one micro-batch.
@@ -54,6 +56,10 @@ try:
     from glmtune.models.chatglm import use_fused_swiglu
 except ImportError:  # before the fused SwiGLU ops
     use_fused_swiglu = None
+try:
+    from glmtune.models.chatglm import set_kv_copy
+except ImportError:  # before kv_copy
+    set_kv_copy = None
 
 
 def default_compile(device: torch.device) -> bool:
@@ -104,6 +110,7 @@ class GlmtuneStep:
         loss_recompute: bool | str | None = None,
         fused_swiglu: bool | None = None,
         compile_options: dict | None = None,
+        kv_copy: str | None = None,
     ) -> None:
         self.device = device
         # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base;
@@ -125,6 +132,13 @@ class GlmtuneStep:
         self.inputs = set(inspect.signature(self.net.forward).parameters)
         if fused_swiglu and use_fused_swiglu is None:
             raise RuntimeError("this glmtune has no fused SwiGLU ops (chatglm.use_fused_swiglu)")
+        # attentions whose compiled backward repeats the K/V heads again ("recomputed"; before compiling)
+        self.kv_recomputed_attentions = 0
+        if kv_copy is not None:
+            if set_kv_copy is None:
+                raise RuntimeError("this glmtune has no kv_copy (chatglm.set_kv_copy)")
+            grouped = set_kv_copy(self.model, kv_copy)
+            self.kv_recomputed_attentions = grouped if kv_copy == "recomputed" else 0
         self.compile_mode = None
         if default_compile(device) if compile is None else compile:
             if train_compile is not None:

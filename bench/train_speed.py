@@ -11,7 +11,9 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
   collator's bound; "compile-recompute": ``train.loss_recompute: true``, the eager loss chunks recomputed in the
   backward, as before the compiled loss; the same for ADGEN packed, "packed-recompute"; "compile-inductor-swiglu"
   and ADGEN's "packed-inductor-swiglu": the MLPs' SwiGLU left to Inductor, as before compiled blocks took glmtune's
-  fused SwiGLU ops; "compile-coordinate-descent", "compile-autotune": with those Inductor options).
+  fused SwiGLU ops; "compile-coordinate-descent", "compile-autotune": with those Inductor options;
+  "compile-kv-recomputed" and ADGEN's "packed-kv-recomputed" / "padded-kv-recomputed": the K/V heads repeated for
+  flash varlen kept as the 2 grouped heads and repeated again in the backward, ``chatglm.set_kv_copy``).
 - adgen-ptuning: P-Tuning v2, pre_seq_len 128, 4 samples (glmtune only: no peer has it), padded and packed.
 - full-1.5b: full fine-tuning of a ~1.5B-parameter ChatGLM-shaped model (24 layers, hidden 2048) on packed 4x1024
   (and with Inductor's SwiGLU, "inductor-swiglu").
@@ -79,6 +81,7 @@ class Run:
     loss_recompute: bool | None = None  # glmtune: None = train.loss_recompute's default (auto), or forced
     fused_swiglu: bool | None = None  # glmtune: the MLPs' SwiGLU as the fused ops; None = compile_blocks' default
     inductor: tuple[tuple[str, object], ...] = ()  # glmtune: Inductor options for compile_blocks (() = its default)
+    kv_copy: str | None = None  # glmtune: chatglm.set_kv_copy ("recomputed"); None = the model's default ("saved")
 
     @property
     def id(self) -> str:
@@ -99,9 +102,13 @@ RUNS = [
     Run("packed-4x1024-lora", GLMTUNE, "compile-inductor-swiglu", "packed", compile=True, fused_swiglu=False),
     Run("packed-4x1024-lora", GLMTUNE, "compile-coordinate-descent", "packed", compile=True, inductor=DESCENT),
     Run("packed-4x1024-lora", GLMTUNE, "compile-autotune", "packed", compile=True, inductor=(("max_autotune", True),)),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-kv-recomputed", "packed", compile=True, kv_copy="recomputed"),
     Run("adgen-lora", GLMTUNE, "packed-recompute", "adgen-packed", loss_recompute=True),
     Run("adgen-lora", GLMTUNE, "packed-inductor-swiglu", "adgen-packed", fused_swiglu=False),
     Run("adgen-lora", GLMTUNE, "packed-mlp-recomputed", "adgen-packed", checkpointing="mlp"),  # the memory option
+    # the K/V heads repeated for flash varlen (torch < 2.13) repeated again in the backward, not saved: the peak
+    Run("adgen-lora", GLMTUNE, "packed-kv-recomputed", "adgen-packed", kv_copy="recomputed"),
+    Run("adgen-lora", GLMTUNE, "padded-kv-recomputed", "adgen-padded", kv_copy="recomputed"),
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
     Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
     Run("full-1.5b", GLMTUNE, "default", "packed", method="full", model="1.5b"),
@@ -176,6 +183,8 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
         kw["fused_swiglu"] = run.fused_swiglu
     if run.inductor:
         kw["compile_options"] = dict(run.inductor)
+    if run.kv_copy is not None:
+        kw["kv_copy"] = run.kv_copy
     return GlmtuneStep(cfg, method=run.method, options=options, device=device, precision=precision,
                        gradient_checkpointing=run.checkpointing, compile=run.compile, **kw)  # fmt: skip
 
@@ -203,6 +212,7 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
         row["compile_mode"] = step.compile_mode
     if run.impl == GLMTUNE:
         row["fused_swiglu_mlps"] = step.fused_swiglu_mlps
+        row["kv_recomputed_attentions"] = getattr(step, "kv_recomputed_attentions", 0)
     if run.inductor:
         row["inductor_options"] = dict(run.inductor)
     row["cuda_graph"] = bool(getattr(step, "graphed", False))
