@@ -280,11 +280,11 @@ def test_recomputed_kv_copies_train_alike_in_less_memory_on_cuda():
             loss.backward()
         results[kv_copy] = [loss.detach()] + [p.grad.float() for p in model.parameters()]
         del model, h, loss
-    for got, want in zip(results["recomputed"], results["saved"], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-4)
+    for got, want in zip(results["recomputed"], results["saved"], strict=True):  # the loss, then every gradient
+        assert (got - want).norm() <= 1e-3 * want.norm()
     d, h_, n_kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_kv_heads
-    copies = 2 * b * s * (h_ - n_kv) * d * 2 * cfg.num_layers  # bytes of the K/V copies the backward no longer holds
+    copies = 2 * b * s * (h_ - n_kv) * d * 2 * cfg.num_layers  # bytes: the K/V copies less the grouped K/V
     if _repeats_kv():
-        assert held["saved"] - held["recomputed"] >= 0.9 * copies, (held, copies)
+        assert held["saved"] - held["recomputed"] >= 0.75 * copies, (held, copies)
     else:  # torch >= 2.13 hands flash the grouped heads: nothing is repeated, the option changes nothing
         assert abs(held["saved"] - held["recomputed"]) < 0.1 * copies, (held, copies)
