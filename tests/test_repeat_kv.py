@@ -268,6 +268,43 @@ def test_ops_under_torch_compile_are_one_node_each_way(backend):
         assert not any("aten.sum" in t for t in targets[1]), targets[1]  # (the sum(-1)'s backward is an expand)
 
 
+@pytest.mark.parametrize("kernel", [False, True], ids=["reference", "kernel"])
+def test_pair_inside_a_compiled_checkpoint_is_recomputed_in_the_backward(monkeypatch, kernel):
+    """As ``attention.kv_for_flash(kv_copy="recomputed")`` would call it: the forward saves K and V (n_kv heads),
+    not their copies, and the backward repeats them again before summing the gradients; the gradients equal
+    eager's."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch.utils.checkpoint import checkpoint
+
+    monkeypatch.setattr(rk, "INTERPRETED", kernel)
+    graphs = []
+
+    def keep(gm, _inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def f(k, v):
+        kr, vr = checkpoint(rk.repeat_kv_pair, k * 1.5, v, 4, use_reentrant=False, preserve_rng_state=False)
+        return (kr * vr).sum()  # a stand-in for flash: saves both copies unless they are recomputed
+
+    k0, v0 = _randn(5, 2, 8, dtype=torch.float32, seed=45), _randn(5, 2, 8, dtype=torch.float32, seed=46)
+    k, v = k0.clone().requires_grad_(), v0.clone().requires_grad_()
+    want = torch.autograd.grad(f(k, v), (k, v))
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    try:
+        got = torch.autograd.grad(compiled(k, v), (k, v))
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    forward, backward = graphs
+    saved = [tuple(n.meta["val"].shape) for n in forward.graph.output_node().args[0][1:]]
+    assert saved == [(5, 2, 8), (5, 2, 8)], saved
+    ops = [str(n.target) for n in backward.graph.nodes if n.op == "call_function" and "glmtune" in str(n.target)]
+    assert ops == ["glmtune.repeat_kv_pair.default", "glmtune.repeat_kv_pair_backward.default"]
+
+
 def test_ops_compile_once_for_any_token_count():
     torch._dynamo.reset()
     compiled = torch.compile(lambda k, v: rk.repeat_kv_pair(k, v, 4), backend="aot_eager", fullgraph=True,
