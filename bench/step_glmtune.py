@@ -111,6 +111,7 @@ class GlmtuneStep:
         fused_swiglu: bool | None = None,
         compile_options: dict | None = None,
         kv_copy: str | None = None,
+        fused_repeat: bool = False,
     ) -> None:
         self.device = device
         # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base;
@@ -134,11 +135,14 @@ class GlmtuneStep:
             raise RuntimeError("this glmtune has no fused SwiGLU ops (chatglm.use_fused_swiglu)")
         # attentions whose compiled backward repeats the K/V heads again ("recomputed"; before compiling)
         self.kv_recomputed_attentions = 0
-        if kv_copy is not None:
+        self.kv_fused_repeats = 0  # attentions repeating the K/V heads with glmtune's Triton ops
+        if kv_copy is not None or fused_repeat:
             if set_kv_copy is None:
                 raise RuntimeError("this glmtune has no kv_copy (chatglm.set_kv_copy)")
-            grouped = set_kv_copy(self.model, kv_copy)
+            kw = {"fused_repeat": True} if fused_repeat else {}
+            grouped = set_kv_copy(self.model, kv_copy or "saved", **kw)
             self.kv_recomputed_attentions = grouped if kv_copy == "recomputed" else 0
+            self.kv_fused_repeats = grouped if fused_repeat else 0
         self.compile_mode = None
         if default_compile(device) if compile is None else compile:
             if train_compile is not None:

@@ -13,7 +13,8 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
   and ADGEN's "packed-inductor-swiglu": the MLPs' SwiGLU left to Inductor, as before compiled blocks took glmtune's
   fused SwiGLU ops; "compile-coordinate-descent", "compile-autotune": with those Inductor options;
   "compile-kv-recomputed" and ADGEN's "packed-kv-recomputed" / "padded-kv-recomputed": the K/V heads repeated for
-  flash varlen kept as the 2 grouped heads and repeated again in the backward, ``chatglm.set_kv_copy``).
+  flash varlen kept as the 2 grouped heads and repeated again in the backward, ``chatglm.set_kv_copy``; "-kv-fused"
+  and "-kv-recomputed-fused": that repeat as glmtune's Triton ops, ``models/repeat_kv.py``).
 - adgen-ptuning: P-Tuning v2, pre_seq_len 128, 4 samples (glmtune only: no peer has it), padded and packed.
 - full-1.5b: full fine-tuning of a ~1.5B-parameter ChatGLM-shaped model (24 layers, hidden 2048) on packed 4x1024
   (and with Inductor's SwiGLU, "inductor-swiglu").
@@ -64,6 +65,7 @@ LORA = {"rank": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_val
 PTUNING = {"pre_seq_len": 128, "prefix_projection": False}
 HF, GLMTUNE = "transformers+peft", "glmtune"
 DESCENT = (("coordinate_descent_tuning", True),)  # Inductor tunes each kernel's launch configuration
+KV_FUSED = {"kv_copy": "recomputed", "fused_repeat": True}  # the repeated K/V recomputed, by glmtune's Triton ops
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Run:
     fused_swiglu: bool | None = None  # glmtune: the MLPs' SwiGLU as the fused ops; None = compile_blocks' default
     inductor: tuple[tuple[str, object], ...] = ()  # glmtune: Inductor options for compile_blocks (() = its default)
     kv_copy: str | None = None  # glmtune: chatglm.set_kv_copy ("recomputed"); None = the model's default ("saved")
+    fused_repeat: bool = False  # glmtune: the K/V repeat for flash varlen as glmtune's Triton ops (set_kv_copy)
 
     @property
     def id(self) -> str:
@@ -103,11 +106,14 @@ RUNS = [
     Run("packed-4x1024-lora", GLMTUNE, "compile-coordinate-descent", "packed", compile=True, inductor=DESCENT),
     Run("packed-4x1024-lora", GLMTUNE, "compile-autotune", "packed", compile=True, inductor=(("max_autotune", True),)),
     Run("packed-4x1024-lora", GLMTUNE, "compile-kv-recomputed", "packed", compile=True, kv_copy="recomputed"),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-kv-fused", "packed", compile=True, fused_repeat=True),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-kv-recomputed-fused", "packed", compile=True, **KV_FUSED),
     Run("adgen-lora", GLMTUNE, "packed-recompute", "adgen-packed", loss_recompute=True),
     Run("adgen-lora", GLMTUNE, "packed-inductor-swiglu", "adgen-packed", fused_swiglu=False),
     Run("adgen-lora", GLMTUNE, "packed-mlp-recomputed", "adgen-packed", checkpointing="mlp"),  # the memory option
     # the K/V heads repeated for flash varlen (torch < 2.13) repeated again in the backward, not saved: the peak
     Run("adgen-lora", GLMTUNE, "packed-kv-recomputed", "adgen-packed", kv_copy="recomputed"),
+    Run("adgen-lora", GLMTUNE, "packed-kv-recomputed-fused", "adgen-packed", **KV_FUSED),
     Run("adgen-lora", GLMTUNE, "padded-kv-recomputed", "adgen-padded", kv_copy="recomputed"),
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
     Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
@@ -185,6 +191,8 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
         kw["compile_options"] = dict(run.inductor)
     if run.kv_copy is not None:
         kw["kv_copy"] = run.kv_copy
+    if run.fused_repeat:
+        kw["fused_repeat"] = True
     return GlmtuneStep(cfg, method=run.method, options=options, device=device, precision=precision,
                        gradient_checkpointing=run.checkpointing, compile=run.compile, **kw)  # fmt: skip
 
@@ -213,6 +221,7 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
     if run.impl == GLMTUNE:
         row["fused_swiglu_mlps"] = step.fused_swiglu_mlps
         row["kv_recomputed_attentions"] = getattr(step, "kv_recomputed_attentions", 0)
+        row["kv_fused_repeats"] = getattr(step, "kv_fused_repeats", 0)
     if run.inductor:
         row["inductor_options"] = dict(run.inductor)
     row["cuda_graph"] = bool(getattr(step, "graphed", False))

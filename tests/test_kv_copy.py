@@ -10,6 +10,7 @@ autograd saves its inputs, as flash's does. The tests look at what the compiled 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 
 import pytest
@@ -197,13 +198,15 @@ def test_the_switch_reaches_a_compiled_models_attention(flash_stand_in, monkeypa
     ids = torch.randint(10, 400, seg.shape, generator=torch.Generator().manual_seed(0))
     results = {}
     counters = torch._dynamo.utils.counters
-    for kv_copy in ("saved", "recomputed"):
+    fused = [False, True] if importlib.util.find_spec("triton") else [False]  # (glmtune's repeat ops need Triton)
+    for kv_copy, fused_repeat in [(c, f) for f in fused for c in ("saved", "recomputed")]:
         torch._dynamo.reset()
         counters.clear()
         flash_stand_in.clear()
         model = build_model(preset("tiny-chatglm3"))
         model.init_weights(seed=3, std=0.3)
-        assert set_kv_copy(model, kv_copy) == model.config.num_layers  # every layer has grouped K/V heads
+        # every layer has grouped K/V heads
+        assert set_kv_copy(model, kv_copy, fused_repeat=fused_repeat) == model.config.num_layers
         compile_blocks(model, backend="aot_eager")
         model.set_attention_backend("varlen")
         saved: list[tuple[torch.Tensor, ...]] = []
@@ -220,9 +223,10 @@ def test_the_switch_reaches_a_compiled_models_attention(flash_stand_in, monkeypa
         assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, kv_copy
         for layer_saved, given in zip(saved, flash_stand_in, strict=True):
             assert _holds(layer_saved, list(given)) == (2 if kv_copy == "saved" else 0), kv_copy
-        results[kv_copy] = [loss.detach()] + [p.grad for p in model.parameters()]
-    for got, want in zip(results["recomputed"], results["saved"], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        results[kv_copy, fused_repeat] = [loss.detach()] + [p.grad for p in model.parameters()]
+    for key, result in results.items():
+        for got, want in zip(result, results["saved", False], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=str(key))
 
 
 def test_set_kv_copy_checks_its_value():

@@ -174,13 +174,13 @@ def _varlen_api() -> tuple[bool, bool]:
     return _varlen_signature()
 
 
-def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, kv_copy: str = "saved"
-                   ) -> torch.Tensor:  # fmt: skip
+def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, kv_copy: str = "saved",
+                   fused_repeat: bool = False) -> torch.Tensor:  # fmt: skip
     """Causal flash attention within the runs of ``mask.cu_seqlens`` (the tokens of all rows flattened)."""
     b, _, s, _ = q.shape
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         return attend(q, k, v, AttentionMask(dense=_dense_from_runs(mask.cu_seqlens, b, s)))
-    return _flash_varlen(q, k, v, mask, kv_copy)
+    return _flash_varlen(q, k, v, mask, kv_copy, fused_repeat)
 
 
 def repeat_kv_heads(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -190,26 +190,32 @@ def repeat_kv_heads(t: torch.Tensor, n_head: int) -> torch.Tensor:
     return t[:, :, None].expand(tokens, n_kv, n_head // n_kv, d).reshape(tokens, n_head, d)
 
 
-def _repeat_pair(k: torch.Tensor, v: torch.Tensor, n_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _repeat_pair(k: torch.Tensor, v: torch.Tensor, n_head: int, fused: bool = False) -> tuple[torch.Tensor, ...]:
+    if fused:  # glmtune's ops (models/repeat_kv.py): both in one kernel each way, the backward's group sum in one pass
+        from glmtune.models.repeat_kv import repeat_kv_pair
+
+        return repeat_kv_pair(k, v, n_head // k.shape[1])
     return repeat_kv_heads(k, n_head), repeat_kv_heads(v, n_head)
 
 
-def kv_for_flash(k: torch.Tensor, v: torch.Tensor, n_head: int, kv_copy: str = "saved") -> tuple[torch.Tensor, ...]:
+def kv_for_flash(k: torch.Tensor, v: torch.Tensor, n_head: int, kv_copy: str = "saved", fused: bool = False
+                 ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """K and V (T, n_kv, d) repeated to ``n_head`` heads for an attention kernel that takes no grouped heads.
 
     The kernel saves what it is given for its backward, so the copies (g times the K/V) stay alive to the backward.
     ``kv_copy="recomputed"``, under ``torch.compile``: the repeat runs inside ``torch.utils.checkpoint``, whose
     nodes the compiled graph tags for recomputation; the partitioner then keeps the n_kv heads and repeats them again
     in the backward (left alone, its min-cut keeps the copies: "materialized in backward"). Eagerly the option
-    changes nothing (the kernel's autograd still saves its inputs), so it is not applied there."""
+    changes nothing (the kernel's autograd still saves its inputs), so it is not applied there. ``fused``: the
+    repeat as glmtune's Triton ops (``models/repeat_kv.py``) instead of expand + reshape."""
     if kv_copy == "recomputed" and torch.compiler.is_compiling():
         # no RNG state read (nothing random inside; compiled checkpoints never fork the RNG either)
-        return checkpoint(_repeat_pair, k, v, n_head, use_reentrant=False, preserve_rng_state=False)
-    return _repeat_pair(k, v, n_head)
+        return checkpoint(_repeat_pair, k, v, n_head, fused, use_reentrant=False, preserve_rng_state=False)
+    return _repeat_pair(k, v, n_head, fused)
 
 
-def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, kv_copy: str = "saved"
-                  ) -> torch.Tensor:  # fmt: skip
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, kv_copy: str = "saved",
+                  fused_repeat: bool = False) -> torch.Tensor:  # fmt: skip
     """``varlen_attn`` called as this torch's signature wants it; q (b, h, s, d), k, v (b, n_kv, s, d)."""
     from torch.nn.attention.varlen import varlen_attn
 
@@ -223,7 +229,7 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atten
         if gqa:
             kwargs["enable_gqa"] = True
         else:  # one copy each (flash takes the heads grouped only from torch 2.13 on)
-            kf, vf = kv_for_flash(kf, vf, n_head, kv_copy)
+            kf, vf = kv_for_flash(kf, vf, n_head, kv_copy, fused_repeat)
     cu = mask.cu_seqlens
     out = varlen_attn(qf, kf, vf, cu, cu, mask.max_len, mask.max_len, **kwargs)  # (b * s, n_head, d)
     return out.reshape(b, s, n_head, d).transpose(1, 2)
@@ -237,16 +243,17 @@ def _dense_from_runs(cu_seqlens: torch.Tensor, b: int, s: int) -> torch.Tensor:
     return ((run[:, :, None] == run[:, None, :]) & (order[None, :] <= order[:, None]))[:, None]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, kv_copy: str = "saved"
-           ) -> torch.Tensor:  # fmt: skip
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, kv_copy: str = "saved",
+           fused_repeat: bool = False) -> torch.Tensor:  # fmt: skip
     """Scaled dot-product attention with grouped KV heads. q (b, h, s, d); k, v (b, n_kv, t, d) -> (b, h, s, d).
 
     ``kv_copy`` (``KV_COPIES``): what a compiled backward gets of K/V heads repeated for flash's varlen kernel
     where it takes no grouped heads (torch < 2.13): the copies ("saved") or the grouped heads, repeated again
-    ("recomputed", see :func:`kv_for_flash`). Every other path ignores it."""
+    ("recomputed", see :func:`kv_for_flash`); ``fused_repeat``: that repeat as glmtune's Triton ops. Every other
+    path ignores both."""
     n_head = q.shape[1]
     if mask.cu_seqlens is not None:
-        return _attend_varlen(q, k, v, mask, kv_copy)
+        return _attend_varlen(q, k, v, mask, kv_copy, fused_repeat)
     if mask.block is not None:
         from torch.nn.attention.flex_attention import flex_attention
 

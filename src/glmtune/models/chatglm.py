@@ -133,6 +133,7 @@ class SelfAttention(nn.Module):
         )
         self.dense = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.add_bias_linear, **kw)
         self.kv_copy = "saved"  # attention.KV_COPIES; set by set_kv_copy
+        self.fused_repeat = False  # the K/V repeat for flash varlen as glmtune's Triton ops; set by set_kv_copy
 
     def forward(
         self,
@@ -159,20 +160,22 @@ class SelfAttention(nn.Module):
         elif prefix_kv is not None:
             k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
             v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
-        out = attend(q, k, v, mask, kv_copy=self.kv_copy)  # (b, h, s, d)
+        out = attend(q, k, v, mask, kv_copy=self.kv_copy, fused_repeat=self.fused_repeat)  # (b, h, s, d)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.n_head * d))
 
 
-def set_kv_copy(model: nn.Module, kv_copy: str) -> int:
+def set_kv_copy(model: nn.Module, kv_copy: str, *, fused_repeat: bool = False) -> int:
     """What the compiled backward of every ChatGLM attention in ``model`` keeps of the K/V heads repeated for flash's
     varlen kernel (torch < 2.13 takes no grouped heads): "saved" (the default: the repeated copies) or "recomputed"
     (the grouped heads, repeated again in the backward; ``attention.kv_for_flash``). Returns how many attentions have
-    grouped K/V heads, where it can matter. Set it before the first compiled call (a change recompiles)."""
+    grouped K/V heads, where it can matter. ``fused_repeat``: the repeat as glmtune's Triton ops
+    (``models/repeat_kv.py``; needs Triton) instead of expand + reshape. Set both before the first compiled call (a
+    change recompiles)."""
     if kv_copy not in KV_COPIES:
         raise ValueError(f"kv_copy must be one of {KV_COPIES}, got {kv_copy!r}")
     attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
     for attention in attentions:
-        attention.kv_copy = kv_copy
+        attention.kv_copy, attention.fused_repeat = kv_copy, fused_repeat
     return sum(a.n_kv != a.n_head for a in attentions)
 
 
