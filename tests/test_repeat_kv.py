@@ -403,15 +403,19 @@ def test_gpu_compiled_with_inductor_equals_eager():
             kr, vr = repeat_kv_heads(k * w, n_kv * groups), repeat_kv_heads(v, n_kv * groups)
         return kr * vr
 
-    results = []
-    for fused in (False, True):
+    results = {}
+    for fused, compiled in ((False, True), (True, True), (True, False)):
         torch._dynamo.reset()
         k, v = k0.clone().requires_grad_(), v0.clone().requires_grad_()
-        out = torch.compile(f, fullgraph=True)(k, v, fused)
+        out = (torch.compile(f, fullgraph=True) if compiled else f)(k, v, fused)
         out.backward(grad)
-        results.append((out, k.grad, v.grad))
+        results[fused, compiled] = (out, k.grad, v.grad)
     torch._dynamo.reset()
-    # Inductor keeps k * w in float32 when it fuses it into its copy (the op reads it rounded to bf16), and the bf16
-    # gradient sums of 16 products: a rounding or two apart
-    for a, b in zip(results[1], results[0], strict=True):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    # with the ops, compiled = eager: k * w and the output gradient are bf16 tensors at the ops' boundary either way
+    for a, b in zip(results[True, True], results[True, False], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    # without them Inductor fuses k * w and the gradient products into its copy and its sum in float32 (no bf16
+    # rounding in between: a few of the 1M gradient sums of 16 products differ by several bf16 steps, measured on an
+    # H200): the same numbers to ~1e-2 of the norm
+    for a, b in zip(results[True, True], results[False, True], strict=True):
+        assert (a.float() - b.float()).norm() <= 1e-2 * b.float().norm()
