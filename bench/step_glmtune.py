@@ -57,6 +57,10 @@ try:
 except ImportError:  # before the fused SwiGLU ops
     use_fused_swiglu = None
 try:
+    from glmtune.train.step import step_batch
+except ImportError:  # before the trainer dropped the runs the attention does not read
+    step_batch = None
+try:
     from glmtune.models.chatglm import set_kv_copy
 except ImportError:  # before kv_copy
     set_kv_copy = None
@@ -180,6 +184,11 @@ class GlmtuneStep:
             self.train_step = TrainStep(self.net, self.params, self.optimizer, info=info, autocast=self.autocast,
                                         max_grad_norm=max_grad_norm)  # fmt: skip
         self.model.train()
+
+    def trainer_batch(self, batch: dict[str, torch.Tensor | int]) -> dict[str, torch.Tensor | int]:
+        """``batch`` as the trainer hands it to its step (``step.step_batch``: without the runs where this model's
+        attention does not read them); call it after building (the attention backend is chosen when compiling)."""
+        return batch if step_batch is None else step_batch(batch, self.model)
 
     def prepare(self, batches: list[dict[str, torch.Tensor]]) -> int:
         """With CUDA graphs: steps on ``batches`` until a step on any of them only replays graphs (each batch

@@ -215,6 +215,8 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
     t0 = time.perf_counter()
     step = build_step(run, cfg, device, precision)
     row["build_s"] = time.perf_counter() - t0
+    if run.impl == GLMTUNE:
+        batches = [step.trainer_batch(b) for b in batches]
     row["compiled"] = bool(getattr(step, "compile_mode", None)) if run.impl == GLMTUNE else bool(run.compile)
     if getattr(step, "compile_mode", None):
         row["compile_mode"] = step.compile_mode
