@@ -91,8 +91,14 @@ def non_embedding_params(model: torch.nn.Module) -> int:
 
 
 def free_memory() -> None:
+    """Between runs: what earlier runs left allocated is freed, so each run's peak is its own. cuBLAS keeps a
+    workspace per stream it ran on (each graphed step captures on its own stream) until told to drop them: the
+    runs of one process started ~64 MiB higher each (2026-11-30, bench/RESULTS.md)."""
     gc.collect()
     if torch.cuda.is_available():
+        clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)  # (private; CUDA builds)
+        if clear_workspaces is not None:
+            clear_workspaces()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
