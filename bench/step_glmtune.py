@@ -153,7 +153,7 @@ class GlmtuneStep:
                 accepts = inspect.signature(train_compile.compile_blocks).parameters
                 kw = {k: v for k, v in (("fused_swiglu", fused_swiglu), ("options", compile_options))
                       if v is not None and k in accepts}  # fmt: skip
-                if fused_swiglu is not None and "fused_swiglu" not in accepts:  # (before compile_blocks chose it)
+                if fused_swiglu is not None and "fused_swiglu" not in accepts and use_fused_swiglu is not None:
                     use_fused_swiglu(self.model, fused_swiglu)
                 train_compile.compile_blocks(self.model, **kw)
                 self.compile_mode = "train.compile (compile_blocks)"

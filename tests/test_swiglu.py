@@ -239,6 +239,12 @@ def test_tiny_chatglm3_with_fused_swiglu_gives_the_same_loss_and_gradients(monke
         assert calls == []
         assert torch.equal(fused_loss, loss)
         assert all(torch.equal(fused_grads[n], g) for n, g in grads.items())
+    model.eval()  # evaluation and generation keep PyTorch's expression (the numbers of a later `glmtune eval`)
+    calls.clear()
+    with torch.no_grad():
+        model(ids)
+    assert calls == []
+    model.train()
     assert use_fused_swiglu(model, on=False) == 0
     assert not any(m.fused_swiglu for m in model.modules() if isinstance(m, MLP))
     assert torch.equal(_loss_and_grads(model, ids)[0], loss)
@@ -258,9 +264,8 @@ def test_tiny_chatglm3_compiled_with_fused_swiglu_equals_eager(monkeypatch):
     ids = torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(1))
     use_fused_swiglu(model)
     loss, grads = _loss_and_grads(model, ids)
-    use_fused_swiglu(model, on=False)
     torch._dynamo.reset()
-    train_compile.compile_blocks(model)  # on the CPU: the MLPs keep PyTorch's SwiGLU unless asked
+    train_compile.compile_blocks(model)  # on the CPU: the MLPs go (back) to PyTorch's SwiGLU unless asked
     assert not any(m.fused_swiglu for m in model.modules() if isinstance(m, MLP))
     torch._dynamo.reset()
     train_compile.compile_blocks(model, fused_swiglu=True)  # (the default on CUDA)
@@ -338,9 +343,8 @@ def test_gpu_compiled_bf16_model_with_fused_swiglu_matches_without():
     for fused in (False, True):
         torch._dynamo.reset()
         model = _tiny("lora").to("cuda", torch.bfloat16)
-        if fused:
-            use_fused_swiglu(model)
-        train_compile.compile_blocks(model)
+        train_compile.compile_blocks(model, fused_swiglu=None if fused else False)  # (None: on, CUDA's default)
+        assert all(m.fused_swiglu == fused for m in model.modules() if isinstance(m, MLP))
         ids = torch.randint(3, 500, (2, 64), generator=torch.Generator().manual_seed(3)).cuda()
         loss, g = _loss_and_grads(model, ids)
         losses.append(loss.float())

@@ -28,6 +28,7 @@ zeros); every generated token the next position. Parameter names are the origina
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any, Literal
 
@@ -173,6 +174,8 @@ def set_kv_copy(model: nn.Module, kv_copy: str, *, fused_repeat: bool = False) -
     change recompiles)."""
     if kv_copy not in KV_COPIES:
         raise ValueError(f"kv_copy must be one of {KV_COPIES}, got {kv_copy!r}")
+    if fused_repeat and importlib.util.find_spec("triton") is None:
+        raise ValueError("set_kv_copy(fused_repeat=True) needs Triton (models/repeat_kv.py): pip install triton")
     attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
     for attention in attentions:
         attention.kv_copy, attention.fused_repeat = kv_copy, fused_repeat
@@ -180,8 +183,10 @@ def set_kv_copy(model: nn.Module, kv_copy: str, *, fused_repeat: bool = False) -
 
 
 class MLP(nn.Module):
-    """``dense_4h_to_h(silu(a) * g)`` for ``[a | g] = dense_h_to_4h(x)``. ``fused_swiglu`` (off by default; set by
-    ``use_fused_swiglu``): the activation and its backward as glmtune's fused ops (``models/swiglu.py``)."""
+    """``dense_4h_to_h(silu(a) * g)`` for ``[a | g] = dense_h_to_4h(x)``. ``fused_swiglu`` (set by
+    ``use_fused_swiglu``; ``train.compile.compile_blocks`` sets it on CUDA): in training, the activation and its
+    backward as glmtune's fused ops (``models/swiglu.py``: one bf16 rounding instead of two, as Inductor fuses it);
+    evaluation and generation keep PyTorch's expression, so a run's dev numbers equal a later ``glmtune eval``."""
 
     def __init__(self, config: GLMConfig, device=None, dtype=None) -> None:
         super().__init__()
@@ -192,7 +197,7 @@ class MLP(nn.Module):
         self.fused_swiglu = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_swiglu:
+        if self.fused_swiglu and self.training:
             from glmtune.models.swiglu import swiglu  # imports Triton: only for models switched on
 
             return self.dense_4h_to_h(swiglu(self.dense_h_to_4h(x)))

@@ -14,7 +14,7 @@ that saves only ``ag`` (what Inductor saves for the MLP today) and calls ``glmtu
 ``torch.compile`` each is one opaque node. On CUDA the ops run the kernels; on the CPU the torch reference
 (``reference``, ``reference_backward``: the expressions and the autograd formulas of the MLP's own
 ``F.silu(a) * g``, so a CPU model gives bit for bit what it gives without the op). ``chatglm.use_fused_swiglu``
-switches a model's MLPs to it (off by default).
+switches a model's MLPs to it in training; ``train.compile.compile_blocks`` does so on CUDA.
 
 Imported only where Triton is (``chatglm.MLP`` imports it when switched on). The kernels run on CPU tensors in
 Triton's interpreter (the CPU tests): ``fused_forward``/``fused_backward`` take the interpreter for CPU tensors

@@ -16,8 +16,9 @@ are Inductor's (``torch.compile(options=...)``), per compiled block, never set g
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 BACKEND: str | Callable[..., Any] = "inductor"  # the tests use "aot_eager" (same graphs, no code generation)
-INDUCTOR_OPTIONS: dict[str, Any] = {}  # torch.compile(options=...) of every block (Inductor's defaults)
+INDUCTOR_OPTIONS: Mapping[str, Any] = MappingProxyType({})  # torch.compile(options=...) of every block (none)
 RECOMPILE_LIMIT = 32  # compiled variants of the block's code kept (shapes x mask kinds); dynamo's default is 8
 
 
@@ -52,20 +53,18 @@ def compile_blocks(
     model: nn.Module,
     *,
     backend: str | Callable[..., Any] | None = None,
-    options: dict[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
     fused_swiglu: bool | None = None,
 ) -> int:
     """Compile every transformer block in place (names unchanged); returns how many. ``options``: Inductor's
     (default :data:`INDUCTOR_OPTIONS`); ``fused_swiglu``: the MLPs' SwiGLU as glmtune's fused ops (default: on
-    CUDA)."""
+    CUDA; False switches them back to PyTorch's)."""
     blocks = transformer_blocks(model)
     device = next(model.parameters()).device
-    fused = 0
-    if device.type == "cuda" if fused_swiglu is None else fused_swiglu:
-        from glmtune.models.chatglm import use_fused_swiglu
+    from glmtune.models.chatglm import use_fused_swiglu
 
-        # (before compiling: compiled code keeps the path it traced; v1 models have no such MLPs: 0)
-        fused = use_fused_swiglu(model)
+    # (before compiling: compiled code keeps the path it traced; v1 models have no such MLPs: 0)
+    fused = use_fused_swiglu(model, on=device.type == "cuda" if fused_swiglu is None else fused_swiglu)
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     options = INDUCTOR_OPTIONS if options is None else options

@@ -90,7 +90,7 @@ def target_slots(n: int, capacity: int) -> int:
 class _Staging:
     """Pinned host buffers (``TURNS``, used in turn) that feed one device buffer, so a step's copy needs no pinned
     allocation (a new pinned block costs ``cudaHostAlloc``, which can stall the host). A buffer is written again
-    once the copy out of it, ``TURNS`` steps earlier, has run (its event)."""
+    once the copy out of it, ``TURNS`` copies into this device buffer earlier, has run (its event)."""
 
     TURNS = 2
     hosts: list[torch.Tensor] = field(default_factory=list)
@@ -107,7 +107,7 @@ class _Staging:
         host = self.hosts[self.turn]
         host.copy_(src)
         dst.copy_(host.view(dst.shape), non_blocking=True)
-        self.events[self.turn].record()
+        self.events[self.turn].record(torch.cuda.current_stream(dst.device))  # (the copy runs on dst's device)
         self.turn = (self.turn + 1) % self.TURNS
 
 
