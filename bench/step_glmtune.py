@@ -106,6 +106,7 @@ class GlmtuneStep:
         device: torch.device,
         precision: torch.dtype,
         gradient_checkpointing: bool | str = False,
+        recompute_layers: int | None = None,
         compile: bool | None = None,
         lr: float = 3e-4,
         max_grad_norm: float = 1.0,
@@ -127,7 +128,8 @@ class GlmtuneStep:
         named = trainable_parameters(self.method, self.model)
         self.params = list(named.values())
         # train.gradient_checkpointing as the trainer applies it (true, or the selective modes mlp / half)
-        apply_checkpointing(self.model, gradient_checkpointing)
+        layers = {} if recompute_layers is None else {"layers": recompute_layers}  # train.recompute_layers
+        apply_checkpointing(self.model, gradient_checkpointing, **layers)
         opt = OptimConfig(learning_rate=lr, max_grad_norm=max_grad_norm)
         self.max_grad_norm = max_grad_norm
         self.autocast = torch.autocast(device.type, dtype=precision, enabled=precision != torch.float32)
@@ -172,7 +174,8 @@ class GlmtuneStep:
             self.graphed = use_cuda_graph("auto" if cuda_graph is None else cuda_graph, device,
                                           compiled=self.compile_mode is not None, single=True,
                                           precision="fp32" if precision == torch.float32 else "bf16",
-                                          recompute_reads_rng=reads_rng_state(self.model, gradient_checkpointing),
+                                          recompute_reads_rng=reads_rng_state(self.model, gradient_checkpointing,
+                                                                              **layers),
                                           quantized=model is not None)  # fmt: skip
         self.optimizer = build_optimizer(named, opt, device, **({"fused": True} if self.graphed else {}))
         self.train_step = None

@@ -14,7 +14,9 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
   fused SwiGLU ops; "compile-coordinate-descent", "compile-autotune": with those Inductor options;
   "compile-kv-recomputed" and ADGEN's "packed-kv-recomputed" / "padded-kv-recomputed": the K/V heads repeated for
   flash varlen kept as the 2 grouped heads and repeated again in the backward, ``chatglm.set_kv_copy``; "-kv-fused"
-  and "-kv-recomputed-fused": that repeat as glmtune's Triton ops, ``models/repeat_kv.py``).
+  and "-kv-recomputed-fused": that repeat as glmtune's Triton ops, ``models/repeat_kv.py``; ADGEN's
+  "packed-mlp-recomputed", "packed-mlp4", "packed-mlp8": ``train.gradient_checkpointing: mlp`` over every block, or
+  the first 4 / 8 (``train.recompute_layers``): the memory options that keep CUDA graphs).
 - adgen-ptuning: P-Tuning v2, pre_seq_len 128, 4 samples (glmtune only: no peer has it), padded and packed.
 - full-1.5b: full fine-tuning of a ~1.5B-parameter ChatGLM-shaped model (24 layers, hidden 2048) on packed 4x1024
   (and with Inductor's SwiGLU, "inductor-swiglu").
@@ -77,6 +79,7 @@ class Run:
     method: str = "lora"
     model: str = "6b"  # "6b" | "1.5b"
     checkpointing: bool | str = False  # glmtune: train.gradient_checkpointing (true, mlp, half); transformers: bool
+    recompute_layers: int | None = None  # glmtune: train.recompute_layers (the first N blocks of checkpointing)
     compile: bool | None = None  # None: the implementation's default (glmtune: train.compile's; transformers: off)
     cuda_graph: bool | None = None  # glmtune: None = train.cuda_graph's default (on when compiled on CUDA)
     run_bound: bool = True  # glmtune: False drops the collator's max_seqlen (flash bounds runs by the row width)
@@ -111,6 +114,8 @@ RUNS = [
     Run("adgen-lora", GLMTUNE, "packed-recompute", "adgen-packed", loss_recompute=True),
     Run("adgen-lora", GLMTUNE, "packed-inductor-swiglu", "adgen-packed", fused_swiglu=False),
     Run("adgen-lora", GLMTUNE, "packed-mlp-recomputed", "adgen-packed", checkpointing="mlp"),  # the memory option
+    Run("adgen-lora", GLMTUNE, "packed-mlp4", "adgen-packed", checkpointing="mlp", recompute_layers=4),
+    Run("adgen-lora", GLMTUNE, "packed-mlp8", "adgen-packed", checkpointing="mlp", recompute_layers=8),
     # the K/V heads repeated for flash varlen (torch < 2.13) repeated again in the backward, not saved: the peak
     Run("adgen-lora", GLMTUNE, "packed-kv-recomputed", "adgen-packed", kv_copy="recomputed"),
     Run("adgen-lora", GLMTUNE, "packed-kv-recomputed-fused", "adgen-packed", **KV_FUSED),
@@ -185,6 +190,8 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
     kw = {"cuda_graph": run.cuda_graph} if run.cuda_graph is not None else {}
     if run.loss_recompute is not None:
         kw["loss_recompute"] = run.loss_recompute
+    if run.recompute_layers is not None:
+        kw["recompute_layers"] = min(run.recompute_layers, cfg.num_layers)  # (--tiny models have 2 blocks)
     if run.fused_swiglu is not None:
         kw["fused_swiglu"] = run.fused_swiglu
     if run.inductor:

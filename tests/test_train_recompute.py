@@ -37,11 +37,20 @@ def _mlp_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
 
 @pytest.mark.parametrize(
-    ("mode", "compiled"),
-    [("true", False), ("mlp", False), ("half", False), pytest.param("mlp", True, marks=pytest.mark.slow)],
+    ("mode", "compiled", "layers"),
+    [
+        ("true", False, None),
+        ("mlp", False, None),
+        ("half", False, None),
+        ("mlp", False, 1),
+        ("true", False, 1),
+        ("half", False, 2),
+        pytest.param("mlp", True, None, marks=pytest.mark.slow),
+    ],
 )
 def test_same_losses_and_the_chosen_modules_recomputed(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                       mode: str, compiled: bool) -> None:  # fmt: skip
+                                                       mode: str, compiled: bool, layers: int | None
+                                                       ) -> None:  # fmt: skip
     model = tiny_model(models)
     calls = _mlp_calls(monkeypatch)
     plain = run(small_config(model, tmp_path / "plain", *FAST, "train.gradient_checkpointing=false"))
@@ -50,16 +59,40 @@ def test_same_losses_and_the_chosen_modules_recomputed(models: Path, tmp_path: P
     if compiled:
         torch._dynamo.reset()
         monkeypatch.setattr(train_compile, "BACKEND", "aot_eager")
+    limit = () if layers is None else (f"train.recompute_layers={layers}",)
     cfg = small_config(model, tmp_path / mode, *FAST, f"train.gradient_checkpointing={mode}",
-                       f"train.compile={str(compiled).lower()}")  # fmt: skip
+                       f"train.compile={str(compiled).lower()}", *limit)  # fmt: skip
     checkpointed = run(cfg)
     if compiled:
         torch._dynamo.reset()
     assert [v for _, v in checkpointed.losses] == pytest.approx([v for _, v in plain.losses], rel=1e-6, abs=1e-7)
     if not compiled:  # (compiled code does not call the Python forward)
         n_layers = len(transformer_blocks(load_pretrained(model, device="cpu").model))
-        extra = {"true": n_layers, "mlp": n_layers, "half": (n_layers + 1) // 2}[mode]
+        chosen = n_layers if layers is None else layers  # (the first `layers` blocks)
+        extra = {"true": chosen, "mlp": chosen, "half": (chosen + 1) // 2}[mode]
         assert len(calls) == n_plain * (n_layers + extra) // n_layers  # each step: one more MLP pass per choice
+
+
+def test_recompute_layers_is_checked(models: Path, tmp_path: Path) -> None:
+    """train.recompute_layers: at least 1, only with a checkpointing mode (config), at most the model's blocks."""
+    from glmtune.train.config import ConfigError
+
+    model_dir = tiny_model(models)
+    bad_values = (("train.recompute_layers=0", "at least 1"), ("train.recompute_layers=2", "needs train.gradient"))
+    for bad, match in bad_values:
+        with pytest.raises(ConfigError, match=f"train.recompute_layers.*{match}"):
+            small_config(model_dir, tmp_path / "bad", *FAST, bad)
+    model = load_pretrained(model_dir, device="cpu").model
+    n = len(transformer_blocks(model))
+    with pytest.raises(ValueError, match=f"between 1 and the model's {n} blocks, got {n + 1}"):
+        apply_checkpointing(model, "mlp", n + 1)
+    apply_checkpointing(model, True, 1)  # the first block whole, by wrapping it (the model's own switch stays off)
+    assert model.transformer.gradient_checkpointing is False
+    from glmtune.train.recompute import reads_rng_state
+
+    # blocks without dropout recomputed by the wrapper keep the RNG state alone (CUDA graphs stay possible); the
+    # models' own switch over every block always reads it
+    assert reads_rng_state(model, True, 1) is False and reads_rng_state(model, True) is True
 
 
 def test_names_unchanged_and_bad_modes(models: Path) -> None:

@@ -99,6 +99,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # the schedule's floor, as a fraction of learning_rate
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     gradient_checkpointing: Literal["mlp", "half"] | bool = False  # true: every block; mlp, half: less
+    # with gradient_checkpointing: only the first N blocks (or their MLPs) are recomputed; null: every block. All
+    # saved activations live until the backward, so N of L blocks save ~N/L of the mode's memory for N/L of its cost
+    recompute_layers: int | None = None
     compile: Literal["auto"] | bool = "auto"  # torch.compile each block; auto: on CUDA (YAML on/off = true/false)
     # the whole step replayed as CUDA graphs (train/graph_step.py); auto: with compile, one process, no fp16, an
     # unquantized base, no gradient checkpointing that restores the RNG state (mlp over MLPs without dropout is fine)
@@ -471,13 +474,16 @@ def validate(cfg: TrainConfig, origins: dict[str, str], source: str, *, check_fi
                          "save.every_steps": cfg.save.every_steps, "data.max_samples": d.max_samples,
                          "data.max_dev_samples": d.max_dev_samples, "data.pack_length": d.pack_length,
                          "data.max_source_length": d.max_source_length,
-                         "data.max_target_length": d.max_target_length}  # fmt: skip
+                         "data.max_target_length": d.max_target_length,
+                         "train.recompute_layers": t.recompute_layers}  # fmt: skip
     for key, v in positive.items():
         if v < 1:
             raise fail(key, f"must be at least 1, got {v}")
     for key, v in optional_positive.items():
         if v is not None and v < 1:
             raise fail(key, f"must be at least 1 or null, got {v}")
+    if t.recompute_layers is not None and t.gradient_checkpointing is False:
+        raise fail("train.recompute_layers", "needs train.gradient_checkpointing (true, mlp or half) to choose from")
     if t.learning_rate <= 0:
         raise fail("train.learning_rate", f"must be positive, got {t.learning_rate}")
     for key, v in (("train.warmup_ratio", t.warmup_ratio), ("train.adam_beta1", t.adam_beta1),

@@ -300,7 +300,7 @@ class Trainer:
         else:
             method.setup(self.model)
         self.named = trainable_parameters(method, self.model)
-        apply_checkpointing(self.model, cfg.train.gradient_checkpointing)
+        apply_checkpointing(self.model, cfg.train.gradient_checkpointing, cfg.train.recompute_layers)
         n_train, n_all = count_parameters(self.model, self.named)
         log.info("method %s: trainable parameters %s of %s (%.4f%%); precision %s", method.name, f"{n_train:,}",
                  f"{n_all:,}", 100.0 * n_train / max(n_all, 1), self.precision)  # fmt: skip
@@ -340,7 +340,7 @@ class Trainer:
         self.compiled = use_compile(t.compile, self.info.device)
         if self.compiled:
             compile_blocks(self.model)
-        reads_rng = reads_rng_state(self.model, t.gradient_checkpointing)
+        reads_rng = reads_rng_state(self.model, t.gradient_checkpointing, t.recompute_layers)
         self.graphed = use_cuda_graph(t.cuda_graph, self.info.device, compiled=self.compiled,
                                       single=self.mode == "single" and not self.info.enabled,
                                       precision=self.precision, quantized=self.quantized,

@@ -6,6 +6,10 @@
 - ``half``: every other block, whole: about half the saving for half the extra compute.
 - ``false``: nothing recomputed.
 
+``train.recompute_layers`` N limits a mode to the first N blocks (``true``: those blocks whole, each wrapped as the
+selective modes wrap theirs; ``half``: every other one of them): every saved activation lives until the backward,
+so N of L blocks give about N/L of the mode's saving for N/L of its extra compute (Megatron's recompute-num-layers).
+
 The selective modes wrap the chosen modules' ``forward`` on the instance, so parameter names (and checkpoints) do
 not change; ``train.compile`` compiles the blocks with the wrapping inside. A recomputed module that draws no random
 numbers (no dropout inside: the MLPs, unless LoRA with dropout wraps their linears) is recomputed without saving and
@@ -49,33 +53,40 @@ def recompute_in_backward(module: nn.Module) -> None:
     module.forward = forward_checkpointed
 
 
-def _recomputed(model: nn.Module, mode: bool | str) -> list[nn.Module]:
-    """The modules that ``mode`` recomputes (True: every block, by the model's own switch)."""
+def _recomputed(model: nn.Module, mode: bool | str, layers: int | None = None) -> list[nn.Module]:
+    """The modules that ``mode`` recomputes in the first ``layers`` blocks (None: all; True over all blocks is the
+    model's own switch)."""
     if mode is False:
         return []
     blocks = list(transformer_blocks(model))
+    if layers is not None:
+        if not 1 <= layers <= len(blocks):
+            raise ValueError(f"train.recompute_layers must be between 1 and the model's {len(blocks)} blocks, "
+                             f"got {layers}")  # fmt: skip
+        blocks = blocks[:layers]
     if mode == "mlp":
         return [block.mlp for block in blocks]
     return blocks[::2] if mode == "half" else blocks
 
 
-def reads_rng_state(model: nn.Module, mode: bool | str) -> bool:
-    """Whether checkpointing ``mode`` saves/restores the RNG state in a step (which a CUDA graph cannot capture):
-    ``true`` always (the models' own switch keeps torch's default), the selective modes when a recomputed module
-    draws random numbers."""
-    if mode is True:
+def reads_rng_state(model: nn.Module, mode: bool | str, layers: int | None = None) -> bool:
+    """Whether checkpointing ``mode`` (over the first ``layers`` blocks) saves/restores the RNG state in a step
+    (which a CUDA graph cannot capture): ``true`` over every block always (the models' own switch keeps torch's
+    default), else when a recomputed module draws random numbers."""
+    if mode is True and layers is None:
         return True
-    return any(draws_random_numbers(m) for m in _recomputed(model, mode))
+    return any(draws_random_numbers(m) for m in _recomputed(model, mode, layers))
 
 
-def apply_checkpointing(model: nn.Module, mode: bool | str) -> None:
-    """Set ``model`` up for activation checkpointing ``mode`` (see the module docstring)."""
+def apply_checkpointing(model: nn.Module, mode: bool | str, layers: int | None = None) -> None:
+    """Set ``model`` up for activation checkpointing ``mode`` over its first ``layers`` blocks (None: all; see the
+    module docstring)."""
     if mode not in MODES:
         raise ValueError(f"train.gradient_checkpointing must be true, false, mlp or half, got {mode!r}")
-    model.transformer.gradient_checkpointing = mode is True
-    if mode in (True, False):
+    model.transformer.gradient_checkpointing = mode is True and layers is None
+    if mode is False or (mode is True and layers is None):
         return
-    chosen = _recomputed(model, mode)
+    chosen = _recomputed(model, mode, layers)
     for module in chosen:
         recompute_in_backward(module)
     log.info("activation checkpointing: %d %s recomputed in the backward pass", len(chosen),
