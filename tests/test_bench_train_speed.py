@@ -139,3 +139,22 @@ def test_kernel_summary_splits_kinds_and_ranks_kernels():
     top = out["top_kernels"]
     assert [t["name"][:8] for t in top] == ["nvjet_ts", "triton_p", "void pyt", "void pyt"]
     assert top[1]["per_step"] == 1 and top[1]["ms"] == 0.6
+
+
+def test_train_ab_interleaves_two_runs_on_cpu(tmp_path):
+    """bench/train_ab.py: both runs built, then timed in alternating rounds; the summary is the rounds' medians."""
+    import train_ab
+
+    out = tmp_path / "ab.json"
+    result = train_ab.main(["--tiny", "--device", "cpu", "--a", "adgen-lora/glmtune-packed", "--b",
+                            "adgen-lora/glmtune-packed-mlp-recomputed", "--rounds", "3", "--steps", "1", "--warmup",
+                            "1", "--batches", "3", "--pool", "24", "--json", str(out)])  # fmt: skip
+    rounds, summary = result["rounds"], result["summary"]
+    assert [r["first"] for r in rounds] == ["a", "b", "a"]
+    assert all(r["a_ms"] > 0 and r["b_ms"] > 0 and r["ratio"] == pytest.approx(r["a_ms"] / r["b_ms"]) for r in rounds)
+    assert summary["a_step_ms"] == pytest.approx(sorted(r["a_ms"] for r in rounds)[1])
+    assert summary["round_ratio_min"] <= summary["round_ratio_median"] <= summary["round_ratio_max"]
+    assert json.loads(out.read_text())["summary"] == summary
+    with pytest.raises(SystemExit, match="different data"):
+        train_ab.main(["--tiny", "--device", "cpu", "--a", "adgen-lora/glmtune-packed", "--b",
+                       "adgen-lora/glmtune-padded"])  # fmt: skip
