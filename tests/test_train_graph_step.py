@@ -306,3 +306,26 @@ def test_trainer_on_cuda_with_cuda_graph(tmp_path) -> None:
     graphed = run(small_config(model, tmp_path / "graphed", *common, "train.cuda_graph=true"))
     torch._dynamo.reset()
     assert [v for _, v in graphed.losses] == pytest.approx([v for _, v in plain.losses], rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_graphed_step_with_the_host_ahead_reads_each_steps_batch() -> None:
+    """The host queues steps faster than the GPU runs them (a GPU sleep before each, nothing read back until the
+    end): every micro-batch still reaches its own step (a pinned staging buffer is rewritten only after the copy out
+    of it ran), so the losses equal TrainStep's."""
+    steps = _steps(True, 8)  # two micro-batches of one key a step: each key's two buffers are reused many times
+    device = torch.device("cuda")
+    losses = []
+    for cls in (TrainStep, GraphedTrainStep):
+        net, params, opt = _setup("lora", device)
+        step = cls(net, params, opt, info=DistInfo(device=device), autocast=torch.autocast("cuda", enabled=False),
+                   max_grad_norm=0.5)  # fmt: skip
+        torch.manual_seed(7)  # the same dropout draws
+        outs = []
+        for batches in steps:
+            torch.cuda._sleep(5_000_000)  # a few ms of GPU time queued before each step: the host runs ahead
+            outs.append(step(batches))
+        losses.append([float(o.loss_sum) / float(o.targets) for o in outs])  # (read back only now)
+    assert len(set(losses[0])) == len(steps)  # different batches, different losses
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)

@@ -163,6 +163,12 @@ def _query_keys(layout: SequenceLayout, n_prefix: int, cache: KVCache | None, de
     return q_seg, q_ord, k_seg, k_ord, k_ctx
 
 
+def takes_runs(backend: str, *, n_prefix: int = 0, cached: bool = False, context: bool = False) -> bool:
+    """Whether :func:`build_mask` gives the varlen form (reading a batch's runs, ``layout.runs``/``max_run``): the
+    "varlen" backend on packed causal rows without a P-Tuning prefix, a cache or v1's bidirectional context."""
+    return backend == "varlen" and not cached and n_prefix == 0 and not context
+
+
 def build_mask(
     layout: SequenceLayout,
     *,
@@ -180,7 +186,7 @@ def build_mask(
     device = torch.device(device) if device is not None else layout.positions.device
     if cache is None and layout.segments is None and layout.context is None and n_prefix == 0:
         return AttentionMask()
-    if backend == "varlen" and cache is None and n_prefix == 0 and layout.context is None:
+    if takes_runs(backend, n_prefix=n_prefix, cached=cache is not None, context=layout.context is not None):
         segments = layout.segments  # (b, s); not None here (else the causal fast path above)
         s = segments.shape[1]
         if layout.runs is not None and max_runs is None:  # the collator's, sized to the batch

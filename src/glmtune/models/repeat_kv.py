@@ -165,9 +165,10 @@ def fused_backward(grads: tuple[torch.Tensor, ...], groups: int, config: RepeatK
 
 
 def reference(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """x (N, n_kv, d) -> (N, n_kv * groups, d) as ``attention.repeat_kv_heads`` repeats it (one copy)."""
-    n, n_kv, d = x.shape
-    return x[:, :, None].expand(n, n_kv, groups, d).reshape(n, n_kv * groups, d)
+    """x (N, n_kv, d) -> (N, n_kv * groups, d): ``attention.repeat_kv_heads`` itself (one copy)."""
+    from glmtune.models.attention import repeat_kv_heads  # (attention imports this module lazily, never at import)
+
+    return repeat_kv_heads(x, x.shape[1] * groups)
 
 
 def reference_backward(grad: torch.Tensor, groups: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from glmtune.models.masks import takes_runs
 from glmtune.train import compile as train_compile
 from glmtune.train import distributed
 from glmtune.train.distributed import DistInfo
@@ -120,7 +121,7 @@ def reads_runs(model: nn.Module) -> bool:
     """Whether ``model``'s attention reads a batch's :data:`RUN_INPUTS`: the "varlen" backend on rows without a
     P-Tuning prefix (``masks.build_mask``); "sdpa", "flex" and prefixed rows build their masks from the segments."""
     n_prefix = model.n_prefix() if hasattr(model, "n_prefix") else 0
-    return getattr(model, "attention_backend", None) == "varlen" and n_prefix == 0
+    return takes_runs(getattr(model, "attention_backend", ""), n_prefix=n_prefix)
 
 
 def step_batch(batch: dict[str, torch.Tensor | int], model: nn.Module) -> dict[str, torch.Tensor | int]:
