@@ -22,7 +22,7 @@ from glmtune.models.attention import attend, kv_for_flash, repeat_kv_heads, varl
 from glmtune.models.chatglm import set_kv_copy
 from glmtune.models.config import preset
 from glmtune.models.layout import SequenceLayout
-from glmtune.models.masks import AttentionMask, build_mask
+from glmtune.models.masks import AttentionMask, build_mask, dense_from_runs
 
 # the default partitioner (what the repository's compiled tests use), Inductor's min-cut one, Inductor itself
 BACKENDS = ["aot_eager", "aot_eager_decomp_partition", pytest.param("inductor", marks=pytest.mark.slow)]
@@ -139,7 +139,7 @@ def test_the_stand_in_attends_like_the_dense_rule(flash_stand_in):
     """The stand-in (forward and its hand-written backward) against glmtune's dense mask through SDPA."""
     step, (x, wq, wkv), mask = _attention_step()
     b, s = x.shape[:2]
-    dense = AttentionMask(dense=attention._dense_from_runs(mask.cu_seqlens, b, s))
+    dense = dense_from_runs(mask, b, s)
     grad = torch.randn(b, 8, s, 4, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
     results = []
     table = torch.linspace(0.5, 1.5, s * 4, dtype=x.dtype).view(s, 1, 4)

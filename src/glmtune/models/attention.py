@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from glmtune.models.masks import ALL, AttentionMask
+from glmtune.models.masks import ALL, AttentionMask, dense_from_runs
 
 
 class KVCache(nn.Module):
@@ -179,7 +179,7 @@ def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atte
     """Causal flash attention within the runs of ``mask.cu_seqlens`` (the tokens of all rows flattened)."""
     b, _, s, _ = q.shape
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        return attend(q, k, v, AttentionMask(dense=_dense_from_runs(mask.cu_seqlens, b, s)))
+        return attend(q, k, v, dense_from_runs(mask, b, s))
     return _flash_varlen(q, k, v, mask, kv_copy, fused_repeat)
 
 
@@ -233,14 +233,6 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atten
     cu = mask.cu_seqlens
     out = varlen_attn(qf, kf, vf, cu, cu, mask.max_len, mask.max_len, **kwargs)  # (b * s, n_head, d)
     return out.reshape(b, s, n_head, d).transpose(1, 2)
-
-
-def _dense_from_runs(cu_seqlens: torch.Tensor, b: int, s: int) -> torch.Tensor:
-    """The varlen form as a dense bool mask (b, 1, s, s): same run and not later (the CPU, fp32)."""
-    tokens = torch.arange(b * s, dtype=cu_seqlens.dtype, device=cu_seqlens.device)
-    run = torch.searchsorted(cu_seqlens, tokens, right=True).reshape(b, s)  # run index + 1 of every token
-    order = torch.arange(s, device=cu_seqlens.device)
-    return ((run[:, :, None] == run[:, None, :]) & (order[None, :] <= order[:, None]))[:, None]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, kv_copy: str = "saved",

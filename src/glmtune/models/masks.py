@@ -163,6 +163,16 @@ def _query_keys(layout: SequenceLayout, n_prefix: int, cache: KVCache | None, de
     return q_seg, q_ord, k_seg, k_ord, k_ctx
 
 
+def dense_from_runs(mask: AttentionMask, b: int, s: int) -> AttentionMask:
+    """The varlen form (``mask.cu_seqlens`` over the b * s flattened tokens) as the dense form (b, 1, s, s): same run
+    and not later. Where flash's varlen kernel cannot run (the CPU, float32)."""
+    cu = mask.cu_seqlens
+    tokens = torch.arange(b * s, dtype=cu.dtype, device=cu.device)
+    run = torch.searchsorted(cu, tokens, right=True).reshape(b, s)  # run index + 1 of every token
+    order = torch.arange(s, device=cu.device)
+    return AttentionMask(dense=((run[:, :, None] == run[:, None, :]) & (order[None, :] <= order[:, None]))[:, None])
+
+
 def takes_runs(backend: str, *, n_prefix: int = 0, cached: bool = False, context: bool = False) -> bool:
     """Whether :func:`build_mask` gives the varlen form (reading a batch's runs, ``layout.runs``/``max_run``): the
     "varlen" backend on packed causal rows without a P-Tuning prefix, a cache or v1's bidirectional context."""
