@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import random
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -104,6 +106,60 @@ def free_memory() -> None:
 
 
 # ---- timing and profiling -----------------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
+    """ms per call: CUDA-graph replays on the GPU (``glmtune.models.gemv.replay_ms``: kernels without launch gaps, as
+    a captured training step runs them), the median wall time of ``iters`` calls on the CPU."""
+    if device.type == "cuda":
+        from glmtune.models.gemv import replay_ms
+
+        return replay_ms([fn] * iters)
+    fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+# the table of an op's forward / backward micro-benchmark (bench/swiglu_speed.py, bench/repeat_kv_speed.py)
+FWD_BWD_COLUMNS = [("variant", "variant", ""), ("fwd ms", "fwd_ms", ".4f"), ("fwd TB/s", "fwd_tbs", ".2f"),
+                   ("bwd ms", "bwd_ms", ".4f"), ("bwd TB/s", "bwd_tbs", ".2f"), ("fwd+bwd ms", "fwd_bwd_ms", ".4f"),
+                   ("max err", "max_err", ".2e"), ("max grad err", "max_grad_err", ".2e")]  # fmt: skip
+
+
+def fwd_bwd_row(
+    name: str,
+    *,
+    errors: Callable[[], tuple[float, float]],
+    forward: Callable[[], object],
+    backward: Callable[[], object],
+    fwd_bwd: Callable[[], object] | None,
+    fwd_bytes: int,
+    bwd_bytes: int,
+    device: torch.device,
+    iters: int,
+) -> dict:
+    """One variant's row of an op's micro-benchmark: ``errors()`` (largest value and gradient differences from the
+    reference), the forward, the backward called on its own and (unless None) both through autograd timed by
+    :func:`time_ms`, with the bytes each direction moves per second. A variant this torch cannot run (or capture) is
+    recorded with its error; the others go on."""
+    row: dict = {"variant": name}
+    try:
+        row["max_err"], row["max_grad_err"] = errors()
+        row["fwd_ms"] = time_ms(forward, device, iters)
+        row["bwd_ms"] = time_ms(backward, device, iters)
+        row["fwd_tbs"] = fwd_bytes / row["fwd_ms"] / 1e9  # bytes per ms -> TB/s
+        row["bwd_tbs"] = bwd_bytes / row["bwd_ms"] / 1e9
+        if fwd_bwd is not None:
+            row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, iters)
+    except Exception as e:
+        logging.getLogger(__name__).warning("%s failed: %s", name, e)
+        row["error"] = f"{type(e).__name__}: {e}"[:300]
+    logging.getLogger(__name__).info("%s", row)
+    return row
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

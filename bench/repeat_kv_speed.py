@@ -29,8 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from benchlib import device_info, markdown_table, write_json  # noqa: E402
-from swiglu_speed import time_ms  # noqa: E402  (CUDA-graph replays on the GPU, wall time on the CPU)
+from benchlib import FWD_BWD_COLUMNS, device_info, fwd_bwd_row, markdown_table, write_json  # noqa: E402
 
 from glmtune.models import repeat_kv as rk  # noqa: E402
 
@@ -79,22 +78,16 @@ def measure(args) -> dict:
         def fwd_bwd(forward=forward, kl=kl, vl=vl) -> None:
             torch.autograd.grad(forward(kl, vl), (kl, vl), (dk, dv))
 
-        row: dict = {"variant": name}
-        try:
+        def errors(forward=forward, backward=backward) -> tuple[float, float]:
             outs, sums = forward(k, v), backward(dk, dv)
-            row["max_err"] = max((o.float() - r).abs().max().item() for o, r in zip(outs, ref, strict=True))
-            row["max_grad_err"] = max((s.float() - r).abs().max().item() for s, r in zip(sums, ref_grad, strict=True))
-            row["fwd_ms"] = time_ms(lambda forward=forward: forward(k, v), device, args.iters)
-            row["bwd_ms"] = time_ms(lambda backward=backward: backward(dk, dv), device, args.iters)
-            row["fwd_tbs"] = moved / row["fwd_ms"] / 1e9  # bytes per ms -> TB/s
-            row["bwd_tbs"] = moved / row["bwd_ms"] / 1e9
-            if not name.startswith("kernels"):  # the candidates have no autograd of their own
-                row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, args.iters)
-        except Exception as e:  # a variant this torch cannot run (or capture): recorded, the others go on
-            log.warning("%s failed: %s", name, e)
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-        log.info("%s", row)
-        rows.append(row)
+            return (max((o.float() - r).abs().max().item() for o, r in zip(outs, ref, strict=True)),
+                    max((s.float() - r).abs().max().item() for s, r in zip(sums, ref_grad, strict=True)))  # fmt: skip
+
+        rows.append(fwd_bwd_row(name, errors=errors, forward=lambda forward=forward: forward(k, v),
+                                backward=lambda backward=backward: backward(dk, dv),
+                                # the candidates have no autograd of their own
+                                fwd_bwd=None if name.startswith("kernels") else fwd_bwd, fwd_bytes=moved,
+                                bwd_bytes=moved, device=device, iters=args.iters))  # fmt: skip
     return {
         "shape": {"tokens": n, "kv_heads": n_kv, "head_dim": d, "groups": groups, "dtype": str(dtype)},
         "bytes": {"fwd": moved, "bwd": moved},
@@ -119,10 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = measure(args)
-    cols = [("variant", "variant", ""), ("fwd ms", "fwd_ms", ".4f"), ("fwd TB/s", "fwd_tbs", ".2f"),
-            ("bwd ms", "bwd_ms", ".4f"), ("bwd TB/s", "bwd_tbs", ".2f"), ("fwd+bwd ms", "fwd_bwd_ms", ".4f"),
-            ("max err", "max_err", ".2e"), ("max grad err", "max_grad_err", ".2e")]  # fmt: skip
-    log.info("%s\n%s", result["shape"], markdown_table(result["rows"], cols))
+    log.info("%s\n%s", result["shape"], markdown_table(result["rows"], FWD_BWD_COLUMNS))
     if args.json:
         write_json(args.json, result)
     return result

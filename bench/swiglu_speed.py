@@ -20,32 +20,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from benchlib import device_info, markdown_table, write_json  # noqa: E402
+from benchlib import FWD_BWD_COLUMNS, device_info, fwd_bwd_row, markdown_table, write_json  # noqa: E402
 
 from glmtune.models import swiglu as sw  # noqa: E402
 
 log = logging.getLogger("swiglu_speed")
-
-
-def time_ms(fn: Callable[[], object], device: torch.device, iters: int) -> float:
-    """ms per call: CUDA-graph replays on the GPU, the median wall time of ``iters`` calls on the CPU."""
-    if device.type == "cuda":
-        from glmtune.models.gemv import replay_ms
-
-        return replay_ms([fn] * iters)
-    fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def measure(args) -> dict:
@@ -78,22 +61,15 @@ def measure(args) -> dict:
         def fwd_bwd(forward=forward, leaf=leaf) -> None:
             torch.autograd.grad(forward(leaf), leaf, grad)
 
-        row: dict = {"variant": name}
-        try:
-            out = forward(ag)
-            row["max_err"] = (out.float() - ref).abs().max().item()
-            row["max_grad_err"] = (backward(ag, grad).float() - ref_grad).abs().max().item()
-            row["fwd_ms"] = time_ms(lambda forward=forward: forward(ag), device, args.iters)
-            row["bwd_ms"] = time_ms(lambda backward=backward: backward(ag, grad), device, args.iters)
-            row["fwd_tbs"] = fwd_bytes / row["fwd_ms"] / 1e9  # bytes per ms -> TB/s
-            row["bwd_tbs"] = bwd_bytes / row["bwd_ms"] / 1e9
-            if not name.startswith("kernels"):  # the candidates have no autograd of their own
-                row["fwd_bwd_ms"] = time_ms(fwd_bwd, device, args.iters)
-        except Exception as e:  # a variant this torch cannot run (or capture): recorded, the others go on
-            log.warning("%s failed: %s", name, e)
-            row["error"] = f"{type(e).__name__}: {e}"[:300]
-        log.info("%s", row)
-        rows.append(row)
+        def errors(forward=forward, backward=backward) -> tuple[float, float]:
+            return ((forward(ag).float() - ref).abs().max().item(),
+                    (backward(ag, grad).float() - ref_grad).abs().max().item())  # fmt: skip
+
+        rows.append(fwd_bwd_row(name, errors=errors, forward=lambda forward=forward: forward(ag),
+                                backward=lambda backward=backward: backward(ag, grad),
+                                # the candidates have no autograd of their own
+                                fwd_bwd=None if name.startswith("kernels") else fwd_bwd, fwd_bytes=fwd_bytes,
+                                bwd_bytes=bwd_bytes, device=device, iters=args.iters))  # fmt: skip
     return {
         "shape": {"rows": args.rows, "ffn": args.ffn, "dtype": str(dtype)},
         "bytes": {"fwd": fwd_bytes, "bwd": bwd_bytes},
@@ -116,10 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     result = measure(args)
-    cols = [("variant", "variant", ""), ("fwd ms", "fwd_ms", ".4f"), ("fwd TB/s", "fwd_tbs", ".2f"),
-            ("bwd ms", "bwd_ms", ".4f"), ("bwd TB/s", "bwd_tbs", ".2f"), ("fwd+bwd ms", "fwd_bwd_ms", ".4f"),
-            ("max err", "max_err", ".2e"), ("max grad err", "max_grad_err", ".2e")]  # fmt: skip
-    log.info("%s\n%s", result["shape"], markdown_table(result["rows"], cols))
+    log.info("%s\n%s", result["shape"], markdown_table(result["rows"], FWD_BWD_COLUMNS))
     if args.json:
         write_json(args.json, result)
     return result

@@ -17,14 +17,13 @@ import pytest
 import torch
 
 from glmtune.models.attention import repeat_kv_heads
+from triton_support import assert_rounded
 
 triton = pytest.importorskip("triton")
 from glmtune.models import repeat_kv as rk  # noqa: E402  (needs Triton)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-# a sum's rounding to the output, relative; Triton's interpreter truncates to bfloat16 (the GPU rounds to nearest)
-EPS = {torch.float32: 1e-6, torch.bfloat16: 2**-8 if CUDA else 2**-7, torch.float16: 2**-10}
 
 
 def _randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -45,12 +44,7 @@ def _sum64(grad: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    """Every element within the output's rounding of the float64 value (plus float32 arithmetic on the largest)."""
-    out = out.detach().cpu().double()
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    tol = EPS[dtype] * ref.abs() + 1e-6 * ref.abs().max()
-    bad = (out - ref).abs() > tol
-    assert not bad.any(), f"{int(bad.sum())} elements off, worst {(out - ref).abs().max().item():.3g}"
+    assert_rounded(out, ref, dtype, spread=1e-6)  # (the dtype's rounding of the float64 value)
 
 
 # (tokens, K/V heads, head dim, groups, config): tokens not a multiple of the block (odd, prime, fewer than one

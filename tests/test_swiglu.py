@@ -19,6 +19,7 @@ from glmtune.adapters import build_method
 from glmtune.models import build_model
 from glmtune.models.chatglm import MLP, use_fused_swiglu
 from glmtune.models.config import preset
+from triton_support import assert_rounded
 
 triton = pytest.importorskip("triton")
 from glmtune.models import swiglu as sw  # noqa: E402  (needs Triton)
@@ -28,8 +29,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 # the interpreter's numpy exp overflows (to inf, as the GPU's) for a < -88: the saturation the tests ask for
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 SATURATING = [-100.0, 100.0, -89.0, 89.0, -30.0, 30.0, -1.25, 0.0]  # sigmoid 0 / 1 in float32, near da's zero
-# the output's rounding, relative; Triton's interpreter truncates to bfloat16 (the GPU rounds to nearest)
-EPS = {torch.float32: 1e-6, torch.bfloat16: 2**-8 if CUDA else 2**-7, torch.float16: 2**-10}
 
 
 def _inputs(lead: tuple[int, ...], f: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,12 +51,7 @@ def _float64(ag: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    """Every element within the output's rounding of the float64 value (plus float32 arithmetic on the largest)."""
-    out = out.detach().cpu().double()
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    tol = EPS[dtype] * ref.abs() + 1e-5 * ref.abs().max()
-    bad = (out - ref).abs() > tol
-    assert not bad.any(), f"{int(bad.sum())} elements off, worst {(out - ref).abs().max().item():.3g}"
+    assert_rounded(out, ref, dtype, spread=1e-5)  # (the dtype's rounding of the float64 value)
 
 
 # (leading shape, F, config): a partial last block, several blocks a row, leading dims of 1-3, an odd F
