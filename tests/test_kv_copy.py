@@ -1,6 +1,6 @@
-"""``kv_copy``: what a compiled backward keeps of the K/V heads repeated for flash's varlen kernel (torch < 2.13 takes
-no grouped heads). "saved" keeps the repeated copies (the default); "recomputed" keeps the grouped heads and repeats
-them again in the backward (``attention.kv_for_flash``: the repeat checkpointed, so the partitioner recomputes it).
+"""``KVRepeat.recompute``: what a compiled backward keeps of the K/V heads repeated for flash's varlen kernel (torch
+< 2.13 takes no grouped heads). Without it the backward keeps the repeated copies; with it, the grouped heads, repeated
+again in the backward (``attention.kv_for_flash``: the repeat checkpointed, so the partitioner recomputes it).
 
 Flash needs CUDA, so on the CPU a stand-in takes varlen_attn's place: torch 2.11's signature over a custom op whose
 autograd saves its inputs, as flash's does. The tests look at what the compiled forward hands its backward (the
@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from glmtune.models import attention, build_model
-from glmtune.models.attention import attend, kv_for_flash, repeat_kv_heads, varlen_supported
-from glmtune.models.chatglm import set_kv_copy
+from glmtune.models.attention import KVRepeat, attend, kv_for_flash, repeat_kv_heads, varlen_supported
+from glmtune.models.chatglm import SelfAttention, set_kv_repeat
 from glmtune.models.config import preset
 from glmtune.models.layout import SequenceLayout
 from glmtune.models.masks import AttentionMask, build_mask, dense_from_runs
@@ -116,10 +116,10 @@ def _attention_step(b=2, s=12, h=8, n_kv=2, d=4, dtype=torch.float64):
     mask = _mask(b, s)
     table = torch.linspace(0.5, 1.5, s * d, dtype=dtype).view(s, 1, d)  # a fixed elementwise map, as rotary's
 
-    def step(x, wq, wkv, kv_copy):
+    def step(x, wq, wkv, kv_repeat):
         q = (x @ wq).view(b, s, h, d).transpose(1, 2)
         k, v = ((x @ wkv).view(b, s, 2 * n_kv, d) * table).transpose(1, 2).split(n_kv, dim=1)  # (b, n_kv, s, d)
-        return attention._flash_varlen(q, k, v, mask, kv_copy)
+        return attention._flash_varlen(q, k, v, mask, kv_repeat)
 
     return step, (x, wq, wkv), mask
 
@@ -130,7 +130,7 @@ def test_repeat_kv_heads_follows_the_grouping():
     out = repeat_kv_heads(t, 12)
     torch.testing.assert_close(out, t.repeat_interleave(4, dim=1), rtol=0, atol=0)
     assert out.is_contiguous() and out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
-    k, v = kv_for_flash(t, t + 1, 6, "recomputed")  # eagerly the option is not applied: the same copies
+    k, v = kv_for_flash(t, t + 1, 6, KVRepeat(recompute=True))  # eagerly the option is not applied: the same copies
     torch.testing.assert_close(v, (t + 1).repeat_interleave(2, dim=1), rtol=0, atol=0)
     torch.testing.assert_close(k, t.repeat_interleave(2, dim=1), rtol=0, atol=0)
 
@@ -143,7 +143,7 @@ def test_the_stand_in_attends_like_the_dense_rule(flash_stand_in):
     grad = torch.randn(b, 8, s, 4, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
     results = []
     table = torch.linspace(0.5, 1.5, s * 4, dtype=x.dtype).view(s, 1, 4)
-    for run in (lambda: step(x, wq, wkv, "saved"), lambda: _dense_step(x, wq, wkv, dense, table)):
+    for run in (lambda: step(x, wq, wkv, KVRepeat()), lambda: _dense_step(x, wq, wkv, dense, table)):
         out = run()
         results.append([out, *torch.autograd.grad(out, (wq, wkv), grad)])
     assert len(flash_stand_in) == 1 and flash_stand_in[0][0].shape == (b * s, 8, 4)  # K/V repeated to 8 heads
@@ -160,34 +160,34 @@ def _dense_step(x, wq, wkv, mask, table, h=8, n_kv=2, d=4):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_recomputed_copies_are_not_saved_for_the_backward(flash_stand_in, backend):
-    """Compiled: "saved" hands the backward the repeated K/V the kernel got; "recomputed" hands it neither, and
+    """Compiled: by default the backward gets the repeated K/V the kernel got; ``recompute`` hands it neither, and
     saves 2 * T * (h - n_kv) * d fewer numbers (the grouped heads instead of the copies); the gradients agree with
     each other and with the eager step."""
     step, inputs, _ = _attention_step()
     b, s, h, n_kv, d = 2, 12, 8, 2, 4
     grad = torch.randn(b, h, s, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    eager = step(*inputs, "saved")
+    eager = step(*inputs, KVRepeat())
     want = [eager, *torch.autograd.grad(eager, inputs[1:], grad)]
     compiled = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
     numel = {}
-    for kv_copy in ("saved", "recomputed"):
+    for recompute in (False, True):
         flash_stand_in.clear()
-        out = compiled(*inputs, kv_copy)
+        out = compiled(*inputs, KVRepeat(recompute=recompute))
         saved = out.grad_fn.saved_tensors
         given = list(flash_stand_in[0])
         assert [t.shape for t in given] == [(b * s, h, d)] * 2
-        assert _holds(saved, given) == (2 if kv_copy == "saved" else 0), kv_copy
-        numel[kv_copy] = sum(t.numel() for t in saved)
+        assert _holds(saved, given) == (0 if recompute else 2), recompute
+        numel[recompute] = sum(t.numel() for t in saved)
         got = [out, *torch.autograd.grad(out, inputs[1:], grad)]
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
     # the copies out; the grouped K/V (or the projection they come from) in
-    assert numel["saved"] - numel["recomputed"] == 2 * b * s * (h - n_kv) * d
+    assert numel[False] - numel[True] == 2 * b * s * (h - n_kv) * d
 
 
 def test_the_switch_reaches_a_compiled_models_attention(flash_stand_in, monkeypatch):
-    """set_kv_copy on a tiny ChatGLM3 with compiled blocks (the stand-in as its varlen kernel on the CPU): with
-    "recomputed" no block's backward keeps a K/V copy, the blocks still compile to one graph without breaks, and the
+    """set_kv_repeat on a tiny ChatGLM3 with compiled blocks (the stand-in as its varlen kernel on the CPU): with
+    ``recompute`` no block's backward keeps a K/V copy, the blocks still compile to one graph without breaks, and the
     loss and the gradients are the same."""
     from glmtune.train.compile import compile_blocks
 
@@ -198,17 +198,17 @@ def test_the_switch_reaches_a_compiled_models_attention(flash_stand_in, monkeypa
     ids = torch.randint(10, 400, seg.shape, generator=torch.Generator().manual_seed(0))
     results = {}
     counters = torch._dynamo.utils.counters
-    # fused_repeat: glmtune's repeat ops (they need Triton); on the CPU they run their torch reference, so this checks
+    # fused: glmtune's repeat ops (they need Triton); on the CPU they run their torch reference, so this checks
     # the wiring and the saved tensors, not the kernels (tests/test_repeat_kv.py runs those under the interpreter)
     fused = [False, True] if importlib.util.find_spec("triton") else [False]
-    for kv_copy, fused_repeat in [(c, f) for f in fused for c in ("saved", "recomputed")]:
+    for repeat in [KVRepeat(recompute=r, fused=f) for f in fused for r in (False, True)]:
         torch._dynamo.reset()
         counters.clear()
         flash_stand_in.clear()
         model = build_model(preset("tiny-chatglm3"))
         model.init_weights(seed=3, std=0.3)
         # every layer has grouped K/V heads
-        assert set_kv_copy(model, kv_copy, fused_repeat=fused_repeat) == model.config.num_layers
+        assert set_kv_repeat(model, repeat) == model.config.num_layers
         compile_blocks(model, backend="aot_eager")
         model.set_attention_backend("varlen")
         saved: list[tuple[torch.Tensor, ...]] = []
@@ -222,22 +222,33 @@ def test_the_switch_reaches_a_compiled_models_attention(flash_stand_in, monkeypa
         loss = (h * (seg >= 0)[..., None]).pow(2).mean()
         loss.backward()
         assert len(saved) == len(flash_stand_in) == model.config.num_layers
-        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, kv_copy
+        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, repeat
         for layer_saved, given in zip(saved, flash_stand_in, strict=True):
-            assert _holds(layer_saved, list(given)) == (2 if kv_copy == "saved" else 0), kv_copy
-        results[kv_copy, fused_repeat] = [loss.detach()] + [p.grad for p in model.parameters()]
+            assert _holds(layer_saved, list(given)) == (0 if repeat.recompute else 2), repeat
+        results[repeat] = [loss.detach()] + [p.grad for p in model.parameters()]
     for key, result in results.items():
-        for got, want in zip(result, results["saved", False], strict=True):
+        for got, want in zip(result, results[KVRepeat()], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=str(key))
 
 
-def test_set_kv_copy_checks_its_value():
+def test_set_kv_repeat_checks_its_value(monkeypatch):
     model = build_model(preset("tiny-chatglm3"))
-    with pytest.raises(ValueError, match="kv_copy"):
-        set_kv_copy(model, "dropped")
-    assert all(m.kv_copy == "saved" for m in model.modules() if hasattr(m, "kv_copy"))  # the default
+    attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    assert attentions and all(m.kv_repeat == KVRepeat() for m in attentions)  # the default: saved, unfused
+    with pytest.raises(TypeError, match="KVRepeat"):
+        set_kv_repeat(model, "recomputed")
+    assert set_kv_repeat(model, KVRepeat(recompute=True)) == len(attentions)
+    assert all(m.kv_repeat == KVRepeat(recompute=True) for m in attentions)
+    # fused needs Triton: without it, a clear error and the setting unchanged
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a)
+    )
+    with pytest.raises(ValueError, match="needs Triton"):
+        set_kv_repeat(model, KVRepeat(fused=True))
+    assert all(m.kv_repeat == KVRepeat(recompute=True) for m in attentions)
     mha = build_model(preset("tiny-chatglm3").replace(multi_query_group_num=4))
-    assert set_kv_copy(mha, "recomputed") == 0  # no grouped heads: nothing is repeated
+    assert set_kv_repeat(mha, KVRepeat(recompute=True)) == 0  # no grouped heads: nothing is repeated
 
 
 # ---- CUDA --------------------------------------------------------------------------------------------------------
@@ -250,9 +261,9 @@ def _repeats_kv() -> bool:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not varlen_supported("cuda"),
                     reason="needs CUDA with flash attention (sm80+)")  # fmt: skip
-def test_recomputed_kv_copies_train_alike_in_less_memory_on_cuda():
+def test_recomputed_kv_repeat_trains_alike_in_less_memory_on_cuda():
     """A compiled bf16 ChatGLM3-shaped model (heads of 128, 2 KV groups, 4 layers) on packed rows through flash
-    varlen: the loss and gradients with "recomputed" equal "saved"'s, and the memory held at the forward's end
+    varlen: the loss and gradients with ``recompute`` equal those without, and the memory held at the forward's end
     is lower by the copies (2 * T * (h - n_kv) * d bf16 per layer) where this torch repeats K/V heads."""
     from glmtune.train.compile import compile_blocks
 
@@ -268,13 +279,13 @@ def test_recomputed_kv_copies_train_alike_in_less_memory_on_cuda():
     seg, pos, ids = seg.to(dev), pos.to(dev), ids.to(dev)
     proj = torch.randn(b, s, cfg.hidden_size, generator=gen).to(dev)
     results, held = {}, {}
-    for kv_copy in ("saved", "recomputed"):
+    fused = importlib.util.find_spec("triton") is not None  # compile_blocks' default on CUDA
+    for recompute in (False, True):
         torch._dynamo.reset()
         model = build_model(cfg)
         model.init_weights(seed=3)
         model = model.to(dev, torch.bfloat16)
-        set_kv_copy(model, kv_copy)
-        compile_blocks(model)
+        compile_blocks(model, kv_repeat=KVRepeat(recompute=recompute, fused=fused))
         assert model.attention_backend == "varlen"
         for _ in range(2):  # the first call compiles
             model.zero_grad(set_to_none=True)
@@ -282,16 +293,19 @@ def test_recomputed_kv_copies_train_alike_in_less_memory_on_cuda():
             start = torch.cuda.memory_allocated(dev)
             h = model.hidden_states(ids, position_ids=pos, segment_ids=seg)
             loss = (h.float() * proj).mean()
-            held[kv_copy] = torch.cuda.memory_allocated(dev) - start
+            held[recompute] = torch.cuda.memory_allocated(dev) - start
             loss.backward()
         # (hidden_states leaves the output layer out: its weight has no gradient)
-        results[kv_copy] = [loss.detach()] + [p.grad.float() for p in model.parameters() if p.grad is not None]
+        results[recompute] = [loss.detach()] + [p.grad.float() for p in model.parameters() if p.grad is not None]
         del model, h, loss
-    for got, want in zip(results["recomputed"], results["saved"], strict=True):  # the loss, then every gradient
-        assert (got - want).norm() <= 1e-3 * want.norm()
+    for got, want in zip(results[True], results[False], strict=True):  # the loss, then every gradient
+        # 1e-2, not tighter: the two compiled graphs fuse (and round) the bf16 work around the repeat differently,
+        # so one gradient's relative difference reached 1.5e-3 on an H200 (bf16's eps is 7.8e-3); the memory check
+        # below is what tells the two apart
+        assert (got - want).norm() <= 1e-2 * want.norm()
     d, h_, n_kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_kv_heads
     copies = 2 * b * s * (h_ - n_kv) * d * 2 * cfg.num_layers  # bytes: the K/V copies less the grouped K/V
     if _repeats_kv():
-        assert held["saved"] - held["recomputed"] >= 0.75 * copies, (held, copies)
+        assert held[False] - held[True] >= 0.75 * copies, (held, copies)
     else:  # torch >= 2.13 hands flash the grouped heads: nothing is repeated, the option changes nothing
-        assert abs(held["saved"] - held["recomputed"]) < 0.1 * copies, (held, copies)
+        assert abs(held[False] - held[True]) < 0.1 * copies, (held, copies)

@@ -264,9 +264,9 @@ def test_ops_under_torch_compile_are_one_node_each_way(backend):
 
 @pytest.mark.parametrize("kernel", [False, True], ids=["reference", "kernel"])
 def test_pair_inside_a_compiled_checkpoint_is_recomputed_in_the_backward(monkeypatch, kernel):
-    """As ``attention.kv_for_flash(kv_copy="recomputed")`` would call it: the forward saves K and V (n_kv heads),
-    not their copies, and the backward repeats them again before summing the gradients; the gradients equal
-    eager's."""
+    """As ``attention.kv_for_flash`` calls it with ``KVRepeat(recompute=True, fused=True)``: the forward saves K and
+    V (n_kv heads), not their copies, and the backward repeats them again before summing the gradients; the
+    gradients equal eager's."""
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
     from torch.utils.checkpoint import checkpoint

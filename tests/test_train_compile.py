@@ -165,3 +165,56 @@ def test_inductor_options_reach_each_block(monkeypatch: pytest.MonkeyPatch) -> N
     seen.clear()
     train_compile.compile_blocks(model, backend="aot_eager", options={"coordinate_descent_tuning": True})
     assert seen and all("options" not in kw for kw in seen)
+
+
+def _kv_repeats_at_compile(monkeypatch: pytest.MonkeyPatch) -> list:
+    """nn.Module.compile replaced by a recorder of the K/V repeat its block's attention has when it is compiled."""
+    from torch import nn
+
+    seen: list = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **kw: seen.append(self.self_attention.kv_repeat))
+    return seen
+
+
+def test_compile_blocks_sets_the_kv_repeat_before_compiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU ``compile_blocks`` leaves the attentions' K/V repeat as the model has it (the fused ops' default is
+    CUDA's); one it is given is set on every attention before any block is compiled (compiled code keeps the path
+    it traced)."""
+    from glmtune.models import build_model
+    from glmtune.models.attention import KVRepeat
+    from glmtune.models.chatglm import SelfAttention, set_kv_repeat
+    from glmtune.models.config import preset
+
+    seen = _kv_repeats_at_compile(monkeypatch)
+    model = build_model(preset("tiny-chatglm3"), dtype=torch.float32)
+    attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
+    set_kv_repeat(model, KVRepeat(recompute=True))
+    assert train_compile.compile_blocks(model, backend="aot_eager") == len(seen) == len(attentions) > 0
+    assert seen == [KVRepeat(recompute=True)] * len(attentions)
+    assert {a.kv_repeat for a in attentions} == {KVRepeat(recompute=True)}
+    seen.clear()
+    train_compile.compile_blocks(model, backend="aot_eager", kv_repeat=KVRepeat())
+    assert seen == [KVRepeat()] * len(attentions)
+    assert {a.kv_repeat for a in attentions} == {KVRepeat()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compile_blocks_fuses_the_kv_repeat_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA with Triton the default is glmtune's fused repeat (replacing the model's setting); given, it is kept."""
+    import importlib.util
+
+    from glmtune.models import build_model
+    from glmtune.models.attention import KVRepeat
+    from glmtune.models.chatglm import set_kv_repeat
+    from glmtune.models.config import preset
+
+    seen = _kv_repeats_at_compile(monkeypatch)
+    model = build_model(preset("tiny-chatglm3"), dtype=torch.float32).cuda()
+    set_kv_repeat(model, KVRepeat(recompute=True))
+    train_compile.compile_blocks(model)
+    fused = importlib.util.find_spec("triton") is not None
+    assert seen and set(seen) == {KVRepeat(fused=True) if fused else KVRepeat(recompute=True)}
+    seen.clear()
+    train_compile.compile_blocks(model, kv_repeat=KVRepeat(recompute=True))
+    assert seen and set(seen) == {KVRepeat(recompute=True)}

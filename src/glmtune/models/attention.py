@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -149,7 +150,15 @@ class KVCacheView:
         return keys[:, :, : self.max_len], values[:, :, : self.max_len]
 
 
-KV_COPIES = ("saved", "recomputed")  # attend's kv_copy
+@dataclass(frozen=True)
+class KVRepeat:
+    """How K/V heads are repeated to every query head for a flash kernel that takes no grouped heads (varlen on
+    torch < 2.13). ``recompute``: under ``torch.compile`` the repeat is checkpointed, so the compiled backward keeps
+    the grouped heads and repeats them again instead of saving the copies (:func:`kv_for_flash`); ``fused``: the
+    repeat as glmtune's Triton ops (``models/repeat_kv.py``) instead of expand + reshape."""
+
+    recompute: bool = False
+    fused: bool = False
 
 
 def varlen_supported(device: torch.device | str) -> bool:
@@ -174,13 +183,13 @@ def _varlen_api() -> tuple[bool, bool]:
     return _varlen_signature()
 
 
-def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, kv_copy: str = "saved",
-                   fused_repeat: bool = False) -> torch.Tensor:  # fmt: skip
+def _attend_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+                   kv_repeat: KVRepeat = KVRepeat()) -> torch.Tensor:  # fmt: skip
     """Causal flash attention within the runs of ``mask.cu_seqlens`` (the tokens of all rows flattened)."""
     b, _, s, _ = q.shape
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
         return attend(q, k, v, dense_from_runs(mask, b, s))
-    return _flash_varlen(q, k, v, mask, kv_copy, fused_repeat)
+    return _flash_varlen(q, k, v, mask, kv_repeat)
 
 
 def repeat_kv_heads(t: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -198,24 +207,24 @@ def _repeat_pair(k: torch.Tensor, v: torch.Tensor, n_head: int, fused: bool = Fa
     return repeat_kv_heads(k, n_head), repeat_kv_heads(v, n_head)
 
 
-def kv_for_flash(k: torch.Tensor, v: torch.Tensor, n_head: int, kv_copy: str = "saved", fused: bool = False
+def kv_for_flash(k: torch.Tensor, v: torch.Tensor, n_head: int, repeat: KVRepeat = KVRepeat()
                  ) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """K and V (T, n_kv, d) repeated to ``n_head`` heads for an attention kernel that takes no grouped heads.
 
     The kernel saves what it is given for its backward, so the copies (g times the K/V) stay alive to the backward.
-    ``kv_copy="recomputed"``, under ``torch.compile``: the repeat runs inside ``torch.utils.checkpoint``, whose
+    ``repeat.recompute``, under ``torch.compile``: the repeat runs inside ``torch.utils.checkpoint``, whose
     nodes the compiled graph tags for recomputation; the partitioner then keeps the n_kv heads and repeats them again
     in the backward (left alone, its min-cut keeps the copies: "materialized in backward"). Eagerly the option
-    changes nothing (the kernel's autograd still saves its inputs), so it is not applied there. ``fused``: the
-    repeat as glmtune's Triton ops (``models/repeat_kv.py``) instead of expand + reshape."""
-    if kv_copy == "recomputed" and torch.compiler.is_compiling():
+    changes nothing (the kernel's autograd still saves its inputs), so it is not applied there. ``repeat.fused``:
+    the repeat as glmtune's Triton ops (``models/repeat_kv.py``) instead of expand + reshape."""
+    if repeat.recompute and torch.compiler.is_compiling():
         # no RNG state read (nothing random inside; compiled checkpoints never fork the RNG either)
-        return checkpoint(_repeat_pair, k, v, n_head, fused, use_reentrant=False, preserve_rng_state=False)
-    return _repeat_pair(k, v, n_head, fused)
+        return checkpoint(_repeat_pair, k, v, n_head, repeat.fused, use_reentrant=False, preserve_rng_state=False)
+    return _repeat_pair(k, v, n_head, repeat.fused)
 
 
-def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, kv_copy: str = "saved",
-                  fused_repeat: bool = False) -> torch.Tensor:  # fmt: skip
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask,
+                  kv_repeat: KVRepeat = KVRepeat()) -> torch.Tensor:  # fmt: skip
     """``varlen_attn`` called as this torch's signature wants it; q (b, h, s, d), k, v (b, n_kv, s, d)."""
     from torch.nn.attention.varlen import varlen_attn
 
@@ -229,23 +238,23 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Atten
         if gqa:
             kwargs["enable_gqa"] = True
         else:  # one copy each (flash takes the heads grouped only from torch 2.13 on)
-            kf, vf = kv_for_flash(kf, vf, n_head, kv_copy, fused_repeat)
+            kf, vf = kv_for_flash(kf, vf, n_head, kv_repeat)
     cu = mask.cu_seqlens
     out = varlen_attn(qf, kf, vf, cu, cu, mask.max_len, mask.max_len, **kwargs)  # (b * s, n_head, d)
     return out.reshape(b, s, n_head, d).transpose(1, 2)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *, kv_copy: str = "saved",
-           fused_repeat: bool = False) -> torch.Tensor:  # fmt: skip
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, *,
+           kv_repeat: KVRepeat = KVRepeat()) -> torch.Tensor:  # fmt: skip
     """Scaled dot-product attention with grouped KV heads. q (b, h, s, d); k, v (b, n_kv, t, d) -> (b, h, s, d).
 
-    ``kv_copy`` (``KV_COPIES``): what a compiled backward gets of K/V heads repeated for flash's varlen kernel
-    where it takes no grouped heads (torch < 2.13): the copies ("saved") or the grouped heads, repeated again
-    ("recomputed", see :func:`kv_for_flash`); ``fused_repeat``: that repeat as glmtune's Triton ops. Every other
-    path ignores both."""
+    ``kv_repeat``: how K/V heads are repeated for flash's varlen kernel where it takes no grouped heads
+    (torch < 2.13; :class:`KVRepeat`, :func:`kv_for_flash`): whether a compiled backward gets the copies (the
+    default) or the grouped heads, repeated again (``recompute``), and whether glmtune's Triton ops repeat them
+    (``fused``). Every other path ignores it."""
     n_head = q.shape[1]
     if mask.cu_seqlens is not None:
-        return _attend_varlen(q, k, v, mask, kv_copy, fused_repeat)
+        return _attend_varlen(q, k, v, mask, kv_repeat)
     if mask.block is not None:
         from torch.nn.attention.flex_attention import flex_attention
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmtune.models.attention import KV_COPIES, KVCache, attend
+from glmtune.models.attention import KVCache, KVRepeat, attend
 from glmtune.models.base import CausalLMBase
 from glmtune.models.config import GLMConfig
 from glmtune.models.masks import AttentionMask
@@ -133,8 +133,7 @@ class SelfAttention(nn.Module):
             config.hidden_size, config.qkv_size, bias=config.add_bias_linear or config.add_qkv_bias, **kw
         )
         self.dense = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.add_bias_linear, **kw)
-        self.kv_copy = "saved"  # attention.KV_COPIES; set by set_kv_copy
-        self.fused_repeat = False  # the K/V repeat for flash varlen as glmtune's Triton ops; set by set_kv_copy
+        self.kv_repeat = KVRepeat()  # how flash varlen gets K/V repeated to every head; set by set_kv_repeat
 
     def forward(
         self,
@@ -161,24 +160,24 @@ class SelfAttention(nn.Module):
         elif prefix_kv is not None:
             k = torch.cat([prefix_kv[0].to(k.dtype), k], dim=2)
             v = torch.cat([prefix_kv[1].to(v.dtype), v], dim=2)
-        out = attend(q, k, v, mask, kv_copy=self.kv_copy, fused_repeat=self.fused_repeat)  # (b, h, s, d)
+        out = attend(q, k, v, mask, kv_repeat=self.kv_repeat)  # (b, h, s, d)
         return self.dense(out.transpose(1, 2).reshape(b, s, self.n_head * d))
 
 
-def set_kv_copy(model: nn.Module, kv_copy: str, *, fused_repeat: bool = False) -> int:
-    """What the compiled backward of every ChatGLM attention in ``model`` keeps of the K/V heads repeated for flash's
-    varlen kernel (torch < 2.13 takes no grouped heads): "saved" (the default: the repeated copies) or "recomputed"
-    (the grouped heads, repeated again in the backward; ``attention.kv_for_flash``). Returns how many attentions have
-    grouped K/V heads, where it can matter. ``fused_repeat``: the repeat as glmtune's Triton ops
-    (``models/repeat_kv.py``; needs Triton) instead of expand + reshape. Set both before the first compiled call (a
-    change recompiles)."""
-    if kv_copy not in KV_COPIES:
-        raise ValueError(f"kv_copy must be one of {KV_COPIES}, got {kv_copy!r}")
-    if fused_repeat and importlib.util.find_spec("triton") is None:
-        raise ValueError("set_kv_copy(fused_repeat=True) needs Triton (models/repeat_kv.py): pip install triton")
+def set_kv_repeat(model: nn.Module, repeat: KVRepeat) -> int:
+    """How every ChatGLM attention in ``model`` repeats its K/V heads for flash's varlen kernel (torch < 2.13 takes
+    no grouped heads; ``attention.KVRepeat``): ``recompute``, the compiled backward keeps the grouped heads and
+    repeats them again instead of saving the copies (``attention.kv_for_flash``); ``fused``, the repeat as glmtune's
+    Triton ops (``models/repeat_kv.py``; needs Triton) instead of expand + reshape. Returns how many attentions have
+    grouped K/V heads, where it can matter. Set it before the first compiled call (a change recompiles);
+    ``train.compile.compile_blocks`` sets ``KVRepeat(fused=True)`` on CUDA unless given one."""
+    if not isinstance(repeat, KVRepeat):
+        raise TypeError(f"set_kv_repeat takes an attention.KVRepeat, got {repeat!r}")
+    if repeat.fused and importlib.util.find_spec("triton") is None:
+        raise ValueError("set_kv_repeat(KVRepeat(fused=True)) needs Triton (models/repeat_kv.py): pip install triton")
     attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
     for attention in attentions:
-        attention.kv_copy, attention.fused_repeat = kv_copy, fused_repeat
+        attention.kv_repeat = repeat
     return sum(a.n_kv != a.n_head for a in attentions)
 
 
