@@ -13,9 +13,11 @@ else each transformer block wrapped in ``torch.compile`` here (``GlmtuneStep.com
 CUDA graphs, ``GraphedTrainStep``), True/False force it; ``prepare(batches)`` captures every batch key before timing.
 ``loss_recompute``: None follows ``train.loss_recompute``'s default, or forces it. ``fused_swiglu``: None follows
 ``compile_blocks``' default (ChatGLM's MLPs on glmtune's fused SwiGLU ops when compiled on CUDA), True/False force it.
-``compile_options``: Inductor options for ``compile_blocks`` (None: its default). ``kv_copy``: None leaves ChatGLM's
-attention as built ("saved"); "recomputed"/"saved" set by ``chatglm.set_kv_copy`` before compiling (what compiled
-backwards keep of the K/V heads repeated for flash varlen: the copies, or the grouped heads repeated again).
+``compile_options``: Inductor options for ``compile_blocks`` (None: its default). ``kv_repeat``: how ChatGLM's
+attentions repeat K/V heads for flash varlen (``attention.KVRepeat``: ``recompute``, compiled backwards keep the
+grouped heads and repeat them again instead of the copies; ``fused``, glmtune's Triton repeat ops); None follows
+``compile_blocks``' default (fused on CUDA with Triton; uncompiled: the model as built), a value is set before
+compiling (``compile_blocks(kv_repeat=...)``, else ``chatglm.set_kv_repeat``).
 
 This is the one file to adapt when the trainer changes: ``GlmtuneStep.__call__`` must stay one optimizer step of
 the real trainer on one micro-batch.
@@ -61,9 +63,10 @@ try:
 except ImportError:  # before the trainer dropped the runs the attention does not read
     step_batch = None
 try:
-    from glmtune.models.chatglm import set_kv_copy
-except ImportError:  # before kv_copy
-    set_kv_copy = None
+    from glmtune.models.attention import KVRepeat
+    from glmtune.models.chatglm import set_kv_repeat
+except ImportError:  # before the K/V repeat setting
+    KVRepeat = set_kv_repeat = None
 
 
 def default_compile(device: torch.device) -> bool:
@@ -115,8 +118,7 @@ class GlmtuneStep:
         loss_recompute: bool | str | None = None,
         fused_swiglu: bool | None = None,
         compile_options: dict | None = None,
-        kv_copy: str | None = None,
-        fused_repeat: bool = False,
+        kv_repeat: KVRepeat | None = None,
     ) -> None:
         self.device = device
         # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base;
@@ -139,32 +141,35 @@ class GlmtuneStep:
         self.inputs = set(inspect.signature(self.net.forward).parameters)
         if fused_swiglu and use_fused_swiglu is None:
             raise RuntimeError("this glmtune has no fused SwiGLU ops (chatglm.use_fused_swiglu)")
-        # attentions whose compiled backward repeats the K/V heads again ("recomputed"; before compiling)
-        self.kv_recomputed_attentions = 0
-        self.kv_fused_repeats = 0  # attentions repeating the K/V heads with glmtune's Triton ops
-        if kv_copy is not None or fused_repeat:
-            if set_kv_copy is None:
-                raise RuntimeError("this glmtune has no kv_copy (chatglm.set_kv_copy)")
-            kw = {"fused_repeat": True} if fused_repeat else {}
-            grouped = set_kv_copy(self.model, kv_copy or "saved", **kw)
-            self.kv_recomputed_attentions = grouped if kv_copy == "recomputed" else 0
-            self.kv_fused_repeats = grouped if fused_repeat else 0
+        if kv_repeat is not None and set_kv_repeat is None:
+            raise RuntimeError("this glmtune has no K/V repeat setting (attention.KVRepeat, chatglm.set_kv_repeat)")
         self.compile_mode = None
         if default_compile(device) if compile is None else compile:
             if train_compile is not None:
                 accepts = inspect.signature(train_compile.compile_blocks).parameters
-                kw = {k: v for k, v in (("fused_swiglu", fused_swiglu), ("options", compile_options))
-                      if v is not None and k in accepts}  # fmt: skip
+                kw = {k: v for k, v in (("fused_swiglu", fused_swiglu), ("options", compile_options),
+                                        ("kv_repeat", kv_repeat)) if v is not None and k in accepts}  # fmt: skip
                 if fused_swiglu is not None and "fused_swiglu" not in accepts and use_fused_swiglu is not None:
                     use_fused_swiglu(self.model, fused_swiglu)
+                if kv_repeat is not None and "kv_repeat" not in accepts:
+                    set_kv_repeat(self.model, kv_repeat)  # (before compiling: compiled code keeps its path)
                 train_compile.compile_blocks(self.model, **kw)
                 self.compile_mode = "train.compile (compile_blocks)"
             else:
                 for block in _blocks(self.model):
                     block.compile()
                 self.compile_mode = "each transformer block torch.compile'd by the bench"
-        elif fused_swiglu:
-            use_fused_swiglu(self.model)
+        else:
+            if fused_swiglu:
+                use_fused_swiglu(self.model)
+            if kv_repeat is not None:
+                set_kv_repeat(self.model, kv_repeat)
+        # attentions with grouped K/V heads whose compiled backward repeats them again, and those repeating them with
+        # glmtune's Triton ops (as set: by kv_repeat or compile_blocks' default)
+        grouped = [m.kv_repeat for m in self.model.modules()
+                   if hasattr(m, "kv_repeat") and getattr(m, "n_kv", 0) != getattr(m, "n_head", 0)]  # fmt: skip
+        self.kv_recomputed_attentions = sum(r.recompute for r in grouped)
+        self.kv_fused_repeats = sum(r.fused for r in grouped)
         # MLPs running the fused SwiGLU ops (0 without Triton, or switched off)
         self.fused_swiglu_mlps = sum(bool(getattr(m, "fused_swiglu", False)) for m in self.model.modules())
         # train.cuda_graph as the trainer decides it (auto: with compiled blocks on CUDA; a caller's model, e.g. a

@@ -8,7 +8,7 @@ median step of each run, the ratio of the medians and the rounds' smallest and l
 
     PYTHONPATH=src python bench/train_ab.py --a packed-4x1024-lora/hf-compile --b packed-4x1024-lora/glmtune-compile
     PYTHONPATH=src python bench/train_ab.py --a packed-4x1024-lora/glmtune-compile \\
-        --b packed-4x1024-lora/glmtune-compile-kv-fused --rounds 8 --json bench/results/train_ab.json
+        --b packed-4x1024-lora/glmtune-compile-kv-unfused --rounds 8 --json bench/results/train_ab.json
 
 Both runs must train on the same data kind (the same token batches, each collated as its trainer does).
 """

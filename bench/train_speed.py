@@ -12,9 +12,10 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
   backward, as before the compiled loss; the same for ADGEN packed, "packed-recompute"; "compile-inductor-swiglu"
   and ADGEN's "packed-inductor-swiglu": the MLPs' SwiGLU left to Inductor, as before compiled blocks took glmtune's
   fused SwiGLU ops; "compile-coordinate-descent", "compile-autotune": with those Inductor options;
-  "compile-kv-recomputed" and ADGEN's "packed-kv-recomputed" / "padded-kv-recomputed": the K/V heads repeated for
-  flash varlen kept as the 2 grouped heads and repeated again in the backward, ``chatglm.set_kv_copy``; "-kv-fused"
-  and "-kv-recomputed-fused": that repeat as glmtune's Triton ops, ``models/repeat_kv.py``; ADGEN's
+  the K/V heads repeated for flash varlen (torch < 2.13), ``attention.KVRepeat``: compiled runs repeat them with
+  glmtune's Triton ops by default (``compile_blocks``, ``models/repeat_kv.py``), "compile-kv-unfused" and ADGEN's
+  "packed-kv-unfused" with expand + reshape, as before; "compile-kv-recomputed" and ADGEN's "packed-kv-recomputed" /
+  "padded-kv-recomputed": the fused repeat with the 2 grouped heads kept and repeated again in the backward; ADGEN's
   "packed-mlp-recomputed", "packed-mlp4", "packed-mlp8": ``train.gradient_checkpointing: mlp`` over every block, or
   the first 4 / 8 (``train.recompute_layers``): the memory options that keep CUDA graphs).
 - adgen-ptuning: P-Tuning v2, pre_seq_len 128, 4 samples (glmtune only: no peer has it), padded and packed.
@@ -59,6 +60,7 @@ from step_glmtune import default_compile  # noqa: E402
 
 from glmtune.data.collate import collate, collate_packed  # noqa: E402
 from glmtune.models import build_model  # noqa: E402
+from glmtune.models.attention import KVRepeat  # noqa: E402
 from glmtune.models.config import GLMConfig, preset  # noqa: E402
 
 log = logging.getLogger("train_speed")
@@ -67,7 +69,7 @@ LORA = {"rank": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_val
 PTUNING = {"pre_seq_len": 128, "prefix_projection": False}
 HF, GLMTUNE = "transformers+peft", "glmtune"
 DESCENT = (("coordinate_descent_tuning", True),)  # Inductor tunes each kernel's launch configuration
-KV_FUSED = {"kv_copy": "recomputed", "fused_repeat": True}  # the repeated K/V recomputed, by glmtune's Triton ops
+KV_RECOMPUTED = KVRepeat(recompute=True, fused=True)  # compile_blocks' default on CUDA, repeated again in the backward
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,7 @@ class Run:
     loss_recompute: bool | None = None  # glmtune: None = train.loss_recompute's default (auto), or forced
     fused_swiglu: bool | None = None  # glmtune: the MLPs' SwiGLU as the fused ops; None = compile_blocks' default
     inductor: tuple[tuple[str, object], ...] = ()  # glmtune: Inductor options for compile_blocks (() = its default)
-    kv_copy: str | None = None  # glmtune: chatglm.set_kv_copy ("recomputed"); None = the model's default ("saved")
-    fused_repeat: bool = False  # glmtune: the K/V repeat for flash varlen as glmtune's Triton ops (set_kv_copy)
+    kv_repeat: KVRepeat | None = None  # glmtune: the K/V repeat for flash varlen; None = compile_blocks' default
 
     @property
     def id(self) -> str:
@@ -108,18 +109,17 @@ RUNS = [
     Run("packed-4x1024-lora", GLMTUNE, "compile-inductor-swiglu", "packed", compile=True, fused_swiglu=False),
     Run("packed-4x1024-lora", GLMTUNE, "compile-coordinate-descent", "packed", compile=True, inductor=DESCENT),
     Run("packed-4x1024-lora", GLMTUNE, "compile-autotune", "packed", compile=True, inductor=(("max_autotune", True),)),
-    Run("packed-4x1024-lora", GLMTUNE, "compile-kv-recomputed", "packed", compile=True, kv_copy="recomputed"),
-    Run("packed-4x1024-lora", GLMTUNE, "compile-kv-fused", "packed", compile=True, fused_repeat=True),
-    Run("packed-4x1024-lora", GLMTUNE, "compile-kv-recomputed-fused", "packed", compile=True, **KV_FUSED),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-kv-recomputed", "packed", compile=True, kv_repeat=KV_RECOMPUTED),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-kv-unfused", "packed", compile=True, kv_repeat=KVRepeat()),
     Run("adgen-lora", GLMTUNE, "packed-recompute", "adgen-packed", loss_recompute=True),
     Run("adgen-lora", GLMTUNE, "packed-inductor-swiglu", "adgen-packed", fused_swiglu=False),
     Run("adgen-lora", GLMTUNE, "packed-mlp-recomputed", "adgen-packed", checkpointing="mlp"),  # the memory option
     Run("adgen-lora", GLMTUNE, "packed-mlp4", "adgen-packed", checkpointing="mlp", recompute_layers=4),
     Run("adgen-lora", GLMTUNE, "packed-mlp8", "adgen-packed", checkpointing="mlp", recompute_layers=8),
     # the K/V heads repeated for flash varlen (torch < 2.13) repeated again in the backward, not saved: the peak
-    Run("adgen-lora", GLMTUNE, "packed-kv-recomputed", "adgen-packed", kv_copy="recomputed"),
-    Run("adgen-lora", GLMTUNE, "packed-kv-recomputed-fused", "adgen-packed", **KV_FUSED),
-    Run("adgen-lora", GLMTUNE, "padded-kv-recomputed", "adgen-padded", kv_copy="recomputed"),
+    Run("adgen-lora", GLMTUNE, "packed-kv-recomputed", "adgen-packed", kv_repeat=KV_RECOMPUTED),
+    Run("adgen-lora", GLMTUNE, "padded-kv-recomputed", "adgen-padded", kv_repeat=KV_RECOMPUTED),
+    Run("adgen-lora", GLMTUNE, "packed-kv-unfused", "adgen-packed", kv_repeat=KVRepeat()),  # the repeat before
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
     Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
     Run("full-1.5b", GLMTUNE, "default", "packed", method="full", model="1.5b"),
@@ -196,10 +196,8 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
         kw["fused_swiglu"] = run.fused_swiglu
     if run.inductor:
         kw["compile_options"] = dict(run.inductor)
-    if run.kv_copy is not None:
-        kw["kv_copy"] = run.kv_copy
-    if run.fused_repeat:
-        kw["fused_repeat"] = True
+    if run.kv_repeat is not None:
+        kw["kv_repeat"] = run.kv_repeat
     return GlmtuneStep(cfg, method=run.method, options=options, device=device, precision=precision,
                        gradient_checkpointing=run.checkpointing, compile=run.compile, **kw)  # fmt: skip
 
