@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -49,6 +50,82 @@ def test_lora_linear_low_precision_base_keeps_fp32_adapter() -> None:
     torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
     # The adapter really is in the output (not lost to the base's precision).
     assert (y.double() - (x.double() @ base.weight.double().T + base.bias.double())).abs().max() > 0.1
+
+
+def _kept(saved: list[torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+    saved.append(t)
+    return t
+
+
+COMPILE_BACKENDS = ["aot_eager", "aot_eager_decomp_partition", pytest.param("inductor", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compiled_lora_backward_redraws_the_forwards_dropout(backend: str) -> None:
+    """Compiled, A's input (dropped out) is recomputed in the backward, not saved: the backward must see the
+    forward's mask. float32, so the mask can be read back from the gradients: dx = g W + s (g B A) * m / (1 - p)
+    gives m (0 or 1 everywhere; A, B and g positive keep g B A away from 0), and the output and A's gradient must
+    both be the float64 reference under it."""
+    torch._dynamo.reset()  # (fresh: past the recompile limit a compiled layer would quietly run eagerly)
+    torch.manual_seed(0)
+    p, scale = 0.4, 2.0
+    base = nn.Linear(24, 20)
+    base.requires_grad_(False)
+    layer = LoraLinear(base, rank=4, alpha=8, dropout=p)
+    with torch.no_grad():
+        layer.lora_A.weight.uniform_(0.5, 1.0)
+        layer.lora_B.weight.uniform_(0.5, 1.0)
+    step = torch.compile(layer, backend=backend)
+    x = torch.randn(3, 7, 24, requires_grad=True)
+    g = torch.rand(3, 7, 20) + 0.5
+    y = step(x)
+    y.backward(g)
+    w, a_mat, b_mat = (t.detach().double() for t in (base.weight, layer.lora_A.weight, layer.lora_B.weight))
+    x64, g64 = x.detach().double(), g.double()
+    through = scale * (g64 @ b_mat @ a_mat) / (1 - p)  # dx's adapter part where the mask is 1 (> 2 everywhere)
+    mask = (x.grad.double() - g64 @ w) / through
+    assert ((mask - 1).abs() < 1e-4).logical_or(mask.abs() < 1e-4).all()  # 0 or 1: one mask for both passes
+    mask = mask.round()
+    assert 0.3 < mask.mean() < 0.9  # really dropped some, kept most
+    dropped = x64 * mask / (1 - p)
+    ref_y = x64 @ w.T + base.bias.double() + scale * (dropped @ a_mat.T) @ b_mat.T
+    torch.testing.assert_close(y.detach().double(), ref_y, rtol=1e-5, atol=1e-5)
+    ref_grad_a = scale * (g64 @ b_mat).reshape(-1, 4).T @ dropped.reshape(-1, 24)
+    torch.testing.assert_close(layer.lora_A.weight.grad.double(), ref_grad_a, rtol=1e-4, atol=1e-4)  # (21-term sums)
+
+
+@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+def test_compiled_lora_over_bf16_keeps_no_float32_copy_of_its_input(backend: str) -> None:
+    """Over a bf16 base a compiled graph would keep A's input, x cast to float32 and dropped out (twice x's bytes,
+    plus the mask), for A's gradient: it keeps neither (the backward recomputes them), and the gradients are the
+    uncompiled layer's where nothing is random (dropout 0)."""
+    torch.manual_seed(0)
+    for dropout in (0.0, 0.3):
+        torch._dynamo.reset()  # (fresh: past the recompile limit a compiled layer would quietly run eagerly)
+        base = nn.Linear(32, 48).to(torch.bfloat16)
+        base.requires_grad_(False)
+        layer = LoraLinear(base, rank=4, alpha=8, dropout=dropout)
+        randomize([("b", layer.lora_B.weight)], seed=3)
+        x = torch.randn(2, 8, 32).to(torch.bfloat16).requires_grad_(True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_kept, saved), lambda t: t):
+            y = torch.compile(layer, backend=backend)(x)
+        # (a float32 copy or a mask; eager backends also keep the CPU generator's state, uint8, to redraw the mask)
+        big = [
+            (t.dtype, tuple(t.shape))
+            for t in saved
+            if t.numel() >= x.numel() and t.dtype in (torch.float32, torch.bool)
+        ]
+        assert big == [], f"dropout {dropout}: compiled LoRA saved {big}"
+        y.float().sum().backward()
+        if dropout == 0.0:
+            grads = [x.grad.clone(), layer.lora_A.weight.grad.clone(), layer.lora_B.weight.grad.clone()]
+            x.grad = layer.lora_A.weight.grad = layer.lora_B.weight.grad = None
+            layer(x).float().sum().backward()
+            # (x's gradient is bf16: the compiled graph rounds its two parts' sum once, eager twice)
+            torch.testing.assert_close(
+                grads, [x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad], rtol=2e-2, atol=1e-3
+            )
 
 
 def test_fresh_adapter_changes_nothing_and_dropout_only_in_training() -> None:

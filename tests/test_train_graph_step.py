@@ -328,4 +328,8 @@ def test_graphed_step_with_the_host_ahead_reads_each_steps_batch() -> None:
             outs.append(step(batches))
         losses.append([float(o.loss_sum) / float(o.targets) for o in outs])  # (read back only now)
     assert len(set(losses[0])) == len(steps)  # different batches, different losses
-    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    # Float32 on the GPU, the two steps' sums in different orders, 8 optimizer steps on: the last losses drift ~1e-5
+    # apart (1.4e-5 measured on an H200). A step that read another step's batch would land nearer that step's loss.
+    for i, got in enumerate(losses[1]):
+        assert min(range(len(steps)), key=lambda j: abs(got - losses[0][j])) == i
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
