@@ -119,6 +119,7 @@ class GlmtuneStep:
         fused_swiglu: bool | None = None,
         compile_options: dict | None = None,
         kv_repeat: KVRepeat | None = None,
+        lora_input_saved: bool = False,
     ) -> None:
         self.device = device
         # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base;
@@ -127,6 +128,10 @@ class GlmtuneStep:
                                                                    else precision)  # fmt: skip
         self.method = build_method(method, dict(options))
         self.method.setup(self.model)
+        if lora_input_saved:  # compiled LoRA keeps A's input for the backward, as before fd2374d
+            for module in self.model.modules():
+                if hasattr(module, "recompute_input"):
+                    module.recompute_input = False
         named = trainable_parameters(self.method, self.model)
         self.params = list(named.values())
         # train.gradient_checkpointing as the trainer applies it (true, or the selective modes mlp / half)

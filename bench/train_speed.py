@@ -17,7 +17,9 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
   "packed-kv-unfused" with expand + reshape, as before; "compile-kv-recomputed" and ADGEN's "packed-kv-recomputed" /
   "padded-kv-recomputed": the fused repeat with the 2 grouped heads kept and repeated again in the backward; ADGEN's
   "packed-mlp-recomputed", "packed-mlp4", "packed-mlp8": ``train.gradient_checkpointing: mlp`` over every block, or
-  the first 4 / 8 (``train.recompute_layers``): the memory options that keep CUDA graphs).
+  the first 4 / 8 (``train.recompute_layers``): the memory options that keep CUDA graphs; "compile-lora-input-saved"
+  and ADGEN's "packed-lora-input-saved": compiled LoRA keeps A's float32 input for the backward instead of recomputing
+  it, as before ``LoraLinear.recompute_input``).
 - adgen-ptuning: P-Tuning v2, pre_seq_len 128, 4 samples (glmtune only: no peer has it), padded and packed.
 - full-1.5b: full fine-tuning of a ~1.5B-parameter ChatGLM-shaped model (24 layers, hidden 2048) on packed 4x1024
   (and with Inductor's SwiGLU, "inductor-swiglu").
@@ -89,6 +91,7 @@ class Run:
     fused_swiglu: bool | None = None  # glmtune: the MLPs' SwiGLU as the fused ops; None = compile_blocks' default
     inductor: tuple[tuple[str, object], ...] = ()  # glmtune: Inductor options for compile_blocks (() = its default)
     kv_repeat: KVRepeat | None = None  # glmtune: the K/V repeat for flash varlen; None = compile_blocks' default
+    lora_input_saved: bool = False  # glmtune: compiled LoRA keeps A's input (float32) instead of recomputing it
 
     @property
     def id(self) -> str:
@@ -111,6 +114,7 @@ RUNS = [
     Run("packed-4x1024-lora", GLMTUNE, "compile-autotune", "packed", compile=True, inductor=(("max_autotune", True),)),
     Run("packed-4x1024-lora", GLMTUNE, "compile-kv-recomputed", "packed", compile=True, kv_repeat=KV_RECOMPUTED),
     Run("packed-4x1024-lora", GLMTUNE, "compile-kv-unfused", "packed", compile=True, kv_repeat=KVRepeat()),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-lora-input-saved", "packed", compile=True, lora_input_saved=True),
     Run("adgen-lora", GLMTUNE, "packed-recompute", "adgen-packed", loss_recompute=True),
     Run("adgen-lora", GLMTUNE, "packed-inductor-swiglu", "adgen-packed", fused_swiglu=False),
     Run("adgen-lora", GLMTUNE, "packed-mlp-recomputed", "adgen-packed", checkpointing="mlp"),  # the memory option
@@ -120,6 +124,7 @@ RUNS = [
     Run("adgen-lora", GLMTUNE, "packed-kv-recomputed", "adgen-packed", kv_repeat=KV_RECOMPUTED),
     Run("adgen-lora", GLMTUNE, "padded-kv-recomputed", "adgen-padded", kv_repeat=KV_RECOMPUTED),
     Run("adgen-lora", GLMTUNE, "packed-kv-unfused", "adgen-packed", kv_repeat=KVRepeat()),  # the repeat before
+    Run("adgen-lora", GLMTUNE, "packed-lora-input-saved", "adgen-packed", lora_input_saved=True),
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
     Run("adgen-ptuning", GLMTUNE, "packed", "adgen-packed", method="ptuning"),
     Run("full-1.5b", GLMTUNE, "default", "packed", method="full", model="1.5b"),
@@ -198,6 +203,8 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
         kw["compile_options"] = dict(run.inductor)
     if run.kv_repeat is not None:
         kw["kv_repeat"] = run.kv_repeat
+    if run.lora_input_saved:
+        kw["lora_input_saved"] = True
     return GlmtuneStep(cfg, method=run.method, options=options, device=device, precision=precision,
                        gradient_checkpointing=run.checkpointing, compile=run.compile, **kw)  # fmt: skip
 

@@ -82,6 +82,8 @@ class LoraLinear(nn.Module):
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=dtype)
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # under torch.compile, A's input recomputed in the backward instead of kept (see forward); False keeps it
+        self.recompute_input = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -134,7 +136,7 @@ class LoraLinear(nn.Module):
         result = self.base_layer(x)  # (..., out)
         if self.merged:
             return result
-        if torch.compiler.is_compiling():
+        if self.recompute_input and torch.compiler.is_compiling():
             # Left alone, a compiled graph keeps A's input for A's gradient: x cast to float32 and dropped out,
             # (..., in) float32 (twice x's bytes) plus the dropout mask, ~17 % of a ChatGLM block's saved activations
             # (the partitioner never recomputes what a backward matmul reads). Checkpointed, the backward recomputes
