@@ -264,10 +264,10 @@ def _repeats_kv() -> bool:
 def test_recomputed_kv_repeat_trains_alike_in_less_memory_on_cuda():
     """A compiled bf16 ChatGLM3-shaped model (heads of 128, 2 KV groups, 4 layers) on packed rows through flash
     varlen: the loss and gradients with ``recompute`` equal those without (expand + reshape, and the fused repeat
-    where Triton is), and with expand + reshape the memory held at the forward's end is lower by the copies
-    (2 * T * (h - n_kv) * d bf16 per layer) where this torch repeats K/V heads. (With the fused repeat the partitioner
-    decides by size: at this model's size it kept 4 of the 25 MB on an H200, at ChatGLM3-6B's it drops as many as
-    with expand + reshape, 0.14 GiB on ADGEN batches: bench/RESULTS.md.)"""
+    where Triton is), and with ``recompute`` the memory held at the forward's end is lower, by part of the copies
+    (2 * T * (h - n_kv) * d bf16 per layer) where this torch repeats K/V heads. How much of them the partitioner
+    drops depends on the graph's sizes: at this model's 17 % on an H200 (either repeat), at ChatGLM3-6B's about
+    half (0.15 GiB on 4 ADGEN samples, bench/RESULTS.md)."""
     from glmtune.train.compile import compile_blocks
 
     dev = torch.device("cuda")
@@ -310,6 +310,7 @@ def test_recomputed_kv_repeat_trains_alike_in_less_memory_on_cuda():
     d, h_, n_kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_kv_heads
     copies = 2 * b * s * (h_ - n_kv) * d * 2 * cfg.num_layers  # bytes: the K/V copies less the grouped K/V
     if _repeats_kv():
-        assert held[False, False] - held[True, False] >= 0.75 * copies, (held, copies)
+        for fused in [False] + fused_too:
+            assert held[False, fused] - held[True, fused] >= 0.1 * copies, (held, copies)
     else:  # torch >= 2.13 hands flash the grouped heads: nothing is repeated, the option changes nothing
         assert abs(held[False, False] - held[True, False]) < 0.1 * copies, (held, copies)

@@ -198,6 +198,21 @@ def test_compile_blocks_sets_the_kv_repeat_before_compiling(monkeypatch: pytest.
     assert {a.kv_repeat for a in attentions} == {KVRepeat()}
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_train_recompute_kv_reaches_every_attention(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    recompute: bool) -> None:  # fmt: skip
+    """``train.recompute_kv``: the trainer compiles every block with its attention's K/V copies recomputed (on the
+    CPU: the model's repeat otherwise, expand + reshape), and the config says so in the run's files."""
+    from glmtune.models.attention import KVRepeat
+
+    seen = _kv_repeats_at_compile(monkeypatch)  # (the blocks then run uncompiled: one short step is enough)
+    cfg = small_config(tiny_model(models), tmp_path / "r", "train.compile=true", f"train.recompute_kv={recompute}",
+                       "train.max_steps=1", "data.max_samples=4", "log.every_steps=1")  # fmt: skip
+    assert cfg.train.recompute_kv is recompute
+    run(cfg)
+    assert seen and set(seen) == {KVRepeat(recompute=recompute)}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compile_blocks_fuses_the_kv_repeat_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -54,6 +54,14 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return tr.encoder.layers if hasattr(tr, "encoder") else tr.layers
 
 
+def default_kv_repeat(device: torch.device) -> KVRepeat | None:
+    """:func:`compile_blocks`' K/V repeat: glmtune's fused ops on CUDA with Triton (one A/B: the packed 4x1024 LoRA
+    step 1.6 % faster than expand + reshape); None elsewhere (the model's setting stays)."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return KVRepeat(fused=True)
+    return None
+
+
 def compile_blocks(
     model: nn.Module,
     *,
@@ -73,8 +81,7 @@ def compile_blocks(
 
     # (before compiling: compiled code keeps the path it traced; v1 models have no such MLPs or attentions: 0)
     fused = use_fused_swiglu(model, on=device.type == "cuda" if fused_swiglu is None else fused_swiglu)
-    if kv_repeat is None and device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-        kv_repeat = KVRepeat(fused=True)
+    kv_repeat = default_kv_repeat(device) if kv_repeat is None else kv_repeat
     grouped = set_kv_repeat(model, kv_repeat) if kv_repeat is not None else 0
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)

@@ -102,6 +102,10 @@ class OptimConfig:
     # with gradient_checkpointing: only the first N blocks (or their MLPs) are recomputed; null: every block. All
     # saved activations live until the backward, so N of L blocks save ~N/L of the mode's memory for N/L of its cost
     recompute_layers: int | None = None
+    # compiled on CUDA where flash attention takes no grouped K/V heads (torch < 2.13): keep the grouped heads and
+    # repeat them again in the backward instead of saving the copies (ChatGLM2/3, GLM-4: ~0.15 GiB less on 4 ADGEN
+    # samples of ChatGLM3-6B, ~1 % of the step); elsewhere nothing to do
+    recompute_kv: bool = False
     compile: Literal["auto"] | bool = "auto"  # torch.compile each block; auto: on CUDA (YAML on/off = true/false)
     # the whole step replayed as CUDA graphs (train/graph_step.py); auto: with compile, one process, no fp16, an
     # unquantized base, no gradient checkpointing that restores the RNG state (mlp over MLPs without dropout is fine)

@@ -27,6 +27,7 @@ Where a variant hooks in: ``load_model`` (a quantized base), ``distribute`` and 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -41,9 +42,10 @@ from tqdm.auto import tqdm
 
 from glmtune.adapters.base import Method
 from glmtune.io import NoSpaceError, writing
+from glmtune.models.attention import KVRepeat
 from glmtune.pretrained import load_pretrained
 from glmtune.train import distributed, evaluation, fsdp
-from glmtune.train.compile import compile_blocks, eager, use_compile
+from glmtune.train.compile import compile_blocks, default_kv_repeat, eager, use_compile
 from glmtune.train.config import TrainConfig
 from glmtune.train.data import dev_batches, load_datasets, make_batcher
 from glmtune.train.distributed import DistInfo, barrier
@@ -339,7 +341,10 @@ class Trainer:
         t = self.cfg.train
         self.compiled = use_compile(t.compile, self.info.device)
         if self.compiled:
-            compile_blocks(self.model)
+            kv_repeat = default_kv_repeat(self.info.device)
+            if t.recompute_kv:  # (the default's repeat, its copies recomputed in the backward)
+                kv_repeat = dataclasses.replace(kv_repeat or KVRepeat(), recompute=True)
+            compile_blocks(self.model, kv_repeat=kv_repeat)
         reads_rng = reads_rng_state(self.model, t.gradient_checkpointing, t.recompute_layers)
         self.graphed = use_cuda_graph(t.cuda_graph, self.info.device, compiled=self.compiled,
                                       single=self.mode == "single" and not self.info.enabled,
