@@ -1,10 +1,12 @@
 """What a compiled training forward keeps for its backward, tensor by tensor, per transformer block.
 
-A ChatGLM3-6B-shaped model cut to ``--layers`` blocks (the weights are random), the ADGEN LoRA recipe (r 8, alpha 32,
-dropout 0.1, query_key_value) or none, ``compile_blocks`` as the trainer calls it, one forward over packed rows of
-ADGEN-like samples under ``torch.autograd.graph.saved_tensors_hooks``. Each saved tensor is listed once (by storage),
-parameters left out, with its bytes per token: the reading behind a peak (bench/RESULTS.md) and the check that a
-change to what is kept did what it meant to on the GPU's compiled graphs (they can differ from the CPU's).
+A ChatGLM3-6B-shaped model cut to ``--layers`` blocks (the weights are random), the ADGEN recipe's LoRA (r 8,
+alpha 32, dropout 0.1, query_key_value) or full training, ``compile_blocks`` with its defaults (``--recompute-kv``:
+as ``train.recompute_kv``, which the recipe's example config sets), one forward over packed rows of ADGEN-like
+samples under ``torch.autograd.graph.saved_tensors_hooks``. Each saved tensor is listed once (by storage),
+parameters left out, with its bytes per token, under the block that saved it (``after``: the final norm, past the
+last block): the reading behind a peak (bench/RESULTS.md) and the check that a change to what is kept did what it
+meant to on the GPU's compiled graphs (they can differ from the CPU's).
 
     PYTHONPATH=src python bench/saved_activations.py --layers 3 --json bench/results/saved_activations.json
 """
@@ -21,6 +23,8 @@ import torch
 
 from glmtune.adapters import build_method
 from glmtune.models import build_model
+from glmtune.models.attention import KVRepeat
+from glmtune.models.chatglm import set_kv_repeat
 from glmtune.models.config import preset
 from glmtune.train.compile import compile_blocks, transformer_blocks
 
@@ -54,6 +58,8 @@ def saved_by_block(args) -> dict:
         model.requires_grad_(True)
     model.train()
     if args.compile:
+        if args.recompute_kv:
+            set_kv_repeat(model, KVRepeat(recompute=True))
         compile_blocks(model)
     lengths = packed_rows(args.rows, args.width, args.seed)
     seg = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths]).to(device)
@@ -65,6 +71,7 @@ def saved_by_block(args) -> dict:
     current = [-1]
     for i, block in enumerate(blocks):
         block.register_forward_pre_hook(lambda _m, _a, i=i: current.__setitem__(0, i))
+    blocks[-1].register_forward_hook(lambda *_: current.__setitem__(0, len(blocks)))  # (what follows: "after")
     saved: dict[int, list[tuple[int, tuple[int, ...], str, int]]] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -84,8 +91,10 @@ def saved_by_block(args) -> dict:
         per_block[block] += nbytes
         rows.append({"block": block, "shape": list(shape), "dtype": dtype, "bytes_per_token": nbytes / tokens})
     rows.sort(key=lambda r: (r["block"], -r["bytes_per_token"]))
+    name = {-1: "before", len(blocks): "after"}
     return {"tokens": tokens, "layers": args.layers, "method": args.method, "compiled": args.compile,
-            "per_block_bytes_per_token": {str(k): v / tokens for k, v in sorted(per_block.items())},
+            "recompute_kv": args.recompute_kv,
+            "per_block_bytes_per_token": {name.get(k, str(k)): v / tokens for k, v in sorted(per_block.items())},
             "tensors": rows}  # fmt: skip
 
 
@@ -97,6 +106,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--method", choices=["lora", "full"], default="lora")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--recompute-kv", action="store_true", help="as train.recompute_kv (compiled runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -105,7 +115,7 @@ def main() -> None:
     for block, per_token in result["per_block_bytes_per_token"].items():
         log.info("block %s: %.0f bytes a token", block, per_token)
     for row in result["tensors"]:
-        log.info("block %d %s %s %.0f B/token", row["block"], row["dtype"], row["shape"], row["bytes_per_token"])
+        log.info("block %s %s %s %.0f B/token", row["block"], row["dtype"], row["shape"], row["bytes_per_token"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 

@@ -120,6 +120,7 @@ class GlmtuneStep:
         compile_options: dict | None = None,
         kv_repeat: KVRepeat | None = None,
         lora_input_saved: bool = False,
+        recompute_kv: bool = False,
     ) -> None:
         self.device = device
         # as the loop: full fine-tuning keeps float32 weights (autocast computes in bf16), adapters a bf16 base;
@@ -146,6 +147,10 @@ class GlmtuneStep:
         self.inputs = set(inspect.signature(self.net.forward).parameters)
         if fused_swiglu and use_fused_swiglu is None:
             raise RuntimeError("this glmtune has no fused SwiGLU ops (chatglm.use_fused_swiglu)")
+        if recompute_kv:  # train.recompute_kv as the trainer applies it: before compile_blocks, which keeps it
+            if set_kv_repeat is None:
+                raise RuntimeError("this glmtune has no K/V repeat setting (train.recompute_kv)")
+            set_kv_repeat(self.model, KVRepeat(recompute=True))
         if kv_repeat is not None and set_kv_repeat is None:
             raise RuntimeError("this glmtune has no K/V repeat setting (attention.KVRepeat, chatglm.set_kv_repeat)")
         self.compile_mode = None
@@ -177,6 +182,8 @@ class GlmtuneStep:
         self.kv_fused_repeats = sum(r.fused for r in grouped)
         # MLPs running the fused SwiGLU ops (0 without Triton, or switched off)
         self.fused_swiglu_mlps = sum(bool(getattr(m, "fused_swiglu", False)) for m in self.model.modules())
+        # LoRA layers whose compiled backward recomputes A's input (glmtune from fd2374d on, unless lora_input_saved)
+        self.lora_inputs_recomputed = sum(bool(getattr(m, "recompute_input", False)) for m in self.model.modules())
         # train.cuda_graph as the trainer decides it (auto: with compiled blocks on CUDA; a caller's model, e.g. a
         # quantized base, counts as quantized), or forced
         self.graphed = False

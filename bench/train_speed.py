@@ -15,7 +15,8 @@ Settings (ChatGLM3-6B shape unless said; random weights drawn on the device; syn
   the K/V heads repeated for flash varlen (torch < 2.13), ``attention.KVRepeat``: compiled runs repeat them with
   glmtune's Triton ops by default (``compile_blocks``, ``models/repeat_kv.py``), "compile-kv-unfused" and ADGEN's
   "packed-kv-unfused" with expand + reshape, as before; "compile-kv-recomputed" and ADGEN's "packed-kv-recomputed" /
-  "padded-kv-recomputed": the fused repeat with the 2 grouped heads kept and repeated again in the backward; ADGEN's
+  "padded-kv-recomputed": ``train.recompute_kv`` (the recipe's example config sets it), the 2 grouped heads kept and
+  repeated again in the backward; ADGEN's
   "packed-mlp-recomputed", "packed-mlp4", "packed-mlp8": ``train.gradient_checkpointing: mlp`` over every block, or
   the first 4 / 8 (``train.recompute_layers``): the memory options that keep CUDA graphs; "compile-lora-input-saved"
   and ADGEN's "packed-lora-input-saved": compiled LoRA keeps A's float32 input for the backward instead of recomputing
@@ -71,7 +72,6 @@ LORA = {"rank": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_val
 PTUNING = {"pre_seq_len": 128, "prefix_projection": False}
 HF, GLMTUNE = "transformers+peft", "glmtune"
 DESCENT = (("coordinate_descent_tuning", True),)  # Inductor tunes each kernel's launch configuration
-KV_RECOMPUTED = KVRepeat(recompute=True, fused=True)  # compile_blocks' default on CUDA, repeated again in the backward
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,7 @@ class Run:
     inductor: tuple[tuple[str, object], ...] = ()  # glmtune: Inductor options for compile_blocks (() = its default)
     kv_repeat: KVRepeat | None = None  # glmtune: the K/V repeat for flash varlen; None = compile_blocks' default
     lora_input_saved: bool = False  # glmtune: compiled LoRA keeps A's input (float32) instead of recomputing it
+    recompute_kv: bool = False  # glmtune: train.recompute_kv (the K/V copies for flash recomputed in the backward)
 
     @property
     def id(self) -> str:
@@ -112,7 +113,7 @@ RUNS = [
     Run("packed-4x1024-lora", GLMTUNE, "compile-inductor-swiglu", "packed", compile=True, fused_swiglu=False),
     Run("packed-4x1024-lora", GLMTUNE, "compile-coordinate-descent", "packed", compile=True, inductor=DESCENT),
     Run("packed-4x1024-lora", GLMTUNE, "compile-autotune", "packed", compile=True, inductor=(("max_autotune", True),)),
-    Run("packed-4x1024-lora", GLMTUNE, "compile-kv-recomputed", "packed", compile=True, kv_repeat=KV_RECOMPUTED),
+    Run("packed-4x1024-lora", GLMTUNE, "compile-kv-recomputed", "packed", compile=True, recompute_kv=True),
     Run("packed-4x1024-lora", GLMTUNE, "compile-kv-unfused", "packed", compile=True, kv_repeat=KVRepeat()),
     Run("packed-4x1024-lora", GLMTUNE, "compile-lora-input-saved", "packed", compile=True, lora_input_saved=True),
     Run("adgen-lora", GLMTUNE, "packed-recompute", "adgen-packed", loss_recompute=True),
@@ -121,8 +122,8 @@ RUNS = [
     Run("adgen-lora", GLMTUNE, "packed-mlp4", "adgen-packed", checkpointing="mlp", recompute_layers=4),
     Run("adgen-lora", GLMTUNE, "packed-mlp8", "adgen-packed", checkpointing="mlp", recompute_layers=8),
     # the K/V heads repeated for flash varlen (torch < 2.13) repeated again in the backward, not saved: the peak
-    Run("adgen-lora", GLMTUNE, "packed-kv-recomputed", "adgen-packed", kv_repeat=KV_RECOMPUTED),
-    Run("adgen-lora", GLMTUNE, "padded-kv-recomputed", "adgen-padded", kv_repeat=KV_RECOMPUTED),
+    Run("adgen-lora", GLMTUNE, "packed-kv-recomputed", "adgen-packed", recompute_kv=True),
+    Run("adgen-lora", GLMTUNE, "padded-kv-recomputed", "adgen-padded", recompute_kv=True),
     Run("adgen-lora", GLMTUNE, "packed-kv-unfused", "adgen-packed", kv_repeat=KVRepeat()),  # the repeat before
     Run("adgen-lora", GLMTUNE, "packed-lora-input-saved", "adgen-packed", lora_input_saved=True),
     Run("adgen-ptuning", GLMTUNE, "padded", "adgen-padded", method="ptuning"),
@@ -205,6 +206,8 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
         kw["kv_repeat"] = run.kv_repeat
     if run.lora_input_saved:
         kw["lora_input_saved"] = True
+    if run.recompute_kv:
+        kw["recompute_kv"] = True
     return GlmtuneStep(cfg, method=run.method, options=options, device=device, precision=precision,
                        gradient_checkpointing=run.checkpointing, compile=run.compile, **kw)  # fmt: skip
 
@@ -236,6 +239,7 @@ def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device,
         row["fused_swiglu_mlps"] = step.fused_swiglu_mlps
         row["kv_recomputed_attentions"] = getattr(step, "kv_recomputed_attentions", 0)
         row["kv_fused_repeats"] = getattr(step, "kv_fused_repeats", 0)
+        row["lora_inputs_recomputed"] = getattr(step, "lora_inputs_recomputed", 0)
     if run.inductor:
         row["inductor_options"] = dict(run.inductor)
     row["cuda_graph"] = bool(getattr(step, "graphed", False))

@@ -237,15 +237,20 @@ def test_set_kv_repeat_checks_its_value(monkeypatch):
     assert attentions and all(m.kv_repeat == KVRepeat() for m in attentions)  # the default: saved, unfused
     with pytest.raises(TypeError, match="KVRepeat"):
         set_kv_repeat(model, "recomputed")
+    with pytest.raises(TypeError, match="one of the two"):
+        set_kv_repeat(model, KVRepeat(), fused=True)
     assert set_kv_repeat(model, KVRepeat(recompute=True)) == len(attentions)
+    assert all(m.kv_repeat == KVRepeat(recompute=True) for m in attentions)
+    set_kv_repeat(model, fused=False)  # fused= alone changes that field only: the recompute stays
     assert all(m.kv_repeat == KVRepeat(recompute=True) for m in attentions)
     # fused needs Triton: without it, a clear error and the setting unchanged
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a)
     )
-    with pytest.raises(ValueError, match="needs Triton"):
-        set_kv_repeat(model, KVRepeat(fused=True))
+    for args, kw in (((KVRepeat(fused=True),), {}), ((), {"fused": True})):
+        with pytest.raises(ValueError, match="needs Triton"):
+            set_kv_repeat(model, *args, **kw)
     assert all(m.kv_repeat == KVRepeat(recompute=True) for m in attentions)
     mha = build_model(preset("tiny-chatglm3").replace(multi_query_group_num=4))
     assert set_kv_repeat(mha, KVRepeat(recompute=True)) == 0  # no grouped heads: nothing is repeated
@@ -311,6 +316,7 @@ def test_recomputed_kv_repeat_trains_alike_in_less_memory_on_cuda():
     copies = 2 * b * s * (h_ - n_kv) * d * 2 * cfg.num_layers  # bytes: the K/V copies less the grouped K/V
     if _repeats_kv():
         for fused in [False] + fused_too:
-            assert held[False, fused] - held[True, fused] >= 0.1 * copies, (held, copies)
+            saved = (held[False, fused] - held[True, fused]) / copies  # 0.167 of the copies measured (H200)
+            assert saved >= 0.12, f"fused={fused}: recompute kept {saved:.3f} of the copies less ({held}, {copies})"
     else:  # torch >= 2.13 hands flash the grouped heads: nothing is repeated, the option changes nothing
         assert abs(held[False, False] - held[True, False]) < 0.1 * copies, (held, copies)

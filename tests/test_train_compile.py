@@ -211,12 +211,14 @@ def test_train_recompute_kv_reaches_every_attention(models: Path, tmp_path: Path
     assert cfg.train.recompute_kv is recompute
     run(cfg)
     assert seen and set(seen) == {KVRepeat(recompute=recompute)}
+    assert f"recompute_kv: {str(recompute).lower()}" in (tmp_path / "r" / "config.yaml").read_text()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_compile_blocks_fuses_the_kv_repeat_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On CUDA with Triton the default is glmtune's fused repeat (replacing the model's setting); given, it is kept."""
+    """On CUDA with Triton the default switches the repeat to glmtune's fused ops and keeps the model's recompute
+    (``train.recompute_kv``); one given is set as it is."""
     import importlib.util
 
     from glmtune.models import build_model
@@ -229,7 +231,7 @@ def test_compile_blocks_fuses_the_kv_repeat_on_cuda(monkeypatch: pytest.MonkeyPa
     set_kv_repeat(model, KVRepeat(recompute=True))
     train_compile.compile_blocks(model)
     fused = importlib.util.find_spec("triton") is not None
-    assert seen and set(seen) == {KVRepeat(fused=True) if fused else KVRepeat(recompute=True)}
+    assert seen and set(seen) == {KVRepeat(recompute=True, fused=fused)}
     seen.clear()
-    train_compile.compile_blocks(model, kv_repeat=KVRepeat(recompute=True))
-    assert seen and set(seen) == {KVRepeat(recompute=True)}
+    train_compile.compile_blocks(model, kv_repeat=KVRepeat())
+    assert seen and set(seen) == {KVRepeat()}

@@ -141,7 +141,9 @@ class LoraLinear(nn.Module):
             # (..., in) float32 (twice x's bytes) plus the dropout mask, ~17 % of a ChatGLM block's saved activations
             # (the partitioner never recomputes what a backward matmul reads). Checkpointed, the backward recomputes
             # it from x (itself recomputed from the block's input) and the dropout from its saved seed / RNG state:
-            # the same values, so the same gradients.
+            # the same values, so the same gradients. (Under CUDA graphs this relies on Inductor drawing dropout
+            # from saved seeds, its default: with torch._inductor.config.fallback_random, or another backend, the
+            # checkpoint would save and restore the RNG state, which a graph capture refuses.)
             xa = checkpoint(self._a_input, x, use_reentrant=False)
         else:
             xa = self._a_input(x)

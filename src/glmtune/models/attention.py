@@ -169,6 +169,12 @@ def varlen_supported(device: torch.device | str) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def repeats_kv_for_flash(device: torch.device | str) -> bool:
+    """Whether compiled attention on ``device`` repeats grouped K/V heads for flash varlen (its varlen kernel takes
+    no grouped heads before torch 2.13): where :class:`KVRepeat` matters at all."""
+    return varlen_supported(device) and not _varlen_signature()[1]
+
+
 @functools.cache
 def _varlen_signature() -> tuple[bool, bool]:
     from torch.nn.attention.varlen import varlen_attn

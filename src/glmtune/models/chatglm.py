@@ -28,6 +28,7 @@ zeros); every generated token the next position. Parameter names are the origina
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 from typing import Any, Literal
@@ -164,20 +165,22 @@ class SelfAttention(nn.Module):
         return self.dense(out.transpose(1, 2).reshape(b, s, self.n_head * d))
 
 
-def set_kv_repeat(model: nn.Module, repeat: KVRepeat) -> int:
+def set_kv_repeat(model: nn.Module, repeat: KVRepeat | None = None, *, fused: bool | None = None) -> int:
     """How every ChatGLM attention in ``model`` repeats its K/V heads for flash's varlen kernel (torch < 2.13 takes
     no grouped heads; ``attention.KVRepeat``): ``recompute``, the compiled backward keeps the grouped heads and
     repeats them again instead of saving the copies (``attention.kv_for_flash``); ``fused``, the repeat as glmtune's
-    Triton ops (``models/repeat_kv.py``; needs Triton) instead of expand + reshape. Returns how many attentions have
-    grouped K/V heads, where it can matter. Set it before the first compiled call (a change recompiles);
-    ``train.compile.compile_blocks`` sets ``KVRepeat(fused=True)`` on CUDA unless given one."""
-    if not isinstance(repeat, KVRepeat):
+    Triton ops (``models/repeat_kv.py``; needs Triton) instead of expand + reshape. ``fused=`` alone changes only that
+    field of each attention's setting (``train.compile.compile_blocks``' default on CUDA). Returns how many attentions
+    have grouped K/V heads, where it can matter. Set it before the first compiled call (a change recompiles)."""
+    if (repeat is None) == (fused is None):
+        raise TypeError("set_kv_repeat takes an attention.KVRepeat or fused=, one of the two")
+    if repeat is not None and not isinstance(repeat, KVRepeat):
         raise TypeError(f"set_kv_repeat takes an attention.KVRepeat, got {repeat!r}")
-    if repeat.fused and importlib.util.find_spec("triton") is None:
-        raise ValueError("set_kv_repeat(KVRepeat(fused=True)) needs Triton (models/repeat_kv.py): pip install triton")
+    if (repeat.fused if repeat is not None else fused) and importlib.util.find_spec("triton") is None:
+        raise ValueError("set_kv_repeat with fused=True needs Triton (models/repeat_kv.py): pip install triton")
     attentions = [m for m in model.modules() if isinstance(m, SelfAttention)]
     for attention in attentions:
-        attention.kv_repeat = repeat
+        attention.kv_repeat = repeat if repeat is not None else dataclasses.replace(attention.kv_repeat, fused=fused)
     return sum(a.n_kv != a.n_head for a in attentions)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from glmtune.models.attention import KVRepeat, varlen_supported
+from glmtune.models.attention import KVRepeat, repeats_kv_for_flash, varlen_supported
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +54,10 @@ def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return tr.encoder.layers if hasattr(tr, "encoder") else tr.layers
 
 
-def default_kv_repeat(device: torch.device) -> KVRepeat | None:
-    """:func:`compile_blocks`' K/V repeat: glmtune's fused ops on CUDA with Triton (one A/B: the packed 4x1024 LoRA
-    step 1.6 % faster than expand + reshape); None elsewhere (the model's setting stays)."""
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
-        return KVRepeat(fused=True)
-    return None
+def fuses_kv_repeat(device: torch.device) -> bool:
+    """:func:`compile_blocks`' default K/V repeat on ``device``: glmtune's fused ops on CUDA with Triton (one A/B: a
+    packed 4x1024 LoRA step 1.6 % faster than expand + reshape); elsewhere the model's setting stays."""
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
 def compile_blocks(
@@ -73,16 +71,20 @@ def compile_blocks(
     """Compile every transformer block in place (names unchanged); returns how many. ``options``: Inductor's
     (default :data:`INDUCTOR_OPTIONS`); ``fused_swiglu``: the MLPs' SwiGLU as glmtune's fused ops (default: on
     CUDA; False switches them back to PyTorch's); ``kv_repeat``: how the attentions repeat K/V heads for flash
-    varlen (``chatglm.set_kv_repeat``; default: ``KVRepeat(fused=True)`` on CUDA with Triton, replacing what the
-    model had, else the model's setting unchanged)."""
+    varlen (``chatglm.set_kv_repeat``; default: on CUDA with Triton each attention's repeat switched to the fused
+    ops, its ``recompute`` (``train.recompute_kv``) kept; elsewhere the model's setting unchanged)."""
     blocks = transformer_blocks(model)
     device = next(model.parameters()).device
     from glmtune.models.chatglm import set_kv_repeat, use_fused_swiglu
 
     # (before compiling: compiled code keeps the path it traced; v1 models have no such MLPs or attentions: 0)
     fused = use_fused_swiglu(model, on=device.type == "cuda" if fused_swiglu is None else fused_swiglu)
-    kv_repeat = default_kv_repeat(device) if kv_repeat is None else kv_repeat
-    grouped = set_kv_repeat(model, kv_repeat) if kv_repeat is not None else 0
+    if kv_repeat is not None:
+        grouped = set_kv_repeat(model, kv_repeat)
+    elif fuses_kv_repeat(device):  # the default switches only the repeat to the fused ops: a recompute set stays
+        grouped = set_kv_repeat(model, fused=True)
+    else:
+        grouped = 0
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     options = INDUCTOR_OPTIONS if options is None else options
@@ -96,8 +98,9 @@ def compile_blocks(
     if device.type == "cuda" and hasattr(model, "set_attention_backend"):
         model.set_attention_backend("varlen" if varlen_supported(device) else "flex")
     fused_note = f"; {fused} MLPs with the fused SwiGLU ops" if fused else ""
-    if grouped and kv_repeat != KVRepeat():
-        fused_note += f"; {grouped} attentions repeating K/V heads as {kv_repeat}"
+    if grouped and repeats_kv_for_flash(device):
+        repeats = {a.kv_repeat for a in model.modules() if isinstance(getattr(a, "kv_repeat", None), KVRepeat)}
+        fused_note += f"; {grouped} attentions repeating K/V heads for flash as {', '.join(map(str, repeats))}"
     log.info("compiled %d transformer blocks (torch.compile, backend %s%s)", len(blocks), backend, fused_note)
     return len(blocks)
 

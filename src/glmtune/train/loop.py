@@ -27,7 +27,6 @@ Where a variant hooks in: ``load_model`` (a quantized base), ``distribute`` and 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -42,10 +41,11 @@ from tqdm.auto import tqdm
 
 from glmtune.adapters.base import Method
 from glmtune.io import NoSpaceError, writing
-from glmtune.models.attention import KVRepeat
+from glmtune.models.attention import KVRepeat, repeats_kv_for_flash
+from glmtune.models.chatglm import set_kv_repeat
 from glmtune.pretrained import load_pretrained
 from glmtune.train import distributed, evaluation, fsdp
-from glmtune.train.compile import compile_blocks, default_kv_repeat, eager, use_compile
+from glmtune.train.compile import compile_blocks, eager, use_compile
 from glmtune.train.config import TrainConfig
 from glmtune.train.data import dev_batches, load_datasets, make_batcher
 from glmtune.train.distributed import DistInfo, barrier
@@ -340,11 +340,15 @@ class Trainer:
         ``train.cuda_graph``: the step replayed as CUDA graphs (``graph_step.py``)."""
         t = self.cfg.train
         self.compiled = use_compile(t.compile, self.info.device)
+        grouped = 0
         if self.compiled:
-            kv_repeat = default_kv_repeat(self.info.device)
-            if t.recompute_kv:  # (the default's repeat, its copies recomputed in the backward)
-                kv_repeat = dataclasses.replace(kv_repeat or KVRepeat(), recompute=True)
-            compile_blocks(self.model, kv_repeat=kv_repeat)
+            if t.recompute_kv:  # (compile_blocks' default then picks the repeat itself)
+                grouped = set_kv_repeat(self.model, KVRepeat(recompute=True))
+            compile_blocks(self.model)
+        if t.recompute_kv and not (grouped and repeats_kv_for_flash(self.info.device)):
+            log.info("train.recompute_kv: nothing to recompute here (it needs train.compile on CUDA (sm80+), a model "
+                     "with grouped K/V heads (ChatGLM2/3, GLM-4) and torch < 2.13, whose flash varlen takes no "
+                     "grouped heads)")  # fmt: skip
         reads_rng = reads_rng_state(self.model, t.gradient_checkpointing, t.recompute_layers)
         self.graphed = use_cuda_graph(t.cuda_graph, self.info.device, compiled=self.compiled,
                                       single=self.mode == "single" and not self.info.enabled,
