@@ -23,8 +23,6 @@ import torch
 
 from glmtune.adapters import build_method
 from glmtune.models import build_model
-from glmtune.models.attention import KVRepeat
-from glmtune.models.chatglm import set_kv_repeat
 from glmtune.models.config import preset
 from glmtune.train.compile import compile_blocks, transformer_blocks
 
@@ -58,9 +56,7 @@ def saved_by_block(args) -> dict:
         model.requires_grad_(True)
     model.train()
     if args.compile:
-        if args.recompute_kv:
-            set_kv_repeat(model, KVRepeat(recompute=True))
-        compile_blocks(model)
+        compile_blocks(model, recompute_kv=args.recompute_kv)
     lengths = packed_rows(args.rows, args.width, args.seed)
     seg = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(row)]) for row in lengths]).to(device)
     pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths]).to(device)

@@ -147,10 +147,6 @@ class GlmtuneStep:
         self.inputs = set(inspect.signature(self.net.forward).parameters)
         if fused_swiglu and use_fused_swiglu is None:
             raise RuntimeError("this glmtune has no fused SwiGLU ops (chatglm.use_fused_swiglu)")
-        if recompute_kv:  # train.recompute_kv as the trainer applies it: before compile_blocks, which keeps it
-            if set_kv_repeat is None:
-                raise RuntimeError("this glmtune has no K/V repeat setting (train.recompute_kv)")
-            set_kv_repeat(self.model, KVRepeat(recompute=True))
         if kv_repeat is not None and set_kv_repeat is None:
             raise RuntimeError("this glmtune has no K/V repeat setting (attention.KVRepeat, chatglm.set_kv_repeat)")
         self.compile_mode = None
@@ -159,6 +155,10 @@ class GlmtuneStep:
                 accepts = inspect.signature(train_compile.compile_blocks).parameters
                 kw = {k: v for k, v in (("fused_swiglu", fused_swiglu), ("options", compile_options),
                                         ("kv_repeat", kv_repeat)) if v is not None and k in accepts}  # fmt: skip
+                if recompute_kv:  # train.recompute_kv, as the trainer hands it to compile_blocks
+                    if "recompute_kv" not in accepts:
+                        raise RuntimeError("this glmtune has no train.recompute_kv (compile_blocks(recompute_kv=))")
+                    kw["recompute_kv"] = True
                 if fused_swiglu is not None and "fused_swiglu" not in accepts and use_fused_swiglu is not None:
                     use_fused_swiglu(self.model, fused_swiglu)
                 if kv_repeat is not None and "kv_repeat" not in accepts:

@@ -67,24 +67,30 @@ def compile_blocks(
     options: Mapping[str, Any] | None = None,
     fused_swiglu: bool | None = None,
     kv_repeat: KVRepeat | None = None,
+    recompute_kv: bool = False,
 ) -> int:
     """Compile every transformer block in place (names unchanged); returns how many. ``options``: Inductor's
     (default :data:`INDUCTOR_OPTIONS`); ``fused_swiglu``: the MLPs' SwiGLU as glmtune's fused ops (default: on
     CUDA; False switches them back to PyTorch's); ``kv_repeat``: how the attentions repeat K/V heads for flash
     varlen (``chatglm.set_kv_repeat``; default: on CUDA with Triton each attention's repeat switched to the fused
-    ops, its ``recompute`` (``train.recompute_kv``) kept; elsewhere the model's setting unchanged)."""
+    ops, its ``recompute`` kept; elsewhere the model's setting unchanged); ``recompute_kv`` (``train.recompute_kv``):
+    the default repeat with the copies recomputed in the backward (logged where there is nothing to recompute)."""
+    if kv_repeat is not None and recompute_kv:
+        raise ValueError("compile_blocks takes kv_repeat or recompute_kv, not both")
     blocks = transformer_blocks(model)
     device = next(model.parameters()).device
     from glmtune.models.chatglm import set_kv_repeat, use_fused_swiglu
 
     # (before compiling: compiled code keeps the path it traced; v1 models have no such MLPs or attentions: 0)
     fused = use_fused_swiglu(model, on=device.type == "cuda" if fused_swiglu is None else fused_swiglu)
+    grouped = set_kv_repeat(model, KVRepeat(recompute=True)) if recompute_kv else 0
     if kv_repeat is not None:
         grouped = set_kv_repeat(model, kv_repeat)
     elif fuses_kv_repeat(device):  # the default switches only the repeat to the fused ops: a recompute set stays
         grouped = set_kv_repeat(model, fused=True)
-    else:
-        grouped = 0
+    if recompute_kv and not (grouped and repeats_kv_for_flash(device)):
+        log.info("train.recompute_kv: nothing to recompute here (it needs CUDA (sm80+), a model with grouped K/V heads "
+                 "(ChatGLM2/3, GLM-4) and torch < 2.13, whose flash varlen takes no grouped heads)")  # fmt: skip
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     options = INDUCTOR_OPTIONS if options is None else options

@@ -41,8 +41,6 @@ from tqdm.auto import tqdm
 
 from glmtune.adapters.base import Method
 from glmtune.io import NoSpaceError, writing
-from glmtune.models.attention import KVRepeat, repeats_kv_for_flash
-from glmtune.models.chatglm import set_kv_repeat
 from glmtune.pretrained import load_pretrained
 from glmtune.train import distributed, evaluation, fsdp
 from glmtune.train.compile import compile_blocks, eager, use_compile
@@ -340,15 +338,10 @@ class Trainer:
         ``train.cuda_graph``: the step replayed as CUDA graphs (``graph_step.py``)."""
         t = self.cfg.train
         self.compiled = use_compile(t.compile, self.info.device)
-        grouped = 0
         if self.compiled:
-            if t.recompute_kv:  # (compile_blocks' default then picks the repeat itself)
-                grouped = set_kv_repeat(self.model, KVRepeat(recompute=True))
-            compile_blocks(self.model)
-        if t.recompute_kv and not (grouped and repeats_kv_for_flash(self.info.device)):
-            log.info("train.recompute_kv: nothing to recompute here (it needs train.compile on CUDA (sm80+), a model "
-                     "with grouped K/V heads (ChatGLM2/3, GLM-4) and torch < 2.13, whose flash varlen takes no "
-                     "grouped heads)")  # fmt: skip
+            compile_blocks(self.model, recompute_kv=t.recompute_kv)
+        elif t.recompute_kv:
+            log.info("train.recompute_kv: nothing to recompute without train.compile")
         reads_rng = reads_rng_state(self.model, t.gradient_checkpointing, t.recompute_layers)
         self.graphed = use_cuda_graph(t.cuda_graph, self.info.device, compiled=self.compiled,
                                       single=self.mode == "single" and not self.info.enabled,
