@@ -24,10 +24,9 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from benchlib import adgen_examples, device_info, markdown_table, write_json  # noqa: E402
+from benchlib import adgen_examples, device_info, markdown_table, op_bench_parser, run_op_bench  # noqa: E402
 
 from glmtune.models.attention import _varlen_api, attend, varlen_supported  # noqa: E402
 from glmtune.models.layout import SequenceLayout  # noqa: E402
@@ -199,28 +198,20 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+COLUMNS = [("variant", "variant", ""), ("fwd+bwd ms", "fwd_bwd_ms", ".3f"), ("fwd ms", "fwd_ms", ".3f"),
+           ("mask ms", "mask_ms", ".3f"), ("peak MiB", "peak_mib", ".0f"), ("max err", "max_err", ".2e"),
+           ("max grad err", "max_grad_err", ".2e")]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = op_bench_parser(__doc__)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = measure(args)
-    cols = [("variant", "variant", ""), ("fwd+bwd ms", "fwd_bwd_ms", ".3f"), ("fwd ms", "fwd_ms", ".3f"),
-            ("mask ms", "mask_ms", ".3f"), ("peak MiB", "peak_mib", ".0f"), ("max err", "max_err", ".2e"),
-            ("max grad err", "max_grad_err", ".2e")]  # fmt: skip
-    log.info("%d runs, %d real tokens of %d\n%s", result["runs"], result["real_tokens"], args.batch * args.seq,
-             markdown_table(result["rows"], cols))  # fmt: skip
-    if args.json:
-        write_json(args.json, result)
-    return result
+    return run_op_bench(p, argv, measure, lambda args, r: f"{r['runs']} runs, {r['real_tokens']} real tokens of "
+                        f"{args.batch * args.seq}\n{markdown_table(r['rows'], COLUMNS)}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Definitions (the same for every implementation, so rows compare like with like):
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import logging
@@ -158,6 +159,34 @@ def fwd_bwd_row(
         row["error"] = f"{type(e).__name__}: {e}"[:300]
     logging.getLogger(__name__).info("%s", row)
     return row
+
+
+def op_bench_parser(doc: str) -> argparse.ArgumentParser:
+    """An op micro-benchmark's command line (its module docstring's first paragraph as the description): ``--device``,
+    ``--iters``, ``--seed`` and ``--json``; the benchmark adds its shape arguments."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path)
+    return p
+
+
+def run_op_bench(parser: argparse.ArgumentParser, argv: list[str] | None, measure: Callable[[argparse.Namespace], dict],
+                 table: Callable[[argparse.Namespace, dict], str]) -> dict:  # fmt: skip
+    """Parse ``argv``, run ``measure``, log ``table`` of its result and write the result to ``--json``."""
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = measure(args)
+    logging.getLogger("benchlib").info("%s", table(args, result))
+    if args.json:
+        write_json(args.json, result)
+    return result
+
+
+def fwd_bwd_table(_args: argparse.Namespace, result: dict) -> str:
+    """An op micro-benchmark's shape and its :data:`FWD_BWD_COLUMNS` table (``run_op_bench``'s ``table``)."""
+    return f"{result['shape']}\n{markdown_table(result['rows'], FWD_BWD_COLUMNS)}"
 
 
 def sync(device: torch.device) -> None:

@@ -18,13 +18,11 @@ On the CPU (``--device cpu``, tiny sizes) the compiled variant and the candidate
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from benchlib import FWD_BWD_COLUMNS, device_info, fwd_bwd_row, markdown_table, write_json  # noqa: E402
+from benchlib import device_info, fwd_bwd_row, fwd_bwd_table, op_bench_parser, run_op_bench  # noqa: E402
 
 from glmtune.models import swiglu as sw  # noqa: E402
 
@@ -81,21 +79,11 @@ def measure(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p = op_bench_parser(__doc__)
     p.add_argument("--rows", type=int, default=4096, help="tokens (4 x 1024 packed)")
     p.add_argument("--ffn", type=int, default=13696, help="F: ag is (rows, 2F)")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
-    p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = measure(args)
-    log.info("%s\n%s", result["shape"], markdown_table(result["rows"], FWD_BWD_COLUMNS))
-    if args.json:
-        write_json(args.json, result)
-    return result
+    return run_op_bench(p, argv, measure, fwd_bwd_table)
 
 
 if __name__ == "__main__":
