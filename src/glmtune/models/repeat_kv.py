@@ -36,7 +36,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from glmtune.models.triton_runner import runnable
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the ops send CPU tensors to the kernels too
 
@@ -105,11 +106,6 @@ CANDIDATES = (DEFAULT, RepeatKVConfig(8, 4), RepeatKVConfig(8, 2), RepeatKVConfi
               RepeatKVConfig(64, 8))  # fmt: skip
 
 
-def _runnable(kernel, t: torch.Tensor):
-    """``kernel`` for ``t``'s device: compiled on CUDA; on the CPU the same function in Triton's interpreter."""
-    return kernel if t.is_cuda or isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
-
-
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
     """``t`` with a unit stride along its last dimension (itself where it has one, else a contiguous copy)."""
     return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
@@ -136,7 +132,7 @@ def _launch(kernel, ins: tuple[torch.Tensor, ...], outs: tuple[torch.Tensor, ...
     if n and n_kv and d:
         a, b = ins[0], ins[-1]
         grid = (triton.cdiv(n, config.block), n_kv, len(ins))
-        _runnable(kernel, a)[grid](a, b, outs[0], outs[-1], n, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        runnable(kernel, a)[grid](a, b, outs[0], outs[-1], n, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                                    G=groups, D=d, BLOCK_N=config.block, BLOCK_D=triton.next_power_of_2(d),
                                    num_warps=config.num_warps)  # fmt: skip
     return outs

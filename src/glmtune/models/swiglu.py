@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from triton.runtime.interpreter import InterpretedFunction
+
+from glmtune.models.triton_runner import runnable
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"  # the ops send CPU tensors to the kernels too
 
@@ -85,11 +86,6 @@ DEFAULT = SwigluConfig()
 CANDIDATES = (DEFAULT, SwigluConfig(512, 2), SwigluConfig(2048, 4), SwigluConfig(2048, 8), SwigluConfig(4096, 8))
 
 
-def _runnable(kernel, t: torch.Tensor):
-    """``kernel`` for ``t``'s device: compiled on CUDA; on the CPU the same function in Triton's interpreter."""
-    return kernel if t.is_cuda or isinstance(kernel, InterpretedFunction) else InterpretedFunction(kernel.fn)
-
-
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
     """``t`` as (rows, width) with unit column stride (a view where the layout allows, else a copy)."""
     t2 = t.reshape(-1, width)
@@ -110,7 +106,7 @@ def fused_forward(ag: torch.Tensor, config: SwigluConfig | None = None) -> torch
     out = ag.new_empty((*ag.shape[:-1], f))
     if src.shape[0] and f:
         grid = (src.shape[0], triton.cdiv(f, config.block))
-        _runnable(_forward_kernel, ag)[grid](src, out, f, src.stride(0), f, BLOCK=config.block,
+        runnable(_forward_kernel, ag)[grid](src, out, f, src.stride(0), f, BLOCK=config.block,
                                              num_warps=config.num_warps)  # fmt: skip
     return out
 
@@ -126,7 +122,7 @@ def fused_backward(ag: torch.Tensor, grad: torch.Tensor, config: SwigluConfig | 
     dag = ag.new_empty(ag.shape)
     if src.shape[0] and f:
         grid = (src.shape[0], triton.cdiv(f, config.block))
-        _runnable(_backward_kernel, ag)[grid](src, dy, dag, f, src.stride(0), dy.stride(0), 2 * f,
+        runnable(_backward_kernel, ag)[grid](src, dy, dag, f, src.stride(0), dy.stride(0), 2 * f,
                                               BLOCK=config.block, num_warps=config.num_warps)  # fmt: skip
     return dag
 
