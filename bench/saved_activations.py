@@ -14,12 +14,12 @@ meant to on the GPU's compiled graphs (they can differ from the CPU's).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections import Counter
 from pathlib import Path
 
 import torch
+from benchlib import write_json
 
 from glmtune.adapters import build_method
 from glmtune.models import build_model
@@ -31,7 +31,7 @@ LORA = {"rank": 8, "alpha": 32, "dropout": 0.1, "target_modules": "query_key_val
 
 
 def packed_rows(rows: int, width: int, seed: int) -> list[list[int]]:
-    """Sample lengths (prompt 20-60 + response 50-130, as bench/train_speed.py draws them) packed into rows."""
+    """ADGEN-like sample lengths (70-190 tokens: a prompt of 20-60 and a response of 50-130) packed into rows."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(rows):
@@ -113,7 +113,7 @@ def main() -> None:
     for row in result["tensors"]:
         log.info("block %s %s %s %.0f B/token", row["block"], row["dtype"], row["shape"], row["bytes_per_token"])
     if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

@@ -161,8 +161,6 @@ class GlmtuneStep:
                     kw["recompute_kv"] = True
                 if fused_swiglu is not None and "fused_swiglu" not in accepts and use_fused_swiglu is not None:
                     use_fused_swiglu(self.model, fused_swiglu)
-                if kv_repeat is not None and "kv_repeat" not in accepts:
-                    set_kv_repeat(self.model, kv_repeat)  # (before compiling: compiled code keeps its path)
                 train_compile.compile_blocks(self.model, **kw)
                 self.compile_mode = "train.compile (compile_blocks)"
             else:

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import torch
 from benchlib import adgen_examples, device_info, markdown_table, sync, write_json
-from step_glmtune import default_compile
-from train_speed import GLMTUNE, RUNS, Run, build_step, make_batches, model_config
+from train_speed import GLMTUNE, RUNS, Run, build_step, fixed_shapes, make_batches, model_config, run_batches
 
 log = logging.getLogger("train_ab")
 
@@ -39,14 +38,9 @@ def _run(run_id: str) -> Run:
 
 def _steps_of(run: Run, cfg, data, device: torch.device, precision: torch.dtype):
     """(step, its batches) of ``run``: the step built, and the batches as its trainer hands them over."""
-    from peer_hf import hf_batch
-
     step = build_step(run, cfg, device, precision)
-    if run.impl == GLMTUNE:
-        batches = [step.trainer_batch(b) for b in data.glmtune]
-    else:
-        batches = [hf_batch(b, packed=run.data != "adgen-padded") for b in data.hf]
-    return step, batches
+    batches = run_batches(run, data)
+    return step, [step.trainer_batch(b) for b in batches] if run.impl == GLMTUNE else batches
 
 
 def _timed(step, batches: list, first: int, n: int, device: torch.device) -> float:
@@ -88,10 +82,16 @@ def main(argv: list[str] | None = None) -> dict:
     pool = adgen_examples(args.pool, vocab=cfg.padded_vocab_size, seed=args.seed)
     built = []
     for run in runs:
-        # glmtune's batcher makes fixed shapes when its step is compiled (as the trainer does); the same samples
-        fixed = run.impl == GLMTUNE and (default_compile(device) if run.compile is None else run.compile)
-        data = make_batches(run.data, pool, samples=args.samples, rows=args.rows, pack_length=args.pack_length,
-                            n=args.batches, seed=args.seed, fixed_shapes=fixed)  # fmt: skip
+        data = make_batches(
+            run.data,
+            pool,
+            samples=args.samples,
+            rows=args.rows,
+            pack_length=args.pack_length,
+            n=args.batches,
+            seed=args.seed,
+            fixed_shapes=fixed_shapes(run, device),
+        )  # (same samples)
         log.info("building %s", run.id)
         step, batches = _steps_of(run, cfg, data, device, precision)
         if getattr(step, "graphed", False):

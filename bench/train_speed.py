@@ -212,15 +212,26 @@ def build_step(run: Run, cfg: GLMConfig, device: torch.device, precision: torch.
                        gradient_checkpointing=run.checkpointing, compile=run.compile, **kw)  # fmt: skip
 
 
-def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device, precision: torch.dtype) -> dict:
+def fixed_shapes(run: Run, device: torch.device) -> bool:
+    """Whether ``run``'s batches get fixed shapes: glmtune's batcher makes them when its step is compiled (as the
+    trainer does)."""
+    return run.impl == GLMTUNE and (default_compile(device) if run.compile is None else run.compile)
+
+
+def run_batches(run: Run, data: Batches) -> list[dict]:
+    """The batches ``run`` trains on, before its step sees them: transformers' in its form; glmtune's as collated,
+    without the collator's run bound where the run asks (flash's max_seqlen = the row width, as before the bound)."""
     from peer_hf import hf_batch
 
     if run.impl == HF:
-        batches = [hf_batch(b, packed=run.data != "adgen-padded") for b in data.hf]
-    elif run.run_bound:
-        batches = data.glmtune
-    else:  # flash's max_seqlen = the row width, as before the collator bounded the runs
-        batches = [{k: v for k, v in b.items() if k != "max_seqlen"} for b in data.glmtune]
+        return [hf_batch(b, packed=run.data != "adgen-padded") for b in data.hf]
+    if run.run_bound:
+        return data.glmtune
+    return [{k: v for k, v in b.items() if k != "max_seqlen"} for b in data.glmtune]
+
+
+def measure(run: Run, cfg: GLMConfig, data: Batches, args, device: torch.device, precision: torch.dtype) -> dict:
+    batches = run_batches(run, data)
     n_params = non_embedding_params(build_model(cfg, device="meta"))
     flops_per_token = (6 if run.method == "full" else 4) * n_params
     impl = "transformers" if (run.impl == HF and run.method == "full") else run.impl
@@ -391,8 +402,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs = [replace(r, cuda_graph=args.cuda_graph == "on") if r.impl == GLMTUNE else r for r in runs]
     for run in sorted(runs, key=lambda r: r.compile is True):  # compiled runs last: the slowest to start
         cfg = model_config(run.model, args.tiny)
-        # glmtune's batcher makes fixed shapes when its step is compiled (as the trainer does)
-        fixed = run.impl == GLMTUNE and (default_compile(device) if run.compile is None else run.compile)
+        fixed = fixed_shapes(run, device)
         key = (run.data, run.model, fixed)
         if key not in data_cache:
             pool = adgen_examples(args.pool, vocab=cfg.padded_vocab_size, seed=args.seed)

@@ -104,7 +104,10 @@ def test_transformers_peer_gives_glmtunes_loss_from_the_same_weights(kind):
 
 def test_train_speed_runs_on_cpu(tmp_path):
     out = tmp_path / "train_speed.json"
-    runs = ["adgen-lora/*", "adgen-ptuning/glmtune-padded", "full-1.5b/glmtune-default"]
+    # every kind of ADGEN run once (the variants that train the same thing on the CPU, uncompiled, left out)
+    runs = ["adgen-lora/hf-*", "adgen-lora/glmtune-padded", "adgen-lora/glmtune-packed", "adgen-lora/*-recompute",
+            "adgen-lora/*-mlp-recomputed", "adgen-lora/*-mlp4", "adgen-lora/*-kv-recomputed",
+            "adgen-lora/*-lora-input-saved", "adgen-ptuning/glmtune-padded", "full-1.5b/glmtune-default"]  # fmt: skip
     rows = train_speed.main(["--tiny", "--device", "cpu", "--warmup", "1", "--steps", "1", "--profile-steps", "0",
                              "--pool", "24", "--pack-length", "256", "--json", str(out), "--runs", *runs]
                             + ([] if HAS_HF else ["--no-hf"]))  # fmt: skip

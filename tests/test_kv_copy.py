@@ -11,14 +11,20 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import inspect
 
 import pytest
 import torch
 from torch import Tensor
 
 from glmtune.models import attention, build_model
-from glmtune.models.attention import KVRepeat, attend, kv_for_flash, repeat_kv_heads, varlen_supported
+from glmtune.models.attention import (
+    KVRepeat,
+    attend,
+    kv_for_flash,
+    repeat_kv_heads,
+    repeats_kv_for_flash,
+    varlen_supported,
+)
 from glmtune.models.chatglm import SelfAttention, set_kv_repeat
 from glmtune.models.config import preset
 from glmtune.models.layout import SequenceLayout
@@ -257,12 +263,6 @@ def test_set_kv_repeat_checks_its_value(monkeypatch):
 
 
 # ---- CUDA --------------------------------------------------------------------------------------------------------
-def _repeats_kv() -> bool:
-    from torch.nn.attention.varlen import varlen_attn
-
-    return "enable_gqa" not in inspect.signature(varlen_attn).parameters
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not varlen_supported("cuda"),
                     reason="needs CUDA with flash attention (sm80+)")  # fmt: skip
@@ -314,7 +314,7 @@ def test_recomputed_kv_repeat_trains_alike_in_less_memory_on_cuda():
             assert (got - want).norm() <= 1e-2 * want.norm(), key
     d, h_, n_kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_kv_heads
     copies = 2 * b * s * (h_ - n_kv) * d * 2 * cfg.num_layers  # bytes: the K/V copies less the grouped K/V
-    if _repeats_kv():
+    if repeats_kv_for_flash(dev):
         for fused in [False] + fused_too:
             saved = (held[False, fused] - held[True, fused]) / copies  # 0.167 of the copies measured (H200)
             assert saved >= 0.12, f"fused={fused}: recompute kept {saved:.3f} of the copies less ({held}, {copies})"
